@@ -1,0 +1,387 @@
+"""The ``policyd`` command: servers and admin commands (click).
+
+Every command takes ``-c/--config`` (before or after its name); errors are
+one line on stderr and a non-zero exit, never a traceback; lists print a
+table, or with ``--json`` one compact JSON object per line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import json
+import sys
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from policyd import __version__
+from policyd import config as configuration
+from policyd.errors import PolicydError, UsageError
+
+T = TypeVar("T")
+
+
+# --- plumbing ----------------------------------------------------------------
+
+
+def _remember_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        ctx.find_root().meta["policyd.config"] = value
+    return value
+
+
+def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Accept ``-c/--config FILE`` on this command (the group has it too)."""
+    return click.option(
+        "-c",
+        "--config",
+        "config_file",
+        metavar="FILE",
+        expose_value=False,
+        is_eager=True,
+        callback=_remember_config,
+        help="Configuration file (default $POLICYD_CONFIG or /etc/policyd/policyd.yaml).",
+    )(command)
+
+
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--json``."""
+    return click.option("--json", "as_json", is_flag=True, help="Print compact JSON lines.")(command)
+
+
+def by_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--by`` (who, for the audit log)."""
+    return click.option("--by", default=None, help="Who does this, for the audit log (default: your login).")(
+        command
+    )
+
+
+def chosen_config() -> str | None:
+    """The ``-c`` given anywhere on the command line, if any."""
+    return click.get_current_context().find_root().meta.get("policyd.config")
+
+
+def load_config() -> configuration.Config:
+    """Load the configuration named on the command line."""
+    return configuration.load(chosen_config())
+
+
+def who(by: str | None) -> str:
+    """The admin's name for the audit log."""
+    if by and by.strip():
+        return by.strip()
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def run_async(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work(reactor)`` on the asyncio reactor and return its result."""
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
+    from policyd.reactor import install_reactor
+
+    reactor = install_reactor()
+    outcome: list[Any] = []
+
+    def start() -> None:
+        done = Deferred.fromCoroutine(work(reactor))
+        done.addBoth(outcome.append)
+        done.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run(installSignalHandlers=False)
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[no-any-return]
+
+
+def with_admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    """Open the store, run ``work(admin)``, close the store."""
+    from policyd.admin import Admin
+    from policyd.store import open_store
+
+    config = load_config()
+
+    async def main(reactor: Any) -> T:
+        store = open_store(config.store.url)
+        try:
+            return await work(Admin(config, store, reactor))
+        finally:
+            await store.close()
+
+    return run_async(main)
+
+
+def when(timestamp: float) -> str:
+    """A time for tables: ISO 8601 in UTC, to the second."""
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def print_json(item: Any) -> None:
+    """One compact JSON object on one line."""
+    click.echo(json.dumps(item, separators=(",", ":"), ensure_ascii=False, sort_keys=True))
+
+
+def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Aligned columns, headers first."""
+    text = [[str(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+    for row in [list(headers), *text]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+# --- commands ----------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="policyd")
+@config_option
+def cli() -> None:
+    """Mail policy service for Postfix: outbound quota, blocks and spam scoring."""
+
+
+@cli.command()
+@config_option
+def serve() -> None:
+    """Run the policy server in the foreground (Postfix check_policy_service)."""
+    from policyd.server import run
+
+    run(chosen_config())
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Configuration commands."""
+
+
+@config_group.command("check")
+@config_option
+def config_check() -> None:
+    """Validate the configuration file; exit 2 naming the key and line of an error."""
+    config = load_config()
+    click.echo(f"{config.source}: configuration OK")
+
+
+@cli.command()
+@config_option
+@click.option("--server", help="HOST:PORT or socket path (default: from listen.policy).")
+@click.option("--sasl-username", help="Authenticated account.")
+@click.option("--sender", help="Envelope sender.")
+@click.option("--recipient", help="Envelope recipient.")
+@click.option("--client-address", default="127.0.0.1", show_default=True, help="SMTP client address.")
+@click.option("--state", "protocol_state", default="RCPT", show_default=True, help="protocol_state.")
+@click.option("--context", "policy_context", help="policy_context (submission or inbound).")
+@click.option("--attr", "extra", multiple=True, metavar="NAME=VALUE", help="Any other attribute.")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read name=value lines from standard input.")
+@json_option
+def check(
+    server: str | None,
+    sasl_username: str | None,
+    sender: str | None,
+    recipient: str | None,
+    client_address: str,
+    protocol_state: str,
+    policy_context: str | None,
+    extra: tuple[str, ...],
+    from_stdin: bool,
+    as_json: bool,
+) -> None:
+    """Send one request to a running server and print its action."""
+    from policyd import client
+
+    attributes = {
+        "request": "smtpd_access_policy",
+        "protocol_state": protocol_state,
+        "protocol_name": "ESMTP",
+        "client_address": client_address,
+        "client_name": "unknown",
+        "instance": "policyd.check",
+    }
+    optional = {
+        "sasl_username": sasl_username,
+        "sender": sender,
+        "recipient": recipient,
+        "policy_context": policy_context,
+    }
+    attributes.update({k: v for k, v in optional.items() if v is not None})
+    pairs = list(extra)
+    if from_stdin:
+        pairs += [line for line in sys.stdin.read().splitlines() if line.strip()]
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            raise UsageError(f"attribute {pair!r}: expected NAME=VALUE")
+        attributes[name.strip()] = value
+    address = client.parse_server(server) if server else client.client_address(load_config().listen.policy)
+    action = client.ask(address, attributes)
+    if as_json:
+        word, _, text = action.partition(" ")
+        print_json({"action": word, "text": text})
+    else:
+        click.echo(action)
+
+
+@cli.command()
+@config_option
+@click.argument("account", required=False)
+@json_option
+def status(account: str | None, as_json: bool) -> None:
+    """Count in the window, limit and block of ACCOUNT (or of the busiest accounts)."""
+    from policyd.admin import Admin, Status
+
+    async def work(admin: Admin) -> list[Status]:
+        if account is None:
+            return await admin.busiest()
+        return [await admin.status(account)]
+
+    statuses = with_admin(work)
+    if as_json:
+        for item in statuses:
+            print_json(item.as_dict())
+        return
+    if account is None and not statuses:
+        click.echo("no account has sent to external recipients in the window")
+        return
+    print_table(
+        ["ACCOUNT", "SENT", "LIMIT", "WINDOW", "BLOCKED UNTIL", "REASON"],
+        [
+            (
+                s.account,
+                s.count,
+                s.limit,
+                configuration.format_duration(s.window),
+                when(s.block.until) if s.block else "-",
+                s.block.reason if s.block else "-",
+            )
+            for s in statuses
+        ],
+    )
+
+
+@cli.command()
+@config_option
+@json_option
+def blocks(as_json: bool) -> None:
+    """List blocked accounts."""
+    from policyd.admin import Admin
+    from policyd.store import Block
+
+    async def work(admin: Admin) -> list[Block]:
+        return await admin.blocks()
+
+    found = with_admin(work)
+    if as_json:
+        for block in found:
+            print_json(block.as_dict())
+        return
+    if not found:
+        click.echo("no account is blocked")
+        return
+    print_table(
+        ["ACCOUNT", "SINCE", "UNTIL", "COUNT", "BY", "CLIENTS", "REASON"],
+        [
+            (b.account, when(b.since), when(b.until), b.count, b.by, ",".join(b.clients) or "-", b.reason)
+            for b in found
+        ],
+    )
+
+
+@cli.command()
+@config_option
+@click.argument("account")
+@click.option("--reason", required=True, help="Why (kept in the block and the audit log).")
+@click.option("--for", "duration", help="How long (default and maximum: outbound.block_for).")
+@by_option
+@json_option
+def block(account: str, reason: str, duration: str | None, by: str | None, as_json: bool) -> None:
+    """Block ACCOUNT from sending."""
+    from policyd.admin import Admin
+    from policyd.store import Block
+
+    seconds = None
+    if duration is not None:
+        try:
+            seconds = configuration.parse_duration(duration)
+        except ValueError as error:
+            raise UsageError(f"--for: {error}") from None
+
+    async def work(admin: Admin) -> Block:
+        return await admin.block(account, reason, who(by), seconds)
+
+    made = with_admin(work)
+    if as_json:
+        print_json(made.as_dict())
+    else:
+        click.echo(f"{made.account} blocked until {when(made.until)}")
+
+
+@cli.command()
+@config_option
+@click.argument("account")
+@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@by_option
+@json_option
+def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
+    """Unblock ACCOUNT and clear its window, so the same burst does not block it again."""
+    from policyd.admin import Admin
+    from policyd.store import Block
+
+    async def work(admin: Admin) -> Block:
+        return await admin.unblock(account, reason, who(by))
+
+    lifted = with_admin(work)
+    if as_json:
+        print_json({"account": lifted.account, "unblocked": True})
+    else:
+        click.echo(f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
+
+
+@cli.command()
+@config_option
+@click.option("--limit", default=100, show_default=True, help="How many entries.")
+@json_option
+def audit(limit: int, as_json: bool) -> None:
+    """List the latest admin actions (who, when, what, why)."""
+    from policyd.admin import Admin
+    from policyd.store import AuditEntry
+
+    async def work(admin: Admin) -> list[AuditEntry]:
+        return await admin.audit(limit)
+
+    entries = with_admin(work)
+    if as_json:
+        for entry in entries:
+            print_json(entry.as_dict())
+        return
+    print_table(
+        ["WHEN", "WHO", "ACTION", "SUBJECT", "REASON"],
+        [(when(e.at), e.who, e.action, e.subject, e.reason) for e in entries],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: run a command, turning every error into one line and an exit status."""
+    try:
+        result = cli.main(args=argv, prog_name="policyd", standalone_mode=False)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("policyd: aborted", err=True)
+        sys.exit(1)
+    except PolicydError as error:
+        click.echo(f"policyd: error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:
+        click.echo(f"policyd: internal error: {type(error).__name__}: {error}", err=True)
+        sys.exit(70)
+    sys.exit(result if isinstance(result, int) else 0)

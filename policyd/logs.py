@@ -1,0 +1,61 @@
+"""Logging to stdout (journald under systemd): text or one JSON object per line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from policyd.config import Log
+
+
+class JsonFormatter(logging.Formatter):
+    """One compact JSON object per record; fields passed as ``extra=`` are kept."""
+
+    _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Serialise a record."""
+        data: dict[str, object] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._RESERVED:
+                data[key] = value
+        return json.dumps(data, separators=(",", ":"), default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T20:01:02Z level logger: message``, in UTC."""
+
+    converter = time.gmtime
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+
+
+def setup(config: Log, stream: object = None) -> None:
+    """Send policyd's logs to stdout in the configured format and level."""
+    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
+    root = logging.getLogger("policyd")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level.upper())
+    root.propagate = False
+    logging.getLogger("policyd.decision").disabled = not config.decisions
+    _route_twisted_logs()
+
+
+def _route_twisted_logs() -> None:
+    """Make Twisted's own log events go through the same handler."""
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo(
+        [STDLibLogObserver(name="policyd.twisted")], redirectStandardIO=False, discardBuffer=True
+    )

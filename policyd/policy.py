@@ -1,0 +1,105 @@
+"""The policy: picks the checks for a request, runs them, logs the decision."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from policyd.checks import Verdict
+from policyd.config import Config
+from policyd.netlists import NetworkSet
+from policyd.protocol import DUNNO, Action, Request
+from policyd.quota import OutboundQuota
+from policyd.store import AuditEntry, Block, Store
+
+log = logging.getLogger("policyd.decision")
+errors = logging.getLogger("policyd.policy")
+
+#: policy_context values (set in Postfix's check_policy_service) and what they select.
+CONTEXTS = ("submission", "inbound")
+
+
+class PolicyService:
+    """Answers policy requests: outbound quota for senders, reputation for the rest.
+
+    ``policy_context`` picks the checks (``submission`` or ``inbound``);
+    without it, an authenticated client (or one in ``trusted_networks``) gets
+    the outbound checks and any other client the inbound ones.
+
+    :param config: the configuration in force; :meth:`reload` replaces it.
+    :param store: the state store.
+    :param clock: time source.
+    """
+
+    def __init__(self, config: Config, store: Store, clock: IReactorTime) -> None:
+        self.store = store
+        self.clock = clock
+        self.quota = OutboundQuota(config, store, clock, on_block=self._blocked)
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Apply a configuration (at start and on reload)."""
+        self.config = config
+        self.trusted = NetworkSet(config.trusted_networks)
+        self.quota.configure(config)
+
+    reload = configure
+
+    def decide(self, request: Request) -> Deferred[Action]:
+        """Decide one request; never fails (errors become ``store.on_error`` replies)."""
+        started = time.perf_counter()
+        context = request.get("policy_context")
+        if context == "submission" or (
+            not context
+            and (request.get("sasl_username") or (self.trusted and request.get("client_address") in self.trusted))
+        ):
+            verdict = self.quota.check(request)
+        elif context == "inbound" or not context:
+            verdict = succeed(Verdict(DUNNO, "reputation", request.get("client_address"), "no reputation checks configured"))
+        else:
+            verdict = succeed(Verdict(DUNNO, "none", "-", f"unknown policy_context {context!r}"))
+        return verdict.addCallbacks(self._logged, self._failed, callbackArgs=(request, started))
+
+    def _logged(self, verdict: Verdict, request: Request, started: float) -> Action:
+        if log.isEnabledFor(logging.INFO):
+            latency = (time.perf_counter() - started) * 1000
+            fields: dict[str, Any] = {
+                "check": verdict.check,
+                "subject": verdict.subject,
+                "client": request.get("client_address"),
+                "state": request.get("protocol_state"),
+                "action": str(verdict.action),
+                "reason": verdict.reason,
+                "latency_ms": round(latency, 3),
+            }
+            log.info(
+                "%s %s client=%s state=%s action=%r reason=%r latency=%.2fms",
+                verdict.check,
+                verdict.subject or "-",
+                fields["client"] or "-",
+                fields["state"] or "-",
+                fields["action"],
+                verdict.reason,
+                latency,
+                extra=fields,
+            )
+        return verdict.action
+
+    def _failed(self, failure: Failure) -> Action:
+        errors.error("policy decision failed: %s", failure.getErrorMessage())
+        return self.quota.on_error
+
+    def _blocked(self, block: Block) -> None:
+        entry = AuditEntry(block.since, block.by, "block", block.account, block.reason)
+        self.store.record(entry).addErrback(
+            lambda f: errors.error("could not audit block of %s: %s", block.account, f.getErrorMessage())
+        )
+
+    def connection_closed(self, session: object) -> None:
+        """A policy connection ended."""
+        self.quota.connection_closed(session)

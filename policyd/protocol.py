@@ -1,0 +1,350 @@
+"""Postfix's SMTP access policy delegation protocol (SMTPD_POLICY_README).
+
+A request is ``name=value`` lines ended by an empty line; the reply is
+``action=...`` and an empty line.  Postfix keeps a connection open and sends
+request after request on it.  :class:`PolicyProtocol` only frames, parses and
+bounds the input, then hands each request to an injected
+``decide(request) -> Deferred[Action]``; replies go back in request order
+even when later requests are decided first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from policyd.addresses import sanitise
+from policyd.config import Limits
+from policyd.netlists import NetworkSet
+
+log = logging.getLogger("policyd.protocol")
+
+_NAME = re.compile(rb"^[A-Za-z0-9_.\-]+$")
+# C0 controls other than TAB, and DEL: never in a value Postfix sends.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class Request:
+    """One policy request: Postfix's attributes, and where it came from.
+
+    :ivar attributes: attribute names and values as sent (unknown ones kept).
+    :ivar peer: the policy client's address, for logs.
+    :ivar session: the connection the request came on; requests of one
+        ``smtpd`` process share it, so it ties an ``instance`` together.
+    """
+
+    __slots__ = ("attributes", "peer", "session")
+
+    def __init__(self, attributes: dict[str, str], peer: str = "", session: object = None) -> None:
+        self.attributes = attributes
+        self.peer = peer
+        self.session = session
+
+    def get(self, name: str, default: str = "") -> str:
+        """The value of an attribute, or ``default`` when Postfix did not send it."""
+        return self.attributes.get(name, default)
+
+    def __repr__(self) -> str:
+        return f"Request({self.attributes!r}, peer={self.peer!r})"
+
+
+class Action:
+    """A reply: an access(5) action word and its text, sanitised.
+
+    >>> Action("REJECT", "5.7.1 blocked\\r\\naction=OK").line()
+    b'action=REJECT 5.7.1 blocked  action=OK\\n\\n'
+    """
+
+    __slots__ = ("text", "word")
+
+    def __init__(self, word: str, text: str = "") -> None:
+        self.word = word
+        self.text = sanitise(text) if text else ""
+
+    def line(self) -> bytes:
+        """The reply as sent on the wire, empty line included."""
+        if self.text:
+            return f"action={self.word} {self.text}\n\n".encode()
+        return f"action={self.word}\n\n".encode()
+
+    def __str__(self) -> str:
+        return f"{self.word} {self.text}" if self.text else self.word
+
+    def __repr__(self) -> str:
+        return f"Action({self.word!r}, {self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Action) and (self.word, self.text) == (other.word, other.text)
+
+    def __hash__(self) -> int:
+        return hash((self.word, self.text))
+
+
+#: The neutral answer: let Postfix's other restrictions decide.
+DUNNO = Action("DUNNO")
+
+Decide = Callable[[Request], "Deferred[Action]"]
+
+
+class BadRequest(Exception):
+    """Input that breaks the protocol; the connection is closed."""
+
+
+def describe_peer(address: Any) -> str:
+    """``host:port`` for TCP peers, ``unix`` for a local socket."""
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    return "unix"
+
+
+@implementer(interfaces.IPushProducer)
+class PolicyProtocol(Protocol, TimeoutMixin):
+    """One policy client connection (one Postfix ``smtpd`` process).
+
+    Reading pauses while ``limits.max_pending`` requests wait for a decision
+    or while the client does not read its replies, so a client can never make
+    the server hold more than a bounded amount of memory for it.
+    """
+
+    factory: PolicyFactory
+
+    def __init__(self, decide: Decide, limits: Limits) -> None:
+        self.decide = decide
+        self.limits = limits
+        self.peer = "?"
+        self._buffer = b""
+        self._attributes: dict[str, str] = {}
+        self._size = 0
+        #: Replies in request order; None until that request is decided.
+        self._replies: deque[list[bytes | None]] = deque()
+        self._closing = False
+        self._write_paused = False
+        self._read_paused = False
+
+    # --- connection -----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Start the idle timer and watch the client's reading."""
+        self.peer = describe_peer(self.transport.getPeer())
+        self.transport.registerProducer(self, True)
+        self.setTimeout(self.limits.idle_timeout)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        """Stop timers and tell the factory."""
+        self._closing = True
+        self.setTimeout(None)
+        self.factory.closed(self)
+
+    def timeoutConnection(self) -> None:
+        """Drop a client that has been idle (or stuck) too long."""
+        log.info("policy client %s idle for %ss: closing", self.peer, self.limits.idle_timeout)
+        self._closing = True
+        self.transport.abortConnection()
+
+    # --- input ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Split input into lines and requests, enforcing every bound."""
+        if self._closing:
+            return
+        self.resetTimeout()
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
+        try:
+            while True:
+                end = buffer.find(b"\n", start)
+                if end < 0:
+                    break
+                line = buffer[start:end]
+                start = end + 1
+                self._line(line[:-1] if line.endswith(b"\r") else line)
+                if self._closing:
+                    return
+            rest = buffer[start:]
+            if len(rest) > self.limits.max_line:
+                raise BadRequest(f"line longer than {self.limits.max_line} bytes")
+            if self._size + len(rest) > self.limits.max_request:
+                raise BadRequest(f"request larger than {self.limits.max_request} bytes")
+            self._buffer = rest
+        except BadRequest as error:
+            self._reject(str(error))
+
+    def _line(self, line: bytes) -> None:
+        if not line:
+            if self._attributes:
+                self._dispatch()
+            return
+        if len(line) > self.limits.max_line:
+            raise BadRequest(f"line longer than {self.limits.max_line} bytes")
+        self._size += len(line) + 1
+        if self._size > self.limits.max_request:
+            raise BadRequest(f"request larger than {self.limits.max_request} bytes")
+        name, equals, value = line.partition(b"=")
+        if not equals:
+            raise BadRequest(f"line without '=': {_shown(line)}")
+        if not _NAME.match(name):
+            raise BadRequest(f"bad attribute name: {_shown(name)}")
+        if _CONTROL.search(value):
+            raise BadRequest(f"control character in {name.decode()}")
+        if len(self._attributes) >= self.limits.max_attributes:
+            raise BadRequest(f"more than {self.limits.max_attributes} attributes")
+        # Postfix sends UTF-8 (SMTPUTF8) or plain ASCII; keep any other byte
+        # losslessly rather than dropping it.
+        self._attributes[name.decode("ascii")] = value.decode("utf-8", "surrogateescape")
+
+    def _reject(self, problem: str) -> None:
+        log.warning("bad policy request from %s: %s; closing connection", self.peer, problem)
+        self._closing = True
+        self._buffer = b""
+        self._attributes = {}
+        self.transport.loseConnection()
+
+    def _dispatch(self) -> None:
+        request = Request(self._attributes, self.peer, self)
+        self._attributes = {}
+        self._size = 0
+        slot: list[bytes | None] = [None]
+        self._replies.append(slot)
+        try:
+            decided = self.decide(request)
+        except Exception:
+            log.exception("policy decision failed for %s", self.peer)
+            decided = Deferred()
+            decided.errback()
+        decided.addCallbacks(self._decided, self._failed, callbackArgs=(slot,), errbackArgs=(slot,))
+        if len(self._replies) >= self.limits.max_pending and not self._read_paused:
+            self._read_paused = True
+            self.transport.pauseProducing()
+
+    def _decided(self, action: Action, slot: list[bytes | None]) -> None:
+        slot[0] = action.line()
+        self._flush()
+
+    def _failed(self, failure: Failure, slot: list[bytes | None]) -> None:
+        log.error("policy decision failed for %s: %s", self.peer, failure.getErrorMessage())
+        slot[0] = self.factory.on_failure.line()
+        self._flush()
+
+    def _flush(self) -> None:
+        replies = self._replies
+        out = []
+        while replies and replies[0][0] is not None:
+            out.append(replies.popleft()[0])
+        if out and not self._closing:
+            self.transport.write(b"".join(out))  # type: ignore[arg-type]
+        if self._read_paused and len(replies) < self.limits.max_pending and not self._write_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()
+        if not replies:
+            self.factory.idle()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request on this connection still waits for its reply."""
+        return bool(self._replies)
+
+    # --- IPushProducer: the transport tells us when the client stops reading
+
+    def pauseProducing(self) -> None:
+        """The client is not reading its replies: stop reading its requests."""
+        self._write_paused = True
+        if not self._read_paused:
+            self._read_paused = True
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client reads again."""
+        self._write_paused = False
+        if self._read_paused and len(self._replies) < self.limits.max_pending:
+            self._read_paused = False
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self._closing = True
+
+
+def _shown(data: bytes) -> str:
+    return repr(data[:60])[2:-1] + ("..." if len(data) > 60 else "")
+
+
+class PolicyFactory(Factory):
+    """Builds a :class:`PolicyProtocol` per accepted client.
+
+    :param decide: the policy, called once per request.
+    :param limits: protocol bounds.
+    :param allowed_clients: networks that may connect (unix sockets always may:
+        their file permissions guard them).
+    :param on_failure: reply when ``decide`` fails unexpectedly.
+    :param on_close: told when a connection ends (the session of its requests).
+    """
+
+    protocol = PolicyProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(
+        self,
+        decide: Decide,
+        limits: Limits,
+        allowed_clients: NetworkSet,
+        on_failure: Action = DUNNO,
+        on_close: Callable[[object], None] | None = None,
+    ) -> None:
+        self.decide = decide
+        self.limits = limits
+        self.allowed_clients = allowed_clients
+        self.on_failure = on_failure
+        self.on_close = on_close
+        self.connections: set[PolicyProtocol] = set()
+        self._drained: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> PolicyProtocol | None:  # type: ignore[override]
+        """Refuse clients outside ``allowed_clients`` and beyond the connection bound."""
+        if isinstance(addr, IPv4Address | IPv6Address) and addr.host not in self.allowed_clients:
+            log.warning("policy client %s not in allowed_clients: refused", describe_peer(addr))
+            return None
+        if len(self.connections) >= self.limits.max_connections:
+            log.warning(
+                "policy client %s refused: already %d connections (limits.max_connections)",
+                describe_peer(addr),
+                len(self.connections),
+            )
+            return None
+        protocol = PolicyProtocol(self.decide, self.limits)
+        protocol.factory = self
+        self.connections.add(protocol)
+        return protocol
+
+    def closed(self, protocol: PolicyProtocol) -> None:
+        """Forget a connection."""
+        self.connections.discard(protocol)
+        if self.on_close is not None:
+            self.on_close(protocol)
+        self.idle()
+
+    def idle(self) -> None:
+        """Fire drain waiters once no connection has a request in flight."""
+        if self._drained and not any(c.busy for c in self.connections):
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drained(self) -> Deferred[None]:
+        """Fires when every request received so far has been answered."""
+        waiter: Deferred[None] = Deferred()
+        self._drained.append(waiter)
+        self.idle()
+        return waiter

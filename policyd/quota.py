@@ -1,0 +1,245 @@
+"""The outbound quota: external recipients per account per rolling hour (SPEC 4)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from policyd.addresses import domain_of
+from policyd.checks import Verdict
+from policyd.config import Config, format_duration, read_domain_list
+from policyd.netlists import NetworkSet
+from policyd.protocol import DUNNO, Action, Request
+from policyd.store import Admission, Block, Outcome, Store
+from policyd.texts import Texts
+
+log = logging.getLogger("policyd.quota")
+
+ON_ERROR = {
+    "dunno": DUNNO,
+    "defer_if_permit": Action("DEFER_IF_PERMIT", "4.3.0 Sending policy temporarily unavailable"),
+}
+
+
+class FallbackLimiter:
+    """The quota in this process's memory, used while the store cannot answer.
+
+    It counts every recipient let through, so when the store fails the
+    process still knows each account's recent sending and keeps applying the
+    limit on its own: an outage never means unlimited sending.
+    """
+
+    def __init__(self) -> None:
+        self._sends: dict[str, deque[float]] = {}
+
+    def note(self, account: str, now: float) -> None:
+        """Count one recipient let through."""
+        sends = self._sends.get(account)
+        if sends is None:
+            sends = self._sends[account] = deque()
+        sends.append(now)
+
+    def allows(self, account: str, now: float, window: float, limit: int) -> bool:
+        """Whether one more recipient stays within the limit (and count it if so)."""
+        sends = self._sends.get(account)
+        if sends is not None:
+            while sends and sends[0] <= now - window:
+                sends.popleft()
+            if len(sends) >= limit:
+                return False
+        self.note(account, now)
+        return True
+
+    def forget(self, account: str) -> None:
+        """Clear an account (it was unblocked)."""
+        self._sends.pop(account, None)
+
+    def prune(self, now: float, window: float) -> None:
+        """Drop accounts with nothing left in the window."""
+        for account in list(self._sends):
+            sends = self._sends[account]
+            while sends and sends[0] <= now - window:
+                sends.popleft()
+            if not sends:
+                del self._sends[account]
+
+
+class OutboundQuota:
+    """Counts external recipients of authenticated senders and blocks on excess.
+
+    :param config: the configuration in force.
+    :param store: where counts and blocks live.
+    :param clock: time source (the reactor, or a fake clock in tests).
+    :param on_block: told of every new block (notifications, audit).
+    """
+
+    name = "quota"
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: IReactorTime,
+        on_block: Callable[[Block], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.on_block = on_block
+        self.fallback = FallbackLimiter()
+        #: Per connection: the (account, instance) whose recipients are counted
+        #: but whose END-OF-MESSAGE has not been seen (give-back only).
+        self.open: dict[object, tuple[str, str]] = {}
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Apply a (re)loaded configuration."""
+        outbound = config.outbound
+        self.config = config
+        self.limit = outbound.limit
+        self.overrides = {k.lower(): v for k, v in outbound.overrides.items()}
+        self.window = float(outbound.window)
+        self.block_for = float(outbound.block_for)
+        self.deadline = float(config.store.deadline)
+        self.give_back = outbound.give_back
+        self.trusted = NetworkSet(config.trusted_networks)
+        self.local_domains = read_domain_list(config.local_domains, config.source)
+        self.texts = Texts(config.language, config.templates)
+        self.on_error = ON_ERROR[config.store.on_error]
+        self.blocked_word = "REJECT" if outbound.blocked_action == "reject" else "DEFER"
+        self.blocked_code = "5.7.1" if outbound.blocked_action == "reject" else "4.7.1"
+
+    def identity(self, request: Request) -> str:
+        """The account a request is charged to: SASL login, else (trusted clients) the sender."""
+        login = request.get("sasl_username")
+        if login:
+            return login.lower()
+        if self.trusted and request.get("client_address") in self.trusted:
+            return request.get("sender").lower()
+        return ""
+
+    def limit_of(self, account: str) -> int:
+        """The hourly limit of an account."""
+        return self.overrides.get(account, self.limit)
+
+    def check(self, request: Request) -> Deferred[Verdict]:
+        """Decide one request of an authenticated (or trusted) client."""
+        account = self.identity(request)
+        state = request.get("protocol_state").upper()
+        if state != "RCPT":
+            if self.give_back and state == "END-OF-MESSAGE":
+                self.open.pop(request.session, None)
+            return succeed(Verdict(DUNNO, self.name, account, f"not counted at {state or '?'}"))
+        if not account:
+            return succeed(Verdict(DUNNO, self.name, "-", "no account"))
+        domain = domain_of(request.get("recipient"))
+        now = self.clock.seconds()
+        if domain is None or domain in self.local_domains:
+            return self._local(account, now)
+        instance = request.get("instance")
+        if self.give_back:
+            self._track(request.session, account, instance)
+        limit = self.limit_of(account)
+        reason = self.texts.render("block_reason", limit=limit, window=format_duration(self.window))
+        admitted = self.store.admit(
+            account,
+            now=now,
+            window=self.window,
+            limit=limit,
+            block_for=self.block_for,
+            reason=reason,
+            instance=instance,
+            client=request.get("client_address"),
+        )
+        if not admitted.called:
+            admitted.addTimeout(self.deadline, self.clock)
+        admitted.addCallbacks(
+            self._admitted,
+            self._store_failed,
+            callbackArgs=(account, now, limit),
+            errbackArgs=(account, now, limit),
+        )
+        return admitted  # type: ignore[return-value]
+
+    def _local(self, account: str, now: float) -> Deferred[Verdict]:
+        """A local recipient never counts, but a blocked account still cannot send."""
+        looked_up = self.store.block_of(account, now=now)
+        if not looked_up.called:
+            looked_up.addTimeout(self.deadline, self.clock)
+
+        def decided(block: Block | None) -> Verdict:
+            if block is None:
+                return Verdict(DUNNO, self.name, account, "local recipient")
+            return Verdict(self.refusal(block), self.name, account, "blocked")
+
+        def failed(failure: Failure) -> Verdict:
+            log.error("store error, replying %s: %s", self.on_error, failure.getErrorMessage())
+            return Verdict(self.on_error, self.name, account, "store error (local recipient)")
+
+        return looked_up.addCallbacks(decided, failed)
+
+    def refusal(self, block: Block) -> Action:
+        """The reply to every attempt of a blocked account."""
+        text = self.texts.render("blocked", account=block.account, reason=block.reason)
+        return Action(self.blocked_word, f"{self.blocked_code} {text}")
+
+    def _admitted(self, admission: Admission, account: str, now: float, limit: int) -> Verdict:
+        if admission.outcome is Outcome.ALLOWED:
+            self.fallback.note(account, now)
+            return Verdict(DUNNO, self.name, account, f"{admission.count}/{limit}")
+        assert admission.block is not None
+        if admission.outcome is Outcome.NEWLY_BLOCKED:
+            log.warning(
+                "account %s blocked: %d external recipients in %s (limit %d), clients %s",
+                account,
+                admission.count,
+                format_duration(self.window),
+                limit,
+                ",".join(admission.block.clients) or "-",
+            )
+            if self.on_block is not None:
+                self.on_block(admission.block)
+            return Verdict(self.refusal(admission.block), self.name, account, "over limit: blocked")
+        return Verdict(self.refusal(admission.block), self.name, account, "blocked")
+
+    def _store_failed(self, failure: Failure, account: str, now: float, limit: int) -> Verdict:
+        """The store did not answer in time: reply per store.on_error, limit in memory."""
+        log.error("store error, replying per store.on_error: %s", failure.getErrorMessage() or failure.type.__name__)
+        if self.fallback.allows(account, now, self.window, limit):
+            return Verdict(self.on_error, self.name, account, "store error: fallback limiter allows")
+        text = self.texts.render(
+            "over_limit_fallback", account=account, limit=limit, window=format_duration(self.window)
+        )
+        return Verdict(Action("DEFER", f"4.7.1 {text}"), self.name, account, "store error: fallback limit")
+
+    # --- give-back of unfinished transactions ---------------------------
+
+    def _track(self, session: object, account: str, instance: str) -> None:
+        previous = self.open.get(session)
+        if previous is not None and previous != (account, instance):
+            self._give_back(*previous)
+        self.open[session] = (account, instance)
+
+    def connection_closed(self, session: object) -> None:
+        """A policy connection ended: give back its unfinished transaction."""
+        previous = self.open.pop(session, None)
+        if previous is not None:
+            self._give_back(*previous)
+
+    def _give_back(self, account: str, instance: str) -> None:
+        def done(count: int) -> None:
+            if count:
+                log.info("gave back %d recipients of unfinished transaction %s of %s", count, instance, account)
+
+        def failed(failure: Failure) -> None:
+            log.error("could not give back transaction %s of %s: %s", instance, account, failure.getErrorMessage())
+
+        self.store.give_back(account, instance).addCallbacks(done, failed)
+
+    def forget(self, account: str) -> None:
+        """Drop what this process remembers of an account (after an unblock)."""
+        self.fallback.forget(account)

@@ -1,0 +1,154 @@
+"""``policyd serve``: wires configuration, store, policy and listener together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+
+from policyd import config as configuration
+from policyd.config import Config
+from policyd.errors import PolicydError
+from policyd.netlists import NetworkSet
+from policyd.policy import PolicyService
+from policyd.protocol import PolicyFactory
+from policyd.store import Store, open_store
+
+log = logging.getLogger("policyd.server")
+
+#: Longest wait for in-flight requests at shutdown; Postfix gives up on a
+#: policy reply after 100 s by default, but a stop must not hang.
+DRAIN_BOUND = 10.0
+
+#: How often old counts are pruned from the store.
+PRUNE_EVERY = 60.0
+
+
+class PolicyServer:
+    """A running policy server: listener, service and housekeeping.
+
+    :param reactor: the reactor (asyncio reactor in production).
+    :param config: the validated configuration.
+    :param path: the configuration file, re-read on SIGHUP.
+    """
+
+    def __init__(self, reactor: Any, config: Config, path: str | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.path = path
+        self.store: Store = open_store(config.store.url)
+        self.service = PolicyService(config, self.store, reactor)
+        self.factory = PolicyFactory(
+            self.service.decide,
+            config.limits,
+            NetworkSet(config.allowed_clients),
+            on_failure=self.service.quota.on_error,
+            on_close=self.service.connection_closed,
+        )
+        self.port: IListeningPort | None = None
+        self._pruner = LoopingCall(self.prune)
+        self._pruner.clock = reactor
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Listen and start housekeeping; fires with the listening port."""
+        endpoint = serverFromString(self.reactor, self.config.listen.policy)
+        try:
+            self.port = yield endpoint.listen(self.factory)
+        except Exception as error:
+            raise PolicydError(f"listen.policy: cannot listen on {self.config.listen.policy}: {error}") from None
+        self._pruner.start(PRUNE_EVERY, now=False)
+        log.info(
+            "policyd serving policy requests on %s (store %s, limit %d per %s)",
+            self.config.listen.policy,
+            _safe_url(self.config.store.url),
+            self.config.outbound.limit,
+            configuration.format_duration(self.config.outbound.window),
+        )
+        return self.port
+
+    def prune(self) -> Deferred[Any]:
+        """Forget counts that left the window."""
+        now = self.reactor.seconds()
+        self.service.quota.fallback.prune(now, self.service.quota.window)
+        return self.store.prune(now=now, window=self.service.quota.window).addErrback(
+            lambda f: log.error("pruning the store failed: %s", f.getErrorMessage())
+        )
+
+    def reload(self) -> bool:
+        """Re-read the configuration; a bad one is refused and the old one kept."""
+        try:
+            new = configuration.load(self.path)
+            if new.store.url != self.config.store.url or new.listen != self.config.listen:
+                log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
+            self.service.configure(new)
+        except PolicydError as error:
+            log.error("reload refused, keeping the running configuration: %s", error)
+            return False
+        self.config = new
+        self.factory.limits = new.limits
+        self.factory.allowed_clients = NetworkSet(new.allowed_clients)
+        self.factory.on_failure = self.service.quota.on_error
+        log.info("configuration reloaded from %s", self.path)
+        return True
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """Stop accepting, answer what is in flight (bounded), close the store."""
+        if self._pruner.running:
+            self._pruner.stop()
+        if self.port is not None:
+            yield self.port.stopListening()
+        drained = self.factory.drained()
+        drained.addTimeout(DRAIN_BOUND, self.reactor)
+        try:
+            yield drained
+        except Exception:
+            log.warning("shutdown: requests still in flight after %ss; closing anyway", DRAIN_BOUND)
+        for connection in list(self.factory.connections):
+            connection.transport.loseConnection()
+        yield DeferredList([self.store.close()], consumeErrors=True)
+        log.info("policyd stopped")
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without its password, for logs."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def run(path: str | None) -> None:
+    """Run the policy server in the foreground until SIGTERM or SIGINT.
+
+    :raises PolicydError: when the configuration, store or listener fails.
+    """
+    from policyd.reactor import install_reactor
+
+    reactor = install_reactor()
+    config = configuration.load(path)
+    from policyd import logs
+
+    logs.setup(config.log)
+    server = PolicyServer(reactor, config, configuration.config_path(path))
+    failure: list[BaseException] = []
+
+    def started() -> None:
+        def failed(f: Any) -> None:
+            failure.append(f.value)
+            reactor.stop()
+
+        server.start().addErrback(failed)
+
+    reactor.callWhenRunning(started)
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.reload))
+    reactor.run()
+    if failure:
+        raise failure[0] if isinstance(failure[0], PolicydError) else PolicydError(str(failure[0]))

@@ -1,0 +1,156 @@
+"""The state store: one interface, several back ends.
+
+Every operation returns a :class:`~twisted.internet.defer.Deferred`, so a
+back end may answer at once (memory, SQLite) or over the network (Redis).
+Read-check-write operations such as :meth:`Store.admit` are atomic in every
+back end: several ``policyd serve`` processes sharing one store never let an
+account past its limit.  Times are POSIX seconds passed in by the caller, so
+tests drive them with a fake clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from policyd.errors import ConfigError
+
+#: Client addresses kept with a block: enough to see a botnet, bounded in size.
+MAX_BLOCK_CLIENTS = 20
+
+
+@attrs.frozen
+class Block:
+    """An account refused from sending until an admin unblocks it or ``until`` passes."""
+
+    account: str
+    since: float
+    until: float
+    reason: str
+    count: int
+    clients: tuple[str, ...] = ()
+    by: str = "policyd"
+
+    def as_dict(self) -> dict[str, object]:
+        """The block as plain data for ``--json`` and the admin API."""
+        return attrs.asdict(self, recurse=False) | {"clients": list(self.clients)}
+
+
+class Outcome(enum.Enum):
+    """What :meth:`Store.admit` decided."""
+
+    ALLOWED = "allowed"
+    BLOCKED = "blocked"
+    NEWLY_BLOCKED = "newly-blocked"
+
+
+@attrs.frozen
+class Admission:
+    """The answer to one recipient: let through (and counted) or refused."""
+
+    outcome: Outcome
+    #: Recipients in the window, this one included when it was let through.
+    count: int
+    block: Block | None = None
+
+
+@attrs.frozen
+class AuditEntry:
+    """One admin action: who did what to whom, when and why."""
+
+    at: float
+    who: str
+    action: str
+    subject: str
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """The entry as plain data."""
+        return attrs.asdict(self)
+
+
+class Store(Protocol):
+    """What the checks and the admin commands need from a state store."""
+
+    def admit(
+        self,
+        account: str,
+        *,
+        now: float,
+        window: float,
+        limit: int,
+        block_for: float,
+        reason: str,
+        instance: str = "",
+        client: str = "",
+    ) -> Deferred[Admission]:
+        """Count one external recipient for ``account`` if it may send.
+
+        Atomically: an account with a live block is refused; one with fewer
+        than ``limit`` recipients in the last ``window`` seconds gets this one
+        counted; otherwise the account is blocked for ``block_for`` seconds
+        (the block records ``reason``, the count and the client addresses seen
+        in the window) and the recipient is refused.  Refused recipients are
+        never counted.
+        """
+
+    def give_back(self, account: str, instance: str) -> Deferred[int]:
+        """Uncount the recipients of one transaction; returns how many."""
+
+    def usage(self, account: str, *, now: float, window: float) -> Deferred[int]:
+        """Recipients counted for ``account`` in the window ending at ``now``."""
+
+    def busiest(self, *, now: float, window: float, limit: int = 20) -> Deferred[list[tuple[str, int]]]:
+        """The accounts with most recipients in the window, most first."""
+
+    def block_of(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """The live block of ``account``, if any."""
+
+    def blocks(self, *, now: float) -> Deferred[list[Block]]:
+        """Every live block, oldest first."""
+
+    def block(self, block: Block) -> Deferred[Block]:
+        """Record a block made by an admin (replacing any live one)."""
+
+    def unblock(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """Lift the block of ``account`` and clear its window.
+
+        Returns the block that was lifted, or None when there was none (the
+        window is cleared either way).
+        """
+
+    def record(self, entry: AuditEntry) -> Deferred[None]:
+        """Append one entry to the audit log."""
+
+    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """The latest audit entries, oldest first."""
+
+    def prune(self, *, now: float, window: float) -> Deferred[int]:
+        """Forget counts older than the window and expired blocks."""
+
+    def close(self) -> Deferred[None]:
+        """Flush and release the store."""
+
+
+def open_store(url: str) -> Store:
+    """Open the store named by ``store.url``.
+
+    :raises ConfigError: for an unknown scheme.
+    :raises StoreError: when the store cannot be opened.
+    """
+    if url.startswith("memory://"):
+        from policyd.store.memory import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        from policyd.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url[len("sqlite:///") :])
+    if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
+        from policyd.store.redis import RedisStore
+
+        return RedisStore(url)
+    raise ConfigError(f"store.url: unknown store {url!r}")

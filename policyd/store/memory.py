@@ -1,0 +1,119 @@
+"""A store in process memory: for tests, and for trying policyd out."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from twisted.internet.defer import Deferred, succeed
+
+from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Outcome
+
+
+class MemoryStore:
+    """Keeps everything in dictionaries; lost when the process ends."""
+
+    def __init__(self) -> None:
+        #: Per account: (time, instance, client) of every counted recipient.
+        self.sends: dict[str, deque[tuple[float, str, str]]] = {}
+        self.live_blocks: dict[str, Block] = {}
+        self.entries: list[AuditEntry] = []
+
+    def _window(self, account: str, now: float, window: float) -> deque[tuple[float, str, str]]:
+        sends = self.sends.setdefault(account, deque())
+        while sends and sends[0][0] <= now - window:
+            sends.popleft()
+        return sends
+
+    def _live(self, account: str, now: float) -> Block | None:
+        block = self.live_blocks.get(account)
+        if block is not None and block.until <= now:
+            del self.live_blocks[account]
+            return None
+        return block
+
+    def admit(
+        self,
+        account: str,
+        *,
+        now: float,
+        window: float,
+        limit: int,
+        block_for: float,
+        reason: str,
+        instance: str = "",
+        client: str = "",
+    ) -> Deferred[Admission]:
+        """See :meth:`policyd.store.Store.admit`."""
+        block = self._live(account, now)
+        if block is not None:
+            return succeed(Admission(Outcome.BLOCKED, block.count, block))
+        sends = self._window(account, now, window)
+        if len(sends) < limit:
+            sends.append((now, instance, client))
+            return succeed(Admission(Outcome.ALLOWED, len(sends)))
+        clients = tuple(dict.fromkeys(c for _, _, c in reversed(sends) if c))[:MAX_BLOCK_CLIENTS]
+        block = Block(account, now, now + block_for, reason, len(sends), clients)
+        self.live_blocks[account] = block
+        return succeed(Admission(Outcome.NEWLY_BLOCKED, len(sends), block))
+
+    def give_back(self, account: str, instance: str) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.give_back`."""
+        sends = self.sends.get(account, deque())
+        kept = deque(s for s in sends if s[1] != instance)
+        given = len(sends) - len(kept)
+        self.sends[account] = kept
+        return succeed(given)
+
+    def usage(self, account: str, *, now: float, window: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.usage`."""
+        return succeed(len(self._window(account, now, window)))
+
+    def busiest(self, *, now: float, window: float, limit: int = 20) -> Deferred[list[tuple[str, int]]]:
+        """See :meth:`policyd.store.Store.busiest`."""
+        counts = [(a, len(self._window(a, now, window))) for a in list(self.sends)]
+        counts = [c for c in counts if c[1]]
+        return succeed(sorted(counts, key=lambda c: (-c[1], c[0]))[:limit])
+
+    def block_of(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """See :meth:`policyd.store.Store.block_of`."""
+        return succeed(self._live(account, now))
+
+    def blocks(self, *, now: float) -> Deferred[list[Block]]:
+        """See :meth:`policyd.store.Store.blocks`."""
+        live = [b for a in list(self.live_blocks) if (b := self._live(a, now)) is not None]
+        return succeed(sorted(live, key=lambda b: (b.since, b.account)))
+
+    def block(self, block: Block) -> Deferred[Block]:
+        """See :meth:`policyd.store.Store.block`."""
+        self.live_blocks[block.account] = block
+        return succeed(block)
+
+    def unblock(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """See :meth:`policyd.store.Store.unblock`."""
+        self.sends.pop(account, None)
+        block = self._live(account, now)
+        self.live_blocks.pop(account, None)
+        return succeed(block)
+
+    def record(self, entry: AuditEntry) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.record`."""
+        self.entries.append(entry)
+        return succeed(None)
+
+    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """See :meth:`policyd.store.Store.audit`."""
+        return succeed(self.entries[-limit:])
+
+    def prune(self, *, now: float, window: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.prune`."""
+        before = sum(len(s) for s in self.sends.values())
+        for account in list(self.sends):
+            if not self._window(account, now, window):
+                del self.sends[account]
+        for account in list(self.live_blocks):
+            self._live(account, now)
+        return succeed(before - sum(len(s) for s in self.sends.values()))
+
+    def close(self) -> Deferred[None]:
+        """Nothing to flush."""
+        return succeed(None)
