@@ -109,7 +109,7 @@ def with_admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     config = load_config()
 
     async def main(reactor: Any) -> T:
-        store = open_store(config.store.url)
+        store = open_store(config.store.url, float(config.store.deadline))
         try:
             return await work(Admin(config, store, reactor))
         finally:

@@ -135,8 +135,11 @@ class Store(Protocol):
         """Flush and release the store."""
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, deadline: float = 0.5) -> Store:
     """Open the store named by ``store.url``.
+
+    :param deadline: longest wait for one operation of a networked store
+        (``store.deadline``); the embedded ones answer at once.
 
     :raises ConfigError: for an unknown scheme.
     :raises StoreError: when the store cannot be opened.
@@ -152,5 +155,5 @@ def open_store(url: str) -> Store:
     if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
         from policyd.store.redis import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, deadline=deadline)
     raise ConfigError(f"store.url: unknown store {url!r}")

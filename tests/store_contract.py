@@ -1,0 +1,157 @@
+"""The contract every store back end passes (memory, SQLite, Redis).
+
+A test module imports these tests and provides a ``store`` fixture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from policyd.store import AuditEntry, Block, Outcome, Store
+
+HOUR = 3600.0
+T0 = 1_700_000_000.0
+
+
+async def admit(store: Store, account: str = "alice", now: float = T0, limit: int = 3, **extra: object) -> object:
+    return await store.admit(
+        account, now=now, window=HOUR, limit=limit, block_for=3 * 86400, reason="too many", **extra
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_admits_up_to_the_limit_then_blocks(store: Store) -> None:
+    """limit recipients pass, the next one is refused and blocks the account."""
+    for n in range(1, 4):
+        admission = await admit(store, client=f"192.0.2.{n}")
+        assert admission.outcome is Outcome.ALLOWED
+        assert admission.count == n
+    admission = await admit(store, client="192.0.2.9")
+    assert admission.outcome is Outcome.NEWLY_BLOCKED
+    assert admission.count == 3
+    block = admission.block
+    assert block.account == "alice"
+    assert block.since == T0 and block.until == T0 + 3 * 86400
+    assert block.reason == "too many" and block.count == 3
+    assert set(block.clients) == {"192.0.2.1", "192.0.2.2", "192.0.2.3"}
+    again = await admit(store)
+    assert again.outcome is Outcome.BLOCKED
+    assert await store.usage("alice", now=T0, window=HOUR) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_recipients_are_not_counted(store: Store) -> None:
+    """Attempts while blocked never add to the count."""
+    for _ in range(10):
+        await admit(store, limit=1)
+    assert await store.usage("alice", now=T0, window=HOUR) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_window_rolls(store: Store) -> None:
+    """Recipients older than the window stop counting; no reset at clock-hour boundaries."""
+    await admit(store, now=T0)
+    await admit(store, now=T0 + 1800)
+    await admit(store, now=T0 + 3000)
+    assert (await admit(store, now=T0 + 3599)).outcome is Outcome.NEWLY_BLOCKED
+    await store.unblock("alice", now=T0 + 3599)
+    await admit(store, now=T0)
+    await admit(store, now=T0 + 1800)
+    await admit(store, now=T0 + 3000)
+    assert (await admit(store, now=T0 + 3600)).outcome is Outcome.ALLOWED
+    assert await store.usage("alice", now=T0 + 3600, window=HOUR) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_accounts_are_independent(store: Store) -> None:
+    """One account's sending never counts against another."""
+    for _ in range(3):
+        await admit(store, "alice")
+    assert (await admit(store, "bob")).outcome is Outcome.ALLOWED
+    assert await store.usage("bob", now=T0, window=HOUR) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_block_expires(store: Store) -> None:
+    """A block ends by itself after block_for."""
+    for _ in range(4):
+        await admit(store, limit=3)
+    assert await store.block_of("alice", now=T0 + 3 * 86400 - 1) is not None
+    later = T0 + 3 * 86400
+    assert await store.block_of("alice", now=later) is None
+    assert (await admit(store, now=later)).outcome is Outcome.ALLOWED
+
+
+@pytest_twisted.ensureDeferred
+async def test_unblock_clears_block_and_window(store: Store) -> None:
+    """Unblock returns the block, empties the window, and the account sends again."""
+    for _ in range(4):
+        await admit(store)
+    lifted = await store.unblock("alice", now=T0 + 10)
+    assert lifted is not None and lifted.account == "alice"
+    assert await store.block_of("alice", now=T0 + 10) is None
+    assert await store.usage("alice", now=T0 + 10, window=HOUR) == 0
+    assert (await admit(store, now=T0 + 10)).count == 1
+    assert await store.unblock("bob", now=T0) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_manual_block_and_listing(store: Store) -> None:
+    """An admin's block is live, listed oldest first, and replaces an older one."""
+    await store.block(Block("bob", T0 + 5, T0 + 100, "phished", 0, (), "admin"))
+    await store.block(Block("alice", T0, T0 + 100, "phished", 0, (), "admin"))
+    listed = await store.blocks(now=T0 + 50)
+    assert [b.account for b in listed] == ["alice", "bob"]
+    assert listed[1] == Block("bob", T0 + 5, T0 + 100, "phished", 0, (), "admin")
+    assert (await admit(store, "bob", now=T0 + 50)).outcome is Outcome.BLOCKED
+    assert await store.blocks(now=T0 + 100) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_give_back_uncounts_one_transaction(store: Store) -> None:
+    """Recipients of an unfinished transaction are given back, others stay."""
+    await admit(store, instance="a1")
+    await admit(store, instance="b2")
+    await admit(store, instance="b2")
+    assert await store.give_back("alice", "b2") == 2
+    assert await store.usage("alice", now=T0, window=HOUR) == 1
+    assert await store.give_back("alice", "zz") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_busiest_accounts(store: Store) -> None:
+    """The busiest list is ordered by count and leaves out idle accounts."""
+    for _ in range(3):
+        await admit(store, "carol", limit=10)
+    await admit(store, "dave", limit=10)
+    assert await store.busiest(now=T0, window=HOUR) == [("carol", 3), ("dave", 1)]
+    assert await store.busiest(now=T0 + HOUR, window=HOUR) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_audit_log_keeps_order(store: Store) -> None:
+    """Audit entries come back oldest first, the latest ones when limited."""
+    for n in range(5):
+        await store.record(AuditEntry(T0 + n, "root", "unblock", f"user{n}", "cleaned"))
+    entries = await store.audit(limit=2)
+    assert [e.subject for e in entries] == ["user3", "user4"]
+    assert entries[0] == AuditEntry(T0 + 3, "root", "unblock", "user3", "cleaned")
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_forgets_old_counts(store: Store) -> None:
+    """Pruning drops counts outside the window and keeps the rest."""
+    await admit(store, now=T0)
+    await admit(store, now=T0 + 1000)
+    await store.prune(now=T0 + HOUR + 1, window=HOUR)
+    assert await store.usage("alice", now=T0 + HOUR + 1, window=HOUR) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_unicode_and_odd_account_names(store: Store) -> None:
+    """Account names are opaque text: non-ASCII, quotes and separators round-trip."""
+    for name in ["élodie@exemple.fr", "o'brien", "a:b|c", "x" * 300]:
+        admission = await admit(store, name, limit=1)
+        assert admission.outcome is Outcome.ALLOWED
+        assert (await admit(store, name, limit=1)).block.account == name

@@ -1,0 +1,82 @@
+"""The store contract on the memory and SQLite back ends, and SQLite specifics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from policyd.errors import ConfigError, StoreError
+from policyd.store import Outcome, open_store
+from policyd.store.memory import MemoryStore
+from policyd.store.sqlite import SQLiteStore
+from tests.store_contract import *  # noqa: F403
+from tests.store_contract import HOUR, T0, admit
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """Each embedded back end, empty."""
+    if request.param == "memory":
+        yield MemoryStore()
+    else:
+        sqlite = SQLiteStore(str(tmp_path / "state.db"))
+        yield sqlite
+        sqlite.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
+    """Counts and blocks are still there after the store is closed and reopened."""
+    path = str(tmp_path / "state.db")
+    first = SQLiteStore(path)
+    for _ in range(4):
+        await admit(first)
+    await first.close()
+    second = SQLiteStore(path)
+    assert (await second.block_of("alice", now=T0)).count == 3
+    assert await second.usage("alice", now=T0, window=HOUR) == 3
+    await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_sqlite_connections_never_overshoot(tmp_path: Path) -> None:
+    """Two processes' connections on one file share the count and the block."""
+    path = str(tmp_path / "state.db")
+    one, two = SQLiteStore(path), SQLiteStore(path)
+    outcomes = [await admit(s, limit=5) for _ in range(5) for s in (one, two)]
+    allowed = [o for o in outcomes if o.outcome is Outcome.ALLOWED]
+    assert len(allowed) == 5
+    assert (await admit(one, limit=5)).outcome is Outcome.BLOCKED
+    await one.close()
+    await two.close()
+
+
+def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
+    """A corrupt or foreign file is a one-line StoreError, not a traceback."""
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open SQLite store"):
+        SQLiteStore(str(path))
+
+
+def test_open_store_by_url(tmp_path: Path) -> None:
+    """store.url picks the back end; an unknown scheme is a config error."""
+    assert isinstance(open_store("memory://"), MemoryStore)
+    sqlite = open_store(f"sqlite:///{tmp_path}/s.db")
+    assert isinstance(sqlite, SQLiteStore)
+    sqlite.close()
+    with pytest.raises(ConfigError, match="unknown store"):
+        open_store("mysql://x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_error_becomes_store_error(tmp_path: Path) -> None:
+    """A failing statement surfaces as a StoreError in the Deferred."""
+    sqlite = SQLiteStore(str(tmp_path / "s.db"))
+    sqlite.db.execute("DROP TABLE sends")
+    with pytest.raises(StoreError, match="no such table"):
+        await admit(sqlite)
+    await sqlite.close()
