@@ -1,0 +1,102 @@
+"""Start and stop real ``policyd`` processes for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POLICYD = str(Path(sys.executable).with_name("policyd"))
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something accepts on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def policyd(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one ``policyd`` command and capture its output."""
+    return subprocess.run(
+        [POLICYD, *args], capture_output=True, text=True, timeout=60, input=input, env=env
+    )
+
+
+class PolicydServer:
+    """``policyd serve -c CONFIG`` as a child process.
+
+    :param config: path of the configuration file.
+    :param port: the TCP port that configuration listens on.
+    """
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.port = port
+        self.log = config.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PolicydServer:
+        """Start and wait until it listens."""
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [POLICYD, "serve", "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def signal(self, number: int) -> None:
+        """Send a signal to the server."""
+        assert self.process is not None
+        os.kill(self.process.pid, number)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, and return the exit status (SIGKILL if it hangs)."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("policyd did not exit after SIGTERM") from None
+
+    def output(self) -> str:
+        """Everything the server logged so far."""
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+def ask(port: int, attributes: dict[str, str], timeout: float = 10.0) -> str:
+    """One request over a fresh connection; returns the action text."""
+    from policyd.testing import encode
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(encode(attributes))
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    text = reply.decode()
+    assert text.startswith("action="), f"malformed reply {text!r}"
+    return text[len("action=") :].strip()
