@@ -98,7 +98,7 @@ def run_async(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     result = outcome[0]
     if isinstance(result, Failure):
         result.raiseException()
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def with_admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:

@@ -120,6 +120,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     """
 
     factory: PolicyFactory
+    #: The TCP or unix transport, set by makeConnection.
+    transport: Any
 
     def __init__(self, decide: Decide, limits: Limits) -> None:
         self.decide = decide
@@ -240,11 +242,12 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     def _flush(self) -> None:
         replies = self._replies
-        out = []
-        while replies and replies[0][0] is not None:
-            out.append(replies.popleft()[0])
+        out: list[bytes] = []
+        while replies and (reply := replies[0][0]) is not None:
+            replies.popleft()
+            out.append(reply)
         if out and not self._closing:
-            self.transport.write(b"".join(out))  # type: ignore[arg-type]
+            self.transport.write(b"".join(out))
         if self._read_paused and len(replies) < self.limits.max_pending and not self._write_paused:
             self._read_paused = False
             self.transport.resumeProducing()

@@ -84,6 +84,9 @@ class PolicyClient(Protocol):
     ``REJECT 5.7.1 ...``) in request order.
     """
 
+    #: The connected transport.
+    transport: Any
+
     def __init__(self) -> None:
         self._waiting: deque[Deferred[str]] = deque()
         self._buffer = b""

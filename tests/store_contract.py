@@ -5,7 +5,6 @@ A test module imports these tests and provides a ``store`` fixture.
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
 
 from policyd.store import AuditEntry, Block, Outcome, Store

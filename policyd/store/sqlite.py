@@ -52,8 +52,6 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-_BLOCK_COLUMNS = "account, since, until, reason, count, clients, by"
-
 
 def _block(row: tuple[str, float, float, str, int, str, str]) -> Block:
     account, since, until, reason, count, clients, by = row
@@ -116,7 +114,7 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> Admission:
             row = db.execute(
-                f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE account = ?", (account,)
+                "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ?", (account,)
             ).fetchone()
             if row is not None:
                 if row[2] > now:
@@ -149,7 +147,7 @@ class SQLiteStore:
     @staticmethod
     def _put_block(db: sqlite3.Connection, block: Block) -> None:
         db.execute(
-            f"INSERT OR REPLACE INTO blocks ({_BLOCK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO blocks (account, since, until, reason, count, clients, by) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 block.account,
                 block.since,
@@ -201,7 +199,7 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> Block | None:
             row = db.execute(
-                f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE account = ? AND until > ?",
+                "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ? AND until > ?",
                 (account, now),
             ).fetchone()
             return None if row is None else _block(row)
@@ -213,7 +211,7 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> list[Block]:
             rows = db.execute(
-                f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE until > ? ORDER BY since, account",
+                "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE until > ? ORDER BY since, account",
                 (now,),
             )
             return [_block(row) for row in rows]
@@ -234,7 +232,7 @@ class SQLiteStore:
 
         def work(db: sqlite3.Connection) -> Block | None:
             row = db.execute(
-                f"SELECT {_BLOCK_COLUMNS} FROM blocks WHERE account = ? AND until > ?",
+                "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ? AND until > ?",
                 (account, now),
             ).fetchone()
             db.execute("DELETE FROM blocks WHERE account = ?", (account,))
