@@ -41,7 +41,7 @@ class PolicyServer:
         self.reactor = reactor
         self.config = config
         self.path = path
-        self.store: Store = open_store(config.store.url, float(config.store.deadline))
+        self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
         self.service = PolicyService(config, self.store, reactor)
         self.factory = PolicyFactory(
             self.service.decide,

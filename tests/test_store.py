@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
+from twisted.internet import reactor
+
 from policyd.errors import ConfigError, StoreError
 from policyd.store import Outcome, open_store
 from policyd.store.memory import MemoryStore
@@ -16,13 +18,14 @@ from tests.store_contract import *  # noqa: F403
 from tests.store_contract import HOUR, T0, admit
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-grouped"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
-    """Each embedded back end, empty."""
+    """Each embedded back end, empty (SQLite also with commits grouped per reactor turn)."""
     if request.param == "memory":
         yield MemoryStore()
     else:
-        sqlite = SQLiteStore(str(tmp_path / "state.db"))
+        grouped = reactor if request.param == "sqlite-grouped" else None
+        sqlite = SQLiteStore(str(tmp_path / "state.db"), reactor=grouped)
         yield sqlite
         sqlite.close()
 
@@ -80,3 +83,31 @@ async def test_sqlite_error_becomes_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no such table"):
         await admit(sqlite)
     await sqlite.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_grouped_writes_fire_after_commit(tmp_path: Path) -> None:
+    """Writes of one reactor turn share a commit; another connection sees them once they fire."""
+    path = str(tmp_path / "state.db")
+    grouped = SQLiteStore(path, reactor=reactor)
+    pending = [grouped.admit("alice", now=T0, window=HOUR, limit=10, block_for=60, reason="r") for _ in range(5)]
+    assert not any(d.called for d in pending)
+    results = [await d for d in pending]
+    assert [r.count for r in results] == [1, 2, 3, 4, 5]
+    other = SQLiteStore(path)
+    assert await other.usage("alice", now=T0, window=HOUR) == 5
+    await other.close()
+    await grouped.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_grouped_failure_fails_the_whole_group(tmp_path: Path) -> None:
+    """A failing write rolls back its group: every write in it fails, none is half-counted."""
+    grouped = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
+    first = grouped.admit("alice", now=T0, window=HOUR, limit=10, block_for=60, reason="r")
+    grouped.db.execute("DROP TABLE blocks")
+    second = grouped.admit("bob", now=T0, window=HOUR, limit=10, block_for=60, reason="r")
+    for pending in (first, second):
+        with pytest.raises(StoreError):
+            await pending
+    await grouped.close()

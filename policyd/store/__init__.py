@@ -15,6 +15,7 @@ from typing import Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from policyd.errors import ConfigError
 
@@ -135,11 +136,13 @@ class Store(Protocol):
         """Flush and release the store."""
 
 
-def open_store(url: str, deadline: float = 0.5) -> Store:
+def open_store(url: str, deadline: float = 0.5, reactor: IReactorTime | None = None) -> Store:
     """Open the store named by ``store.url``.
 
     :param deadline: longest wait for one operation of a networked store
         (``store.deadline``); the embedded ones answer at once.
+    :param reactor: a server's reactor, which lets SQLite group the commits
+        of one reactor turn; admin commands leave it out.
 
     :raises ConfigError: for an unknown scheme.
     :raises StoreError: when the store cannot be opened.
@@ -151,7 +154,7 @@ def open_store(url: str, deadline: float = 0.5) -> Store:
     if url.startswith("sqlite:///"):
         from policyd.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url[len("sqlite:///") :])
+        return SQLiteStore(url[len("sqlite:///") :], reactor=reactor)
     if url.startswith(("redis://", "rediss://", "redis+sentinel://", "unix://")):
         from policyd.store.redis import RedisStore
 

@@ -1,12 +1,15 @@
 """The embedded store: one SQLite file in WAL mode, for a single mail host.
 
-Statements run on the reactor thread.  Each is an indexed look-up or a
-single-row write inside one short transaction, and WAL with
-``synchronous=NORMAL`` makes a commit a write to the log without an fsync,
-so a decision costs tens of microseconds: less than handing it to a thread
-pool and back (see the README's figures).  ``BEGIN IMMEDIATE`` takes the
-write lock before reading, so several processes on one file (the server and
-an admin command, or two servers) never count past the limit.
+Statements run on the reactor thread: each is an indexed look-up or a
+single-row write, a few microseconds, less than handing work to a thread
+pool and back (see the README's figures).  What costs is the commit (the
+write of the log pages), so a server groups them: every write made during
+one turn of the reactor shares one transaction, committed on the next turn,
+and only then do their Deferreds fire, so no reply goes out before its count
+is in the log.  WAL with ``synchronous=NORMAL`` makes a commit a write
+without an fsync.  ``BEGIN IMMEDIATE`` takes the write lock before reading,
+so several processes on one file (the server and an admin command, or two
+servers) never count past the limit.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 
 from policyd.errors import StoreError
 from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Outcome
@@ -64,11 +68,16 @@ class SQLiteStore:
     :param path: the database file; its directory is created when missing.
     :param busy_timeout: longest wait, in seconds, for another process's
         write lock; short, because the reactor waits with it.
+    :param reactor: when given, writes of one reactor turn share one commit
+        (a server); without it each write commits at once (admin commands).
     :raises StoreError: when the file cannot be opened or is not a database.
     """
 
-    def __init__(self, path: str, busy_timeout: float = 0.25) -> None:
+    def __init__(self, path: str, busy_timeout: float = 0.25, reactor: IReactorTime | None = None) -> None:
         self.path = path
+        self.reactor = reactor
+        #: Writes of the open group transaction, waiting for its commit.
+        self._group: list[tuple[Deferred[Any], Any]] = []
         try:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +90,9 @@ class SQLiteStore:
             raise StoreError(f"cannot open SQLite store {path}: {error}") from None
 
     def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> Deferred[T]:
-        """Run ``work`` in one transaction and wrap its result in a Deferred."""
+        """Run ``work`` in a transaction and wrap its result in a Deferred."""
+        if write and self.reactor is not None:
+            return self._grouped(work)
         db = self.db
         try:
             if write:
@@ -97,6 +108,46 @@ class SQLiteStore:
         except sqlite3.Error as error:
             return fail(StoreError(f"SQLite store {self.path}: {error}"))
         return succeed(result)
+
+    def _grouped(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
+        """Run a write in the group transaction; fire when it is committed."""
+        assert self.reactor is not None
+        db = self.db
+        try:
+            if not db.in_transaction:
+                db.execute("BEGIN IMMEDIATE")
+                self.reactor.callLater(0, self._commit)
+            result = work(db)
+        except sqlite3.Error as error:
+            # The whole group is rolled back: every write in it fails alike,
+            # so the caller's fallback applies and nothing is half-counted.
+            self._fail_group(error)
+            return fail(StoreError(f"SQLite store {self.path}: {error}"))
+        waiting: Deferred[T] = Deferred()
+        self._group.append((waiting, result))
+        return waiting
+
+    def _commit(self) -> None:
+        group, self._group = self._group, []
+        try:
+            if self.db.in_transaction:
+                self.db.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._group = group
+            self._fail_group(error)
+            return
+        for waiting, result in group:
+            waiting.callback(result)
+
+    def _fail_group(self, error: sqlite3.Error) -> None:
+        group, self._group = self._group, []
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        for waiting, _ in group:
+            waiting.errback(StoreError(f"SQLite store {self.path}: {error}"))
 
     def admit(
         self,
@@ -276,7 +327,8 @@ class SQLiteStore:
         return self._run(work, write=True)
 
     def close(self) -> Deferred[None]:
-        """Checkpoint the log into the database and close it."""
+        """Commit pending writes, checkpoint the log into the database and close it."""
+        self._commit()
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
