@@ -30,9 +30,12 @@ from policyd.netlists import NetworkSet
 
 log = logging.getLogger("policyd.protocol")
 
-_NAME = re.compile(rb"^[A-Za-z0-9_.\-]+$")
+_NAME = re.compile(rb"[A-Za-z0-9_.\-]+")
 # C0 controls other than TAB, and DEL: never in a value Postfix sends.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# A whole well-formed request without its final empty line.
+_ATTRIBUTE = rb"[A-Za-z0-9_.\-]+=[^\x00-\x08\x0a-\x1f\x7f]*"
+_REQUEST = re.compile(_ATTRIBUTE + rb"(?:\n" + _ATTRIBUTE + rb")*")
 
 
 class Request:
@@ -128,8 +131,6 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self.limits = limits
         self.peer = "?"
         self._buffer = b""
-        self._attributes: dict[str, str] = {}
-        self._size = 0
         #: Replies in request order; None until that request is decided.
         self._replies: deque[list[bytes | None]] = deque()
         self._closing = False
@@ -159,65 +160,89 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     # --- input ----------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        """Split input into lines and requests, enforcing every bound."""
+        """Split input into requests, enforcing every bound.
+
+        A complete request is checked with one regular expression and split
+        in C; only bad input takes the slow path that finds what is wrong.
+        """
         if self._closing:
             return
         self.resetTimeout()
         buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
         start = 0
+        limits = self.limits
         try:
             while True:
-                end = buffer.find(b"\n", start)
+                end = buffer.find(b"\n\n", start)
                 if end < 0:
                     break
-                line = buffer[start:end]
-                start = end + 1
-                self._line(line[:-1] if line.endswith(b"\r") else line)
+                block = buffer[start:end]
+                start = end + 2
+                if not block or block.startswith(b"\n"):
+                    block = block.lstrip(b"\n")
+                    if not block:
+                        continue
+                if (
+                    len(block) > limits.max_line
+                    or len(block) > limits.max_request
+                    or block.count(b"\n") >= limits.max_attributes
+                    or not _REQUEST.fullmatch(block)
+                ):
+                    self._diagnose(block + b"\n")
+                self._dispatch(block)
                 if self._closing:
                     return
             rest = buffer[start:]
-            if len(rest) > self.limits.max_line:
-                raise BadRequest(f"line longer than {self.limits.max_line} bytes")
-            if self._size + len(rest) > self.limits.max_request:
-                raise BadRequest(f"request larger than {self.limits.max_request} bytes")
+            if rest:
+                # Check what is complete of the next request now, so garbage
+                # is refused at once rather than when an empty line comes.
+                cut = rest.rfind(b"\n")
+                lines = rest[:cut].lstrip(b"\n") if cut > 0 else b""
+                if (
+                    len(rest) > limits.max_line
+                    or len(rest) > limits.max_request
+                    or rest.count(b"\n") >= limits.max_attributes
+                    or (lines and not _REQUEST.fullmatch(lines))
+                ):
+                    self._diagnose(rest[: cut + 1], partial=rest[cut + 1 :])
             self._buffer = rest
         except BadRequest as error:
             self._reject(str(error))
 
-    def _line(self, line: bytes) -> None:
-        if not line:
-            if self._attributes:
-                self._dispatch()
-            return
-        if len(line) > self.limits.max_line:
-            raise BadRequest(f"line longer than {self.limits.max_line} bytes")
-        self._size += len(line) + 1
-        if self._size > self.limits.max_request:
-            raise BadRequest(f"request larger than {self.limits.max_request} bytes")
-        name, equals, value = line.partition(b"=")
-        if not equals:
-            raise BadRequest(f"line without '=': {_shown(line)}")
-        if not _NAME.match(name):
-            raise BadRequest(f"bad attribute name: {_shown(name)}")
-        if _CONTROL.search(value):
-            raise BadRequest(f"control character in {name.decode()}")
-        if len(self._attributes) >= self.limits.max_attributes:
-            raise BadRequest(f"more than {self.limits.max_attributes} attributes")
-        # Postfix sends UTF-8 (SMTPUTF8) or plain ASCII; keep any other byte
-        # losslessly rather than dropping it.
-        self._attributes[name.decode("ascii")] = value.decode("utf-8", "surrogateescape")
+    def _diagnose(self, lines: bytes, partial: bytes = b"") -> None:
+        """Find the first broken bound in ``lines`` and raise it as BadRequest."""
+        limits = self.limits
+        if len(lines) + len(partial) > limits.max_request:
+            raise BadRequest(f"request larger than {limits.max_request} bytes")
+        if len(partial) > limits.max_line:
+            raise BadRequest(f"line longer than {limits.max_line} bytes")
+        if lines.count(b"\n") > limits.max_attributes:
+            raise BadRequest(f"more than {limits.max_attributes} attributes")
+        for line in lines.split(b"\n")[:-1]:
+            if len(line) > limits.max_line:
+                raise BadRequest(f"line longer than {limits.max_line} bytes")
+            name, equals, value = line.partition(b"=")
+            if not equals:
+                raise BadRequest(f"line without '=': {_shown(line)}")
+            if not _NAME.fullmatch(name):
+                raise BadRequest(f"bad attribute name: {_shown(name)}")
+            if _CONTROL.search(value):
+                raise BadRequest(f"control character in {name.decode()}")
 
     def _reject(self, problem: str) -> None:
         log.warning("bad policy request from %s: %s; closing connection", self.peer, problem)
         self._closing = True
         self._buffer = b""
-        self._attributes = {}
         self.transport.loseConnection()
 
-    def _dispatch(self) -> None:
-        request = Request(self._attributes, self.peer, self)
-        self._attributes = {}
-        self._size = 0
+    def _dispatch(self, block: bytes) -> None:
+        # Postfix sends UTF-8 (SMTPUTF8) or plain ASCII; keep any other byte
+        # losslessly rather than dropping it.
+        text = block.decode("utf-8", "surrogateescape")
+        attributes = dict(line.split("=", 1) for line in text.split("\n"))
+        request = Request(attributes, self.peer, self)
         slot: list[bytes | None] = [None]
         self._replies.append(slot)
         try:

@@ -109,6 +109,8 @@ class OutboundQuota:
         self.trusted = NetworkSet(config.trusted_networks)
         self.local_domains = read_domain_list(config.local_domains, config.source)
         self.texts = Texts(config.language, config.templates)
+        #: Block reasons by limit, rendered once.
+        self._reasons: dict[int, str] = {}
         self.on_error = ON_ERROR[config.store.on_error]
         self.blocked_word = "REJECT" if outbound.blocked_action == "reject" else "DEFER"
         self.blocked_code = "5.7.1" if outbound.blocked_action == "reject" else "4.7.1"
@@ -144,7 +146,11 @@ class OutboundQuota:
         if self.give_back:
             self._track(request.session, account, instance)
         limit = self.limit_of(account)
-        reason = self.texts.render("block_reason", limit=limit, window=format_duration(self.window))
+        reason = self._reasons.get(limit)
+        if reason is None:
+            reason = self._reasons[limit] = self.texts.render(
+                "block_reason", limit=limit, window=format_duration(self.window)
+            )
         admitted = self.store.admit(
             account,
             now=now,

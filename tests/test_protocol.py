@@ -138,6 +138,13 @@ def test_bad_input_closes_that_connection_and_is_logged(data: bytes, caplog: pyt
     assert decide.requests == []
 
 
+def test_garbage_is_refused_before_the_request_ends() -> None:
+    """A broken line is refused as soon as it is complete, without waiting for the empty line."""
+    protocol, transport, _, _ = connect()
+    protocol.dataReceived(b"request=smtpd_access_policy\nGET / HTTP/1.0\nHost: x")
+    assert transport.disconnecting
+
+
 def test_too_many_attributes() -> None:
     """More than limits.max_attributes attributes closes the connection."""
     protocol, transport, _, _ = connect(limits=Limits(max_attributes=8))

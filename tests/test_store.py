@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-
 from twisted.internet import reactor
 
 from policyd.errors import ConfigError, StoreError

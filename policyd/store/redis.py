@@ -1,0 +1,615 @@
+"""The shared store: one Redis server (or a Sentinel-managed one) for several mail hosts.
+
+Every read-check-write runs inside Redis as a Lua script, so ``policyd serve``
+processes on several hosts never let an account past its limit, whatever the
+concurrency.  Scripts are registered once and run by ``EVALSHA``; when Redis
+has forgotten them (a restart, ``SCRIPT FLUSH``, a failover) redis-py loads
+them again and retries (``NOSCRIPT`` fallback).
+
+Keys, all under ``policyd:``:
+
+``policyd:window:<account>``
+    sorted set of the recipients counted in the window, scored by time.  A
+    member is ``<sequence>|<length of instance>|<instance><client>``: the
+    sequence (from ``policyd:seq``) keeps members unique even at the same
+    instant, and the instance and client are what give-back and blocks need.
+    Expires one window after the last recipient counted.
+``policyd:block:<account>``
+    hash of the live block; expires when the block ends.
+``policyd:active``
+    sorted set of account -> time of its last counted recipient, for
+    :meth:`RedisStore.busiest` and :meth:`RedisStore.prune`.
+``policyd:blocks``
+    sorted set of account -> block start, to list blocks without ``KEYS``.
+``policyd:audit``
+    list of JSON audit entries, capped at :data:`AUDIT_CAP`.
+
+Times are those the caller passes (``now``), so tests may drive a fake
+clock; key lifetimes are set relative to them (``PEXPIRE``), never as
+absolute instants, so a fake clock does not make Redis drop keys early.
+
+The client is redis-py's ``redis.asyncio`` running on Twisted's asyncio
+reactor.  Each operation is bounded by ``deadline`` with
+:func:`asyncio.wait_for`; a Redis error or a timeout fails the Deferred with
+:class:`~policyd.errors.StoreError`.  After an outage the pool reconnects on
+the next command: nothing needs restarting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from twisted.internet.defer import Deferred
+
+from policyd.errors import ConfigError, StoreError
+from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Outcome
+
+T = TypeVar("T")
+
+#: Every key starts with this, so policyd can share a Redis database.
+PREFIX = "policyd:"
+_ACTIVE = PREFIX + "active"
+_BLOCKS = PREFIX + "blocks"
+_SEQUENCE = PREFIX + "seq"
+_AUDIT = PREFIX + "audit"
+
+#: Audit entries kept: admin actions are a few a day, so this is years of
+#: history, while the list stays bounded in memory.
+AUDIT_CAP = 100_000
+
+#: Connections to Redis per process.  Redis runs commands one at a time, so
+#: more connections would not answer sooner; operations beyond this many wait
+#: for a free connection (within their deadline) instead of failing.
+CONNECTIONS = 32
+
+#: Accounts handled by one prune script: bounds how long one script holds
+#: Redis (which runs scripts one at a time) when many accounts are active.
+PRUNE_BATCH = 200
+
+_BLOCK_FIELDS = ("since", "until", "reason", "count", "clients", "by")
+
+
+def _window_key(account: str) -> str:
+    return f"{PREFIX}window:{account}"
+
+
+def _block_key(account: str) -> str:
+    return f"{PREFIX}block:{account}"
+
+
+# --- Lua ----------------------------------------------------------------------
+#
+# Numbers from Python travel as strings (repr of a float is exact) and are
+# handed to Redis unchanged: Lua would print them with 14 digits only.
+
+_PRELUDE = """
+local function split(member)
+  local a = string.find(member, '|', 1, true)
+  local b = string.find(member, '|', a + 1, true)
+  local n = tonumber(string.sub(member, a + 1, b - 1))
+  return string.sub(member, b + 1, b + n), string.sub(member, b + n + 1)
+end
+"""
+
+#: KEYS: window, block, sequence, active, blocks.
+#: ARGV: now, cutoff, limit, until, reason, instance, client, window ms,
+#: block ms, max clients, account.
+_ADMIT = (
+    _PRELUDE
+    + """
+local block = redis.call('HMGET', KEYS[2], 'since', 'until', 'reason', 'count', 'clients', 'by')
+if block[1] then
+  if tonumber(block[2]) > tonumber(ARGV[1]) then
+    return {'blocked', block[1], block[2], block[3], block[4], block[5], block[6]}
+  end
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[5], ARGV[11])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local count = redis.call('ZCARD', KEYS[1])
+if count < tonumber(ARGV[3]) then
+  local seq = redis.call('INCR', KEYS[3])
+  local member = string.format('%016x', seq) .. '|' .. #ARGV[6] .. '|' .. ARGV[6] .. ARGV[7]
+  redis.call('ZADD', KEYS[1], ARGV[1], member)
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('ZADD', KEYS[4], 'GT', ARGV[1], ARGV[11])
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
+  return {'allowed', count + 1}
+end
+local seen, clients = {}, {}
+for _, member in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
+  local _, client = split(member)
+  if client ~= '' and not seen[client] then
+    seen[client] = true
+    clients[#clients + 1] = cjson.encode(client)
+    if #clients >= tonumber(ARGV[10]) then break end
+  end
+end
+local listed = '[' .. table.concat(clients, ',') .. ']'
+redis.call('HSET', KEYS[2], 'since', ARGV[1], 'until', ARGV[4], 'reason', ARGV[5],
+           'count', count, 'clients', listed, 'by', 'policyd')
+redis.call('PEXPIRE', KEYS[2], ARGV[9])
+redis.call('ZADD', KEYS[5], ARGV[1], ARGV[11])
+return {'newly-blocked', ARGV[1], ARGV[4], ARGV[5], count, listed, 'policyd'}
+"""
+)
+
+#: KEYS: window.  ARGV: instance.
+_GIVE_BACK = (
+    _PRELUDE
+    + """
+local given = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local instance = split(member)
+  if instance == ARGV[1] then
+    redis.call('ZREM', KEYS[1], member)
+    given = given + 1
+  end
+end
+return given
+"""
+)
+
+#: KEYS: block, blocks.  ARGV: since, until, reason, count, clients, by, ms, account.
+_PUT_BLOCK = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'since', ARGV[1], 'until', ARGV[2], 'reason', ARGV[3],
+           'count', ARGV[4], 'clients', ARGV[5], 'by', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[8])
+return 1
+"""
+
+#: KEYS: block, window, active, blocks.  ARGV: now, account.
+_UNBLOCK = """
+local block = redis.call('HMGET', KEYS[1], 'since', 'until', 'reason', 'count', 'clients', 'by')
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
+if block[1] and tonumber(block[2]) > tonumber(ARGV[1]) then
+  return block
+end
+return {}
+"""
+
+#: KEYS: active, then windows.  ARGV: cutoff, then the windows' accounts.
+_PRUNE_WINDOWS = """
+local removed = 0
+for i = 2, #KEYS do
+  removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"""
+
+#: KEYS: blocks, then block keys.  ARGV: now, then the blocks' accounts.
+_PRUNE_BLOCKS = """
+for i = 2, #KEYS do
+  local until_ = redis.call('HGET', KEYS[i], 'until')
+  if not until_ or tonumber(until_) <= tonumber(ARGV[1]) then
+    redis.call('DEL', KEYS[i])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return 1
+"""
+
+
+# --- URLs -----------------------------------------------------------------------
+
+
+def describe_url(url: str) -> str:
+    """The server a store URL names, for messages: no password, no query.
+
+    >>> describe_url("redis://:secret@10.0.0.5:6380/2?password=x")
+    'redis://10.0.0.5:6380/2'
+    """
+    scheme, _, rest = url.partition("://")
+    rest = rest.split("?", 1)[0]
+    where = rest.rpartition("@")[2]
+    if scheme == "unix":
+        return f"unix://{where}"
+    return f"{scheme}://{where}"
+
+
+def _ms(seconds: float) -> int:
+    """A key lifetime in milliseconds, at least 1 (PEXPIRE 0 would delete at once)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _one_line(error: BaseException, secrets: Sequence[str]) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _client_options(deadline: float, connections: int) -> dict[str, Any]:
+    """Options shared by every connection the store opens."""
+    return {
+        "max_connections": connections,
+        # Lossless round trip of any text, including the lone surrogates the
+        # protocol uses for bytes that are not UTF-8.
+        "encoding": "utf-8",
+        "encoding_errors": "surrogateescape",
+        "decode_responses": True,
+        "socket_timeout": deadline,
+        "socket_connect_timeout": deadline,
+        "client_name": "policyd",
+        # No blind retry: a counting script whose reply was lost must not run
+        # twice.  A pooled connection closed by a restart is still detected
+        # and reopened before a command is sent, so recovery needs no retry.
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+def _check_url(url: str) -> None:
+    """What redis-py would silently ignore or default: a missing host, a bad database.
+
+    :raises ValueError: naming the problem.
+    """
+    parsed = urllib.parse.urlsplit(url)
+    db = urllib.parse.parse_qs(parsed.query).get("db", [""])[0]
+    if parsed.scheme != "unix":
+        if not parsed.hostname:
+            raise ValueError("no host")
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+        db = db or parsed.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number")
+
+
+class _Sentinel:
+    """What ``redis+sentinel://`` parses into."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        netloc = parsed.netloc
+        credentials, at, hosts = netloc.rpartition("@")
+        self.username: str | None = None
+        self.password: str | None = None
+        if at:
+            user, colon, password = credentials.partition(":")
+            if colon:
+                self.username = urllib.parse.unquote(user) or None
+                self.password = urllib.parse.unquote(password) or None
+            else:
+                self.password = urllib.parse.unquote(user) or None
+        self.sentinels: list[tuple[str, int]] = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"sentinel {item!r} is not host:port")
+            self.sentinels.append((host.strip("[]"), int(port)))
+        parts = [p for p in parsed.path.split("/") if p]
+        if not parts or len(parts) > 2:
+            raise ValueError("expected /service_name or /service_name/db after the sentinels")
+        self.service = urllib.parse.unquote(parts[0])
+        if len(parts) == 2 and not parts[1].isdigit():
+            raise ValueError(f"database {parts[1]!r} is not a number")
+        self.db = int(parts[1]) if len(parts) == 2 else 0
+        query = urllib.parse.parse_qs(parsed.query)
+        unknown = set(query) - {"sentinel_password"}
+        if unknown:
+            raise ValueError(f"unknown option {sorted(unknown)[0]!r} (only sentinel_password)")
+        self.sentinel_password = query.get("sentinel_password", [None])[0]
+
+
+# --- the store ----------------------------------------------------------------
+
+
+class RedisStore:
+    """State in Redis, shared by every ``policyd serve`` that uses the same server.
+
+    :param url: ``redis://[[user]:password@]host:port/db``, ``rediss://…``
+        (TLS), ``unix:///path/to/redis.sock?db=0[&password=…]``, or
+        ``redis+sentinel://[password@]host:port[,host:port…]/service_name[/db]``
+        (``?sentinel_password=…`` when the sentinels want one too).
+    :param deadline: longest wait, in seconds, for one operation
+        (``store.deadline``); past it the operation fails with
+        :class:`~policyd.errors.StoreError`.
+    :param connections: most connections open at once (:data:`CONNECTIONS`).
+    :raises ConfigError: when the URL cannot name a Redis server.
+
+    Nothing connects until the first operation: a server started while Redis
+    is down answers from its fallback limiter until Redis is back.
+    """
+
+    def __init__(self, url: str, deadline: float = 0.5, connections: int = CONNECTIONS) -> None:
+        self.deadline = deadline
+        # Operations queue here for a connection rather than failing with
+        # "Too many connections" when a burst exceeds the pool.
+        self._slots = asyncio.Semaphore(connections)
+        self.name = describe_url(url)
+        self._sentinel: Sentinel | None = None
+        self._secrets: list[str] = []
+        options = _client_options(deadline, connections)
+        try:
+            if url.startswith("redis+sentinel://"):
+                parsed = _Sentinel(url)
+                self._secrets = [s for s in (parsed.password, parsed.sentinel_password) if s]
+                sentinel_options = {k: v for k, v in options.items() if k.startswith("socket_")}
+                if parsed.sentinel_password:
+                    sentinel_options["password"] = parsed.sentinel_password
+                self._sentinel = Sentinel(
+                    parsed.sentinels,
+                    sentinel_kwargs=sentinel_options,
+                    username=parsed.username,
+                    password=parsed.password,
+                    db=parsed.db,
+                    **options,
+                )
+                self.client: redis.asyncio.Redis = self._sentinel.master_for(parsed.service)
+            elif url.startswith(("redis://", "rediss://", "unix://")):
+                self._secrets = self._url_secrets(url)
+                _check_url(url)
+                self.client = redis.asyncio.Redis.from_url(url, **options)
+            else:
+                raise ValueError("not a redis://, rediss://, unix:// or redis+sentinel:// URL")
+        except (ValueError, TypeError, RedisError) as error:
+            raise ConfigError(
+                f"store.url: bad Redis URL {self.name}: {_one_line(error, self._secrets)}"
+            ) from None
+        register = self.client.register_script
+        self._admit = register(_ADMIT)
+        self._give_back = register(_GIVE_BACK)
+        self._put_block = register(_PUT_BLOCK)
+        self._unblock = register(_UNBLOCK)
+        self._prune_windows = register(_PRUNE_WINDOWS)
+        self._prune_blocks = register(_PRUNE_BLOCKS)
+
+    @staticmethod
+    def _url_secrets(url: str) -> list[str]:
+        """Passwords in a URL, to keep out of messages."""
+        parsed = urllib.parse.urlsplit(url)
+        found = [parsed.password] if parsed.password else []
+        found += urllib.parse.parse_qs(parsed.query).get("password", [])
+        return [urllib.parse.unquote(s) for s in found] + found
+
+    def _call(self, work: Callable[[], Awaitable[T]], what: str) -> Deferred[T]:
+        """Run ``work()`` on the asyncio loop within the deadline, as a Deferred."""
+
+        async def limited() -> T:
+            async with self._slots:
+                return await work()
+
+        async def bounded() -> T:
+            try:
+                return await asyncio.wait_for(limited(), self.deadline)
+            except TimeoutError:
+                raise StoreError(
+                    f"Redis store {self.name}: no answer within {self.deadline:g}s ({what})"
+                ) from None
+            except (RedisError, OSError) as error:
+                raise StoreError(
+                    f"Redis store {self.name}: {what}: {_one_line(error, self._secrets)}"
+                ) from None
+
+        return Deferred.fromFuture(asyncio.ensure_future(bounded()))
+
+    # --- quota ------------------------------------------------------------
+
+    def admit(
+        self,
+        account: str,
+        *,
+        now: float,
+        window: float,
+        limit: int,
+        block_for: float,
+        reason: str,
+        instance: str = "",
+        client: str = "",
+    ) -> Deferred[Admission]:
+        """See :meth:`policyd.store.Store.admit`."""
+
+        async def work() -> Admission:
+            reply = await self._admit(
+                keys=[_window_key(account), _block_key(account), _SEQUENCE, _ACTIVE, _BLOCKS],
+                args=[
+                    repr(now),
+                    repr(now - window),
+                    limit,
+                    repr(now + block_for),
+                    reason,
+                    instance,
+                    client,
+                    _ms(window),
+                    _ms(block_for),
+                    MAX_BLOCK_CLIENTS,
+                    account,
+                ],
+            )
+            if reply[0] == "allowed":
+                return Admission(Outcome.ALLOWED, int(reply[1]))
+            block = _block(account, reply[1:])
+            if reply[0] == "blocked":
+                return Admission(Outcome.BLOCKED, block.count, block)
+            return Admission(Outcome.NEWLY_BLOCKED, block.count, block)
+
+        return self._call(work, "admit")
+
+    def give_back(self, account: str, instance: str) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.give_back`."""
+
+        async def work() -> int:
+            return int(await self._give_back(keys=[_window_key(account)], args=[instance]))
+
+        return self._call(work, "give back")
+
+    def usage(self, account: str, *, now: float, window: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.usage`."""
+
+        async def work() -> int:
+            return int(await self.client.zcount(_window_key(account), f"({now - window!r}", "+inf"))
+
+        return self._call(work, "usage")
+
+    def busiest(self, *, now: float, window: float, limit: int = 20) -> Deferred[list[tuple[str, int]]]:
+        """See :meth:`policyd.store.Store.busiest`."""
+        cutoff = f"({now - window!r}"
+
+        async def work() -> list[tuple[str, int]]:
+            if limit <= 0:
+                return []
+            accounts = cast(list[str], await self.client.zrangebyscore(_ACTIVE, cutoff, "+inf"))
+            counts: list[tuple[str, int]] = []
+            for start in range(0, len(accounts), 1000):
+                chunk = accounts[start : start + 1000]
+                pipe = self.client.pipeline(transaction=False)
+                for account in chunk:
+                    pipe.zcount(_window_key(account), cutoff, "+inf")
+                found = await pipe.execute()
+                counts += [(a, int(n)) for a, n in zip(chunk, found, strict=True) if int(n)]
+            return sorted(counts, key=lambda c: (-c[1], c[0]))[:limit]
+
+        return self._call(work, "busiest")
+
+    # --- blocks -------------------------------------------------------------
+
+    def block_of(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """See :meth:`policyd.store.Store.block_of`."""
+
+        async def work() -> Block | None:
+            fields = cast(list[str | None], await self.client.hmget(_block_key(account), list(_BLOCK_FIELDS)))
+            if fields[0] is None or fields[1] is None or float(fields[1]) <= now:
+                return None
+            return _block(account, fields)
+
+        return self._call(work, "block look-up")
+
+    def blocks(self, *, now: float) -> Deferred[list[Block]]:
+        """See :meth:`policyd.store.Store.blocks`."""
+
+        async def work() -> list[Block]:
+            accounts = cast(list[str], await self.client.zrange(_BLOCKS, 0, -1))
+            pipe = self.client.pipeline(transaction=False)
+            for account in accounts:
+                pipe.hmget(_block_key(account), list(_BLOCK_FIELDS))
+            found = await pipe.execute() if accounts else []
+            live = [
+                _block(account, fields)
+                for account, fields in zip(accounts, found, strict=True)
+                if fields[0] is not None and float(fields[1]) > now
+            ]
+            return sorted(live, key=lambda b: (b.since, b.account))
+
+        return self._call(work, "list blocks")
+
+    def block(self, block: Block) -> Deferred[Block]:
+        """See :meth:`policyd.store.Store.block`."""
+
+        async def work() -> Block:
+            await self._put_block(
+                keys=[_block_key(block.account), _BLOCKS],
+                args=[
+                    repr(block.since),
+                    repr(block.until),
+                    block.reason,
+                    block.count,
+                    json.dumps(list(block.clients)),
+                    block.by,
+                    _ms(block.until - block.since),
+                    block.account,
+                ],
+            )
+            return block
+
+        return self._call(work, "block")
+
+    def unblock(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """See :meth:`policyd.store.Store.unblock`."""
+
+        async def work() -> Block | None:
+            fields = await self._unblock(
+                keys=[_block_key(account), _window_key(account), _ACTIVE, _BLOCKS],
+                args=[repr(now), account],
+            )
+            return _block(account, fields) if fields else None
+
+        return self._call(work, "unblock")
+
+    # --- audit ----------------------------------------------------------------
+
+    def record(self, entry: AuditEntry) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.record`."""
+        line = json.dumps(entry.as_dict(), separators=(",", ":"))
+
+        async def work() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(_AUDIT, line)
+            pipe.ltrim(_AUDIT, -AUDIT_CAP, -1)
+            await pipe.execute()
+
+        return self._call(work, "audit record")
+
+    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """See :meth:`policyd.store.Store.audit`."""
+
+        async def work() -> list[AuditEntry]:
+            if limit <= 0:
+                return []
+            lines = cast(list[str], await self.client.lrange(_AUDIT, -limit, -1))
+            return [AuditEntry(**json.loads(line)) for line in lines]
+
+        return self._call(work, "audit")
+
+    # --- housekeeping -----------------------------------------------------------
+
+    def prune(self, *, now: float, window: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.prune`.
+
+        Works in batches of :data:`PRUNE_BATCH` accounts so that no single
+        script holds Redis long; each batch is atomic, the whole is not (and
+        need not be).  The deadline applies to the whole.
+        """
+
+        async def work() -> int:
+            removed = 0
+            accounts = cast(list[str], await self.client.zrange(_ACTIVE, 0, -1))
+            for start in range(0, len(accounts), PRUNE_BATCH):
+                chunk = accounts[start : start + PRUNE_BATCH]
+                removed += int(
+                    await self._prune_windows(
+                        keys=[_ACTIVE, *map(_window_key, chunk)], args=[repr(now - window), *chunk]
+                    )
+                )
+            blocked = cast(list[str], await self.client.zrange(_BLOCKS, 0, -1))
+            for start in range(0, len(blocked), PRUNE_BATCH):
+                chunk = blocked[start : start + PRUNE_BATCH]
+                await self._prune_blocks(keys=[_BLOCKS, *map(_block_key, chunk)], args=[repr(now), *chunk])
+            return removed
+
+        return self._call(work, "prune")
+
+    def close(self) -> Deferred[None]:
+        """Close the connection pool (and the sentinels' connections)."""
+
+        async def work() -> None:
+            await self.client.aclose()
+            if self._sentinel is not None:
+                await self._sentinel.aclose()
+
+        return self._call(work, "close")
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.name!r}, deadline={self.deadline!r})"
+
+
+def _block(account: str, fields: Sequence[Any]) -> Block:
+    """A block from its hash fields (since, until, reason, count, clients, by)."""
+    since, until, reason, count, clients, by = fields
+    return Block(account, float(since), float(until), reason, int(count), tuple(json.loads(clients)), by)
