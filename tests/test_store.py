@@ -110,3 +110,19 @@ async def test_grouped_failure_fails_the_whole_group(tmp_path: Path) -> None:
         with pytest.raises(StoreError):
             await pending
     await grouped.close()
+
+
+def test_root_hands_new_files_to_the_state_directory_owner(tmp_path: Path) -> None:
+    """An admin command run as root leaves the database owned by the service user."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (CI and make test run as root)")
+    directory = tmp_path / "state"
+    directory.mkdir()
+    os.chown(directory, 4242, 4343)
+    sqlite = SQLiteStore(str(directory / "state.db"))
+    owners = {(p.name, p.stat().st_uid, p.stat().st_gid) for p in directory.iterdir()}
+    assert ("state.db", 4242, 4343) in owners
+    assert all(uid == 4242 for _, uid, _ in owners)
+    sqlite.close()

@@ -15,6 +15,7 @@ servers) never count past the limit.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -86,8 +87,25 @@ class SQLiteStore:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.executescript(_SCHEMA)
+            self._give_files_to_directory_owner()
         except (sqlite3.Error, OSError) as error:
             raise StoreError(f"cannot open SQLite store {path}: {error}") from None
+
+    def _give_files_to_directory_owner(self) -> None:
+        """When root (an admin command) creates the files, hand them to the service user.
+
+        Otherwise a root-owned database, ``-wal`` or ``-shm`` file would lock
+        the server, which runs as its own user, out of its state.
+        """
+        if self.path == ":memory:" or os.geteuid() != 0:
+            return
+        directory = os.stat(Path(self.path).parent)
+        if directory.st_uid == 0:
+            return
+        for suffix in ("", "-wal", "-shm"):
+            name = self.path + suffix
+            if os.path.exists(name) and os.stat(name).st_uid == 0:
+                os.chown(name, directory.st_uid, directory.st_gid)
 
     def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> Deferred[T]:
         """Run ``work`` in a transaction and wrap its result in a Deferred."""
