@@ -13,6 +13,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.defer import DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from policyd.server import PolicyServer
 from policyd.testing import PolicyClient, encode, rcpt
@@ -110,10 +111,6 @@ async def test_bad_input_closes_only_that_connection(server: PolicyServer, data:
     good.transport.loseConnection()
 
 
-async def deferToThread(function: Any, *args: Any) -> Any:
-    from twisted.internet.threads import deferToThread as to_thread
-
-    return await to_thread(function, *args)
 
 
 @pytest_twisted.ensureDeferred
@@ -177,3 +174,52 @@ async def test_crlf_in_account_cannot_inject_a_reply(server: PolicyServer) -> No
     assert reply.startswith("REJECT 5.7.1 Account mallory action=ok x is blocked")
     assert await conn.ask(rcpt(sasl_username="gus", recipient="x@gmail.com")) == "DUNNO"
     conn.transport.loseConnection()
+
+
+def flood_without_reading(port: int, stop: list[bool], seconds: float = 20.0) -> int:
+    """Write pipelined requests and never read, until told to stop; return bytes written."""
+    import time
+
+    payload = encode(rcpt(sasl_username="hog", recipient="x@gmail.com")) * 200
+    written = 0
+    with socket.socket() as sock:
+        # A small receive window, set before connecting, so the server's
+        # replies back up quickly.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop:
+            try:
+                written += sock.send(payload)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+    return written
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_never_reads_is_throttled(server: PolicyServer) -> None:
+    """A client that floods requests and never reads its replies stops being read; others are served."""
+    stop: list[bool] = []
+    flooding = deferToThread(flood_without_reading, port_of(server), stop)
+    paused = []
+    for _ in range(200):
+        await deferLater(reactor, 0.05, lambda: None)
+        paused = [c for c in server.factory.connections if c._write_paused]
+        if paused:
+            break
+    try:
+        assert paused, "the server never noticed that the client stopped reading"
+        good = await client(server)
+        for _ in range(5):
+            assert await good.ask(rcpt(sasl_username="ivy", recipient="x@gmail.com")) == "DUNNO"
+        good.transport.loseConnection()
+        # While paused, the stalled connection holds at most Twisted's write buffer.
+        hog = paused[0]
+        assert hog._read_paused
+        assert len(hog._replies) <= server.config.limits.max_pending
+    finally:
+        stop.append(True)
+        await flooding
