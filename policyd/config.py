@@ -107,11 +107,17 @@ def _networks(value: Any) -> None:
             raise ValueError(f"{item!r} is not an IP network (CIDR)") from None
 
 
+def _hostport(value: Any) -> None:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port, e.g. 127.0.0.1:25")
+
+
 def _store_url(value: Any) -> None:
-    if not re.match(r"^(sqlite:///.+|memory://.*|redis(s)?://.+|redis\+sentinel://.+)$", value):
+    if not re.match(r"^(sqlite:///.+|memory://.*|rediss?://.+|redis\+sentinel://.+|unix://.+)$", value):
         raise ValueError(
             "must be sqlite:///path, redis://host:port/db, rediss://…, "
-            "redis+sentinel://… or memory://"
+            "redis+sentinel://…, unix:///path/redis.sock or memory://"
         )
 
 
@@ -277,22 +283,14 @@ class Dns:
 
 
 @attrs.frozen
-class SmtpRelay:
-    """An SMTP server to hand mail to."""
-
-    host: str = _field("127.0.0.1", "Host name or address.")
-    port: int = _field(25, "TCP port.", _at_least(1))
-    starttls: bool = _field(False, "Require STARTTLS.")
-    username: str | None = _field(None, "AUTH user, if the relay wants one.")
-    password: str | None = _field(None, "AUTH password.")
-
-
-@attrs.frozen
 class Notify:
     """Who hears about blocks."""
 
-    smtp: str = _field("127.0.0.1:25", "host:port of the relay that sends notifications.")
+    smtp: str = _field("127.0.0.1:25", "host:port of the relay that sends notifications.", _hostport)
     from_: str = _field("policyd@localhost", "Envelope and header sender.")
+    starttls: bool = _field(False, "Require STARTTLS with the relay.")
+    username: str | None = _field(None, "AUTH user, if the relay wants one.")
+    password: str | None = _field(None, "AUTH password (keep the file mode 0640).")
     helpdesk: list[str] = _field([], "Service-desk addresses told of every block.")
     contacts: dict[str, str] = _field({}, "IT contact by account domain; 'default' for others.")
     notify_user: bool = _field(False, "Also tell the blocked user.")
@@ -314,7 +312,7 @@ class Quarantine:
 
     default: str = _field("inbox", "Choice of recipients without one.", _one_of("inbox", "quarantine"))
     retention: Duration = _field(Duration(30 * 86400), "How long held mail is kept.")
-    smtp: str = _field("127.0.0.1:25", "host:port where released mail is re-injected.")
+    smtp: str = _field("127.0.0.1:25", "host:port where released mail is re-injected.", _hostport)
     preferences: str | None = _field(None, "File or Postfix table of address preferences.")
     digest_at: str | None = _field(None, "Time of the daily digest (HH:MM).")
     link_ttl: Duration = _field(Duration(7 * 86400), "Lifetime of release links.")

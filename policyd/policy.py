@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -36,9 +37,12 @@ class PolicyService:
     :param clock: time source.
     """
 
-    def __init__(self, config: Config, store: Store, clock: IReactorTime) -> None:
+    def __init__(
+        self, config: Config, store: Store, clock: IReactorTime, on_block: Callable[[Block], None] | None = None
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.on_block = on_block
         self.quota = OutboundQuota(config, store, clock, on_block=self._blocked)
         self.configure(config)
 
@@ -95,6 +99,8 @@ class PolicyService:
         return self.quota.on_error
 
     def _blocked(self, block: Block) -> None:
+        if self.on_block is not None:
+            self.on_block(block)
         entry = AuditEntry(block.since, block.by, "block", block.account, block.reason)
         self.store.record(entry).addErrback(
             lambda f: errors.error("could not audit block of %s: %s", block.account, f.getErrorMessage())

@@ -14,6 +14,7 @@ from policyd.addresses import domain_of
 from policyd.checks import Verdict
 from policyd.config import Config, format_duration, read_domain_list
 from policyd.netlists import NetworkSet
+from policyd.notify import notice_recipients
 from policyd.protocol import DUNNO, Action, Request
 from policyd.store import Admission, Block, Outcome, Store
 from policyd.texts import Texts
@@ -160,6 +161,7 @@ class OutboundQuota:
             reason=reason,
             instance=instance,
             client=request.get("client_address"),
+            notify=notice_recipients(self.config.notify, account),
         )
         if not admitted.called:
             admitted.addTimeout(self.deadline, self.clock)

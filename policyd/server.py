@@ -16,6 +16,7 @@ from policyd import config as configuration
 from policyd.config import Config
 from policyd.errors import PolicydError
 from policyd.netlists import NetworkSet
+from policyd.notify import Notifier
 from policyd.policy import PolicyService
 from policyd.protocol import PolicyFactory
 from policyd.store import Store, open_store
@@ -43,7 +44,8 @@ class PolicyServer:
         self.config = config
         self.path = path
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
-        self.service = PolicyService(config, self.store, reactor)
+        self.notifier = Notifier(config, self.store, reactor)
+        self.service = PolicyService(config, self.store, reactor, on_block=lambda _: self.notifier.kick())
         self.factory = PolicyFactory(
             self.service.decide,
             config.limits,
@@ -64,6 +66,7 @@ class PolicyServer:
         except Exception as error:
             raise PolicydError(f"listen.policy: cannot listen on {self.config.listen.policy}: {error}") from None
         self._pruner.start(PRUNE_EVERY, now=False)
+        self.notifier.start()
         log.info(
             "policyd serving policy requests on %s (store %s, limit %d per %s)",
             self.config.listen.policy,
@@ -88,6 +91,7 @@ class PolicyServer:
             if new.store.url != self.config.store.url or new.listen != self.config.listen:
                 log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
             self.service.configure(new)
+            self.notifier.configure(new)
         except PolicydError as error:
             log.error("reload refused, keeping the running configuration: %s", error)
             return False
@@ -105,6 +109,7 @@ class PolicyServer:
             self._pruner.stop()
         if self.port is not None:
             yield self.port.stopListening()
+        stopping = self.notifier.stop()
         drained = self.factory.drained()
         drained.addTimeout(DRAIN_BOUND, self.reactor)
         try:
@@ -113,15 +118,18 @@ class PolicyServer:
             log.warning("shutdown: requests still in flight after %ss; closing anyway", DRAIN_BOUND)
         for connection in list(self.factory.connections):
             connection.transport.loseConnection()
+        stopping.addTimeout(DRAIN_BOUND, self.reactor)
+        yield DeferredList([stopping], consumeErrors=True)
         yield DeferredList([self.store.close()], consumeErrors=True)
         log.info("policyd stopped")
 
 
 def _safe_url(url: str) -> str:
-    """A store URL without its password, for logs."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    """A store URL without its credentials or query, for logs."""
+    if url.startswith(("redis", "unix://")):
+        from policyd.store.redis import describe_url
+
+        return describe_url(url)
     return url
 
 

@@ -154,3 +154,42 @@ async def test_unicode_and_odd_account_names(store: Store) -> None:
         admission = await admit(store, name, limit=1)
         assert admission.outcome is Outcome.ALLOWED
         assert (await admit(store, name, limit=1)).block.account == name
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_block_queues_one_notice_per_address(store: Store) -> None:
+    """A block puts one notice per address in the outbox; later refusals add none."""
+    for _ in range(8):
+        await admit(store, notify=("helpdesk@example.org", "it@example.org"))
+    assert await store.pending_notices() == 2
+    notices = await store.claim_notices(now=T0, lease=60)
+    assert sorted(n.recipient for n in notices) == ["helpdesk@example.org", "it@example.org"]
+    notice = notices[0]
+    assert notice.kind == "block" and notice.attempts == 1 and notice.created == T0
+    assert notice.payload["account"] == "alice" and notice.payload["count"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_claimed_notices_wait_for_their_lease(store: Store) -> None:
+    """A claimed notice is not handed out again until its lease ends."""
+    for _ in range(4):
+        await admit(store, notify=("helpdesk@example.org",))
+    assert len(await store.claim_notices(now=T0, lease=60)) == 1
+    assert await store.claim_notices(now=T0 + 59, lease=60) == []
+    again = await store.claim_notices(now=T0 + 60, lease=60)
+    assert len(again) == 1 and again[0].attempts == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_notice_is_retried_and_sent_one_is_not(store: Store) -> None:
+    """notice_failed schedules a retry with the error; notice_sent ends it for good."""
+    for _ in range(4):
+        await admit(store, notify=("helpdesk@example.org",))
+    (notice,) = await store.claim_notices(now=T0, lease=60)
+    await store.notice_failed(notice.id, retry_at=T0 + 10, error="connection refused")
+    assert await store.claim_notices(now=T0 + 9, lease=60) == []
+    (retry,) = await store.claim_notices(now=T0 + 10, lease=60)
+    assert retry.last_error == "connection refused" and retry.attempts == 2
+    await store.notice_sent(retry.id, now=T0 + 11)
+    assert await store.pending_notices() == 0
+    assert await store.claim_notices(now=T0 + 1000, lease=60) == []

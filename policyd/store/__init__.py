@@ -11,7 +11,8 @@ tests drive them with a fake clock.
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -38,6 +39,23 @@ class Block:
     def as_dict(self) -> dict[str, object]:
         """The block as plain data for ``--json`` and the admin API."""
         return attrs.asdict(self, recurse=False) | {"clients": list(self.clients)}
+
+
+@attrs.frozen
+class Notice:
+    """One mail waiting in the durable outbox (a block notification, say).
+
+    The store keeps only what happened (``kind`` and ``payload``); the mail
+    is written from a template when it is sent, in the configured language.
+    """
+
+    id: int
+    kind: str
+    recipient: str
+    payload: dict[str, Any]
+    created: float
+    attempts: int = 0
+    last_error: str = ""
 
 
 class Outcome(enum.Enum):
@@ -87,6 +105,7 @@ class Store(Protocol):
         reason: str,
         instance: str = "",
         client: str = "",
+        notify: Sequence[str] = (),
     ) -> Deferred[Admission]:
         """Count one external recipient for ``account`` if it may send.
 
@@ -95,7 +114,9 @@ class Store(Protocol):
         counted; otherwise the account is blocked for ``block_for`` seconds
         (the block records ``reason``, the count and the client addresses seen
         in the window) and the recipient is refused.  Refused recipients are
-        never counted.
+        never counted.  A new block puts one ``block`` notice per address in
+        ``notify`` in the outbox, in the same atomic step, so one block means
+        exactly one notification to each, even across a crash.
         """
 
     def give_back(self, account: str, instance: str) -> Deferred[int]:
@@ -125,6 +146,23 @@ class Store(Protocol):
 
     def record(self, entry: AuditEntry) -> Deferred[None]:
         """Append one entry to the audit log."""
+
+    def claim_notices(self, *, now: float, lease: float, limit: int = 20) -> Deferred[list[Notice]]:
+        """Take up to ``limit`` due notices for sending.
+
+        Claimed notices are not due again for ``lease`` seconds, so two
+        processes sharing the store never send the same one at once; a
+        process that dies while sending leaves it to be retried.
+        """
+
+    def notice_sent(self, notice_id: int, *, now: float) -> Deferred[None]:
+        """Mark a notice delivered; it is never sent again."""
+
+    def notice_failed(self, notice_id: int, *, retry_at: float, error: str) -> Deferred[None]:
+        """Record a failed attempt and when to try again."""
+
+    def pending_notices(self) -> Deferred[int]:
+        """How many notices wait to be delivered."""
 
     def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
         """The latest audit entries, oldest first."""

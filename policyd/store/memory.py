@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
+import attrs
 from twisted.internet.defer import Deferred, succeed
 
-from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Outcome
+from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Notice, Outcome
+
+
+@attrs.define
+class _Queued:
+    """A notice in the outbox, when it is due, and when it was sent."""
+
+    notice: Notice
+    due: float
+    sent: float | None = None
 
 
 class MemoryStore:
@@ -17,6 +28,7 @@ class MemoryStore:
         self.sends: dict[str, deque[tuple[float, str, str]]] = {}
         self.live_blocks: dict[str, Block] = {}
         self.entries: list[AuditEntry] = []
+        self.outbox: dict[int, _Queued] = {}
 
     def _window(self, account: str, now: float, window: float) -> deque[tuple[float, str, str]]:
         sends = self.sends.setdefault(account, deque())
@@ -42,6 +54,7 @@ class MemoryStore:
         reason: str,
         instance: str = "",
         client: str = "",
+        notify: Sequence[str] = (),
     ) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
         block = self._live(account, now)
@@ -54,6 +67,9 @@ class MemoryStore:
         clients = tuple(dict.fromkeys(c for _, _, c in reversed(sends) if c))[:MAX_BLOCK_CLIENTS]
         block = Block(account, now, now + block_for, reason, len(sends), clients)
         self.live_blocks[account] = block
+        for recipient in notify:
+            notice = Notice(len(self.outbox) + 1, "block", recipient, block.as_dict(), now)
+            self.outbox[notice.id] = _Queued(notice, now)
         return succeed(Admission(Outcome.NEWLY_BLOCKED, len(sends), block))
 
     def give_back(self, account: str, instance: str) -> Deferred[int]:
@@ -99,6 +115,32 @@ class MemoryStore:
         """See :meth:`policyd.store.Store.record`."""
         self.entries.append(entry)
         return succeed(None)
+
+    def claim_notices(self, *, now: float, lease: float, limit: int = 20) -> Deferred[list[Notice]]:
+        """See :meth:`policyd.store.Store.claim_notices`."""
+        due = [q for q in self.outbox.values() if q.sent is None and q.due <= now][:limit]
+        for queued in due:
+            queued.notice = attrs.evolve(queued.notice, attempts=queued.notice.attempts + 1)
+            queued.due = now + lease
+        return succeed([q.notice for q in due])
+
+    def notice_sent(self, notice_id: int, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_sent`."""
+        if notice_id in self.outbox:
+            self.outbox[notice_id].sent = now
+        return succeed(None)
+
+    def notice_failed(self, notice_id: int, *, retry_at: float, error: str) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_failed`."""
+        queued = self.outbox.get(notice_id)
+        if queued is not None:
+            queued.notice = attrs.evolve(queued.notice, last_error=error)
+            queued.due = retry_at
+        return succeed(None)
+
+    def pending_notices(self) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.pending_notices`."""
+        return succeed(sum(1 for q in self.outbox.values() if q.sent is None))
 
     def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
         """See :meth:`policyd.store.Store.audit`."""

@@ -12,8 +12,12 @@ Keys, all under ``policyd:``:
     sorted set of the recipients counted in the window, scored by time.  A
     member is ``<sequence>|<length of instance>|<instance><client>``: the
     sequence (from ``policyd:seq``) keeps members unique even at the same
-    instant, and the instance and client are what give-back and blocks need.
-    Expires one window after the last recipient counted.
+    instant and orders them; the client is what a block lists; the instance
+    keeps each member self-describing.  Expires one window after the last
+    recipient counted.
+``policyd:instance:<length of account>:<account>:<instance>``
+    set of the members one SMTP transaction added, so that give-back
+    removes them without scanning the window; expires with the window.
 ``policyd:block:<account>``
     hash of the live block; expires when the block ends.
 ``policyd:active``
@@ -23,10 +27,21 @@ Keys, all under ``policyd:``:
     sorted set of account -> block start, to list blocks without ``KEYS``.
 ``policyd:audit``
     list of JSON audit entries, capped at :data:`AUDIT_CAP`.
+``policyd:outbox`` and ``policyd:notice:<id>``
+    the notification outbox: a sorted set of notice id -> when it is due,
+    and a hash per notice (kind, recipient, JSON payload, created, attempts,
+    last error); ids come from ``policyd:notice-seq``.  A sent notice leaves
+    both.
 
 Times are those the caller passes (``now``), so tests may drive a fake
 clock; key lifetimes are set relative to them (``PEXPIRE``), never as
 absolute instants, so a fake clock does not make Redis drop keys early.
+
+Redis Cluster is not supported: an admission reads and writes the
+account's keys and the shared indexes in one script, which Cluster allows
+only inside one hash slot, so every key would sit on one node anyway.  One
+Redis answers tens of thousands of admissions a second; Sentinel gives it a
+standby.
 
 The client is redis-py's ``redis.asyncio`` running on Twisted's asyncio
 reactor.  Each operation is bounded by ``deadline`` with
@@ -52,7 +67,7 @@ from redis.exceptions import RedisError
 from twisted.internet.defer import Deferred
 
 from policyd.errors import ConfigError, StoreError
-from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Outcome
+from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Notice, Outcome
 
 T = TypeVar("T")
 
@@ -62,6 +77,8 @@ _ACTIVE = PREFIX + "active"
 _BLOCKS = PREFIX + "blocks"
 _SEQUENCE = PREFIX + "seq"
 _AUDIT = PREFIX + "audit"
+_OUTBOX = PREFIX + "outbox"
+_NOTICE_SEQUENCE = PREFIX + "notice-seq"
 
 #: Audit entries kept: admin actions are a few a day, so this is years of
 #: history, while the list stays bounded in memory.
@@ -83,6 +100,11 @@ def _window_key(account: str) -> str:
     return f"{PREFIX}window:{account}"
 
 
+def _instance_key(account: str, instance: str) -> str:
+    # The length keeps ("a:b", "c") and ("a", "b:c") apart.
+    return f"{PREFIX}instance:{len(account)}:{account}:{instance}"
+
+
 def _block_key(account: str) -> str:
     return f"{PREFIX}block:{account}"
 
@@ -101,9 +123,9 @@ local function split(member)
 end
 """
 
-#: KEYS: window, block, sequence, active, blocks.
+#: KEYS: window, block, sequence, active, blocks, instance, outbox, notice sequence.
 #: ARGV: now, cutoff, limit, until, reason, instance, client, window ms,
-#: block ms, max clients, account.
+#: block ms, max clients, account, then the addresses to notify of a block.
 _ADMIT = (
     _PRELUDE
     + """
@@ -122,6 +144,8 @@ if count < tonumber(ARGV[3]) then
   local member = string.format('%016x', seq) .. '|' .. #ARGV[6] .. '|' .. ARGV[6] .. ARGV[7]
   redis.call('ZADD', KEYS[1], ARGV[1], member)
   redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('SADD', KEYS[6], member)
+  redis.call('PEXPIRE', KEYS[6], ARGV[8])
   redis.call('ZADD', KEYS[4], 'GT', ARGV[1], ARGV[11])
   redis.call('PEXPIRE', KEYS[4], ARGV[8])
   return {'allowed', count + 1}
@@ -140,25 +164,50 @@ redis.call('HSET', KEYS[2], 'since', ARGV[1], 'until', ARGV[4], 'reason', ARGV[5
            'count', count, 'clients', listed, 'by', 'policyd')
 redis.call('PEXPIRE', KEYS[2], ARGV[9])
 redis.call('ZADD', KEYS[5], ARGV[1], ARGV[11])
+local payload = '{"account":' .. cjson.encode(ARGV[11]) .. ',"since":' .. ARGV[1] ..
+  ',"until":' .. ARGV[4] .. ',"reason":' .. cjson.encode(ARGV[5]) .. ',"count":' .. count ..
+  ',"clients":' .. listed .. ',"by":"policyd"}'
+for i = 12, #ARGV do
+  local id = redis.call('INCR', KEYS[8])
+  redis.call('HSET', KEYS[7] .. ':' .. id, 'kind', 'block', 'recipient', ARGV[i],
+             'payload', payload, 'created', ARGV[1], 'attempts', 0, 'last_error', '')
+  redis.call('ZADD', KEYS[7], ARGV[1], id)
+end
 return {'newly-blocked', ARGV[1], ARGV[4], ARGV[5], count, listed, 'policyd'}
 """
 )
 
-#: KEYS: window.  ARGV: instance.
-_GIVE_BACK = (
-    _PRELUDE
-    + """
-local given = 0
-for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local instance = split(member)
-  if instance == ARGV[1] then
-    redis.call('ZREM', KEYS[1], member)
-    given = given + 1
-  end
+#: KEYS: outbox.  ARGV: now, lease end, limit.
+_CLAIM = """
+local claimed = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])) do
+  local key = KEYS[1] .. ':' .. id
+  redis.call('ZADD', KEYS[1], ARGV[2], id)
+  redis.call('HINCRBY', key, 'attempts', 1)
+  local fields = redis.call('HMGET', key, 'kind', 'recipient', 'payload', 'created', 'attempts', 'last_error')
+  claimed[#claimed + 1] = {id, fields[1], fields[2], fields[3], fields[4], fields[5], fields[6]}
 end
+return claimed
+"""
+
+#: KEYS: outbox.  ARGV: id, retry time, error.
+_FAILED = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+  redis.call('HSET', KEYS[1] .. ':' .. ARGV[1], 'last_error', ARGV[3])
+end
+return 1
+"""
+
+#: KEYS: window, instance.
+_GIVE_BACK = """
+local given = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  given = given + redis.call('ZREM', KEYS[1], member)
+end
+redis.call('DEL', KEYS[2])
 return given
 """
-)
 
 #: KEYS: block, blocks.  ARGV: since, until, reason, count, clients, by, ms, account.
 _PUT_BLOCK = """
@@ -370,6 +419,8 @@ class RedisStore:
         self._unblock = register(_UNBLOCK)
         self._prune_windows = register(_PRUNE_WINDOWS)
         self._prune_blocks = register(_PRUNE_BLOCKS)
+        self._claim = register(_CLAIM)
+        self._failed = register(_FAILED)
 
     @staticmethod
     def _url_secrets(url: str) -> list[str]:
@@ -397,6 +448,12 @@ class RedisStore:
                 raise StoreError(
                     f"Redis store {self.name}: {what}: {_one_line(error, self._secrets)}"
                 ) from None
+            except (ValueError, TypeError, KeyError, IndexError) as error:
+                # Keys of ours holding something else: the reply cannot be read.
+                raise StoreError(
+                    f"Redis store {self.name}: {what}: unexpected data ({type(error).__name__}: "
+                    f"{_one_line(error, self._secrets)})"
+                ) from None
 
         return Deferred.fromFuture(asyncio.ensure_future(bounded()))
 
@@ -413,12 +470,22 @@ class RedisStore:
         reason: str,
         instance: str = "",
         client: str = "",
+        notify: Sequence[str] = (),
     ) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
 
         async def work() -> Admission:
             reply = await self._admit(
-                keys=[_window_key(account), _block_key(account), _SEQUENCE, _ACTIVE, _BLOCKS],
+                keys=[
+                    _window_key(account),
+                    _block_key(account),
+                    _SEQUENCE,
+                    _ACTIVE,
+                    _BLOCKS,
+                    _instance_key(account, instance),
+                    _OUTBOX,
+                    _NOTICE_SEQUENCE,
+                ],
                 args=[
                     repr(now),
                     repr(now - window),
@@ -431,6 +498,7 @@ class RedisStore:
                     _ms(block_for),
                     MAX_BLOCK_CLIENTS,
                     account,
+                    *notify,
                 ],
             )
             if reply[0] == "allowed":
@@ -446,7 +514,8 @@ class RedisStore:
         """See :meth:`policyd.store.Store.give_back`."""
 
         async def work() -> int:
-            return int(await self._give_back(keys=[_window_key(account)], args=[instance]))
+            keys = [_window_key(account), _instance_key(account, instance)]
+            return int(await self._give_back(keys=keys, args=[]))
 
         return self._call(work, "give back")
 
@@ -566,6 +635,47 @@ class RedisStore:
             return [AuditEntry(**json.loads(line)) for line in lines]
 
         return self._call(work, "audit")
+
+    # --- notification outbox ------------------------------------------------------
+
+    def claim_notices(self, *, now: float, lease: float, limit: int = 20) -> Deferred[list[Notice]]:
+        """See :meth:`policyd.store.Store.claim_notices`."""
+
+        async def work() -> list[Notice]:
+            rows = await self._claim(keys=[_OUTBOX], args=[repr(now), repr(now + lease), limit])
+            return [
+                Notice(int(i), kind, to, json.loads(data), float(created), int(attempts), error)
+                for i, kind, to, data, created, attempts, error in rows
+            ]
+
+        return self._call(work, "claim notices")
+
+    def notice_sent(self, notice_id: int, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_sent`."""
+
+        async def work() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(_OUTBOX, notice_id)
+            pipe.delete(f"{_OUTBOX}:{notice_id}")
+            await pipe.execute()
+
+        return self._call(work, "notice sent")
+
+    def notice_failed(self, notice_id: int, *, retry_at: float, error: str) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_failed`."""
+
+        async def work() -> None:
+            await self._failed(keys=[_OUTBOX], args=[notice_id, repr(retry_at), error[:500]])
+
+        return self._call(work, "notice failed")
+
+    def pending_notices(self) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.pending_notices`."""
+
+        async def work() -> int:
+            return int(await self.client.zcard(_OUTBOX))
+
+        return self._call(work, "pending notices")
 
     # --- housekeeping -----------------------------------------------------------
 

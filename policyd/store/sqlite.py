@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.errors import StoreError
-from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Outcome
+from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Notice, Outcome
 
 T = TypeVar("T")
 
@@ -47,6 +47,18 @@ CREATE TABLE IF NOT EXISTS blocks (
     clients TEXT NOT NULL,
     by      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id         INTEGER PRIMARY KEY,
+    kind       TEXT NOT NULL,
+    recipient  TEXT NOT NULL,
+    payload    TEXT NOT NULL,
+    created    REAL NOT NULL,
+    due        REAL NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    sent       REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due) WHERE sent IS NULL;
 CREATE TABLE IF NOT EXISTS audit (
     id      INTEGER PRIMARY KEY,
     at      REAL NOT NULL,
@@ -178,6 +190,7 @@ class SQLiteStore:
         reason: str,
         instance: str = "",
         client: str = "",
+        notify: Sequence[str] = (),
     ) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
 
@@ -209,6 +222,11 @@ class SQLiteStore:
             )
             block = Block(account, now, now + block_for, reason, count, clients)
             self._put_block(db, block)
+            payload = json.dumps(block.as_dict())
+            db.executemany(
+                "INSERT INTO outbox (kind, recipient, payload, created, due) VALUES ('block', ?, ?, ?, ?)",
+                [(recipient, payload, now, now) for recipient in notify],
+            )
             return Admission(Outcome.NEWLY_BLOCKED, count, block)
 
         return self._run(work, write=True)
@@ -320,6 +338,52 @@ class SQLiteStore:
             )
 
         return self._run(work, write=True)
+
+    def claim_notices(self, *, now: float, lease: float, limit: int = 20) -> Deferred[list[Notice]]:
+        """See :meth:`policyd.store.Store.claim_notices`."""
+
+        def work(db: sqlite3.Connection) -> list[Notice]:
+            rows = db.execute(
+                "UPDATE outbox SET due = ?, attempts = attempts + 1 WHERE id IN "
+                "(SELECT id FROM outbox WHERE sent IS NULL AND due <= ? ORDER BY due, id LIMIT ?) "
+                "RETURNING id, kind, recipient, payload, created, attempts, last_error",
+                (now + lease, now, limit),
+            ).fetchall()
+            return sorted(
+                (Notice(i, kind, to, json.loads(data), created, attempts, error)
+                 for i, kind, to, data, created, attempts, error in rows),
+                key=lambda n: n.id,
+            )
+
+        return self._run(work, write=True)
+
+    def notice_sent(self, notice_id: int, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_sent`."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE outbox SET sent = ? WHERE id = ?", (now, notice_id))
+
+        return self._run(work, write=True)
+
+    def notice_failed(self, notice_id: int, *, retry_at: float, error: str) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_failed`."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE outbox SET due = ?, last_error = ? WHERE id = ? AND sent IS NULL",
+                (retry_at, error[:500], notice_id),
+            )
+
+        return self._run(work, write=True)
+
+    def pending_notices(self) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.pending_notices`."""
+
+        def work(db: sqlite3.Connection) -> int:
+            (count,) = db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()
+            return int(count)
+
+        return self._run(work)
 
     def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
         """See :meth:`policyd.store.Store.audit`."""

@@ -1,0 +1,222 @@
+"""Block notifications: a durable outbox in the store, drained by SMTP.
+
+A new block puts one notice per recipient (help desk, the IT contact of the
+account's organisation, optionally the user) in the store's outbox in the
+same atomic step as the block itself.  The :class:`Notifier` sends them
+through ``notify.smtp`` with ``twisted.mail``, apart from the policy replies,
+so a slow or dead relay never delays a decision; a failed attempt is retried
+with growing delays, and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import logging
+from collections.abc import Callable
+from email.message import EmailMessage
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.task import LoopingCall
+
+from policyd.addresses import domain_of
+from policyd.config import Config, format_duration
+from policyd.config import Notify as NotifyConfig
+from policyd.store import Notice, Store
+from policyd.texts import Texts
+
+log = logging.getLogger("policyd.notify")
+
+#: How often the outbox is looked at besides the kick a new block gives.
+POLL_EVERY = 15.0
+#: A claimed notice is not handed to another process for this long.
+LEASE = 120.0
+#: Longest wait for the relay to take one mail.
+SEND_TIMEOUT = 60.0
+#: Retry delays grow from this, doubling, up to RETRY_MAX.
+RETRY_FIRST = 30.0
+RETRY_MAX = 3600.0
+
+Send = Callable[[str, str, bytes], "Deferred[Any]"]
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` failed ones."""
+    return float(min(RETRY_MAX, RETRY_FIRST * 2 ** max(0, attempts - 1)))
+
+
+def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` (port optional)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, ""
+    return host, int(port) if port else default_port
+
+
+def notice_recipients(notify: NotifyConfig, account: str) -> tuple[str, ...]:
+    """Who hears of a block of ``account``: the help desk, the IT contact of its
+    domain (or ``default``), and the user when ``notify_user`` is set."""
+    contacts = {k.lower(): v for k, v in notify.contacts.items()}
+    domain = domain_of(account) or ""
+    contact = contacts.get(domain) or contacts.get("default")
+    chosen = [*notify.helpdesk, *([contact] if contact else [])]
+    if notify.notify_user and "@" in account:
+        chosen.append(account)
+    return tuple(dict.fromkeys(a.strip() for a in chosen if a.strip()))
+
+
+class Notifier:
+    """Drains the outbox: writes each notice from its template and sends it.
+
+    :param config: the configuration (``notify.*``, ``language``).
+    :param store: where the outbox lives.
+    :param reactor: reactor for timers and connections.
+    :param send: ``send(sender, recipient, message) -> Deferred``; SMTP
+        through ``notify.smtp`` unless given (tests pass their own).
+    """
+
+    def __init__(self, config: Config, store: Store, reactor: Any, send: Send | None = None) -> None:
+        self.store = store
+        self.reactor = reactor
+        self._send = send
+        self._draining: Deferred[None] | None = None
+        self._again = False
+        self._loop = LoopingCall(self.drain)
+        self._loop.clock = reactor
+        self.configure(config)
+
+    def configure(self, config: Config) -> None:
+        """Apply a (re)loaded configuration."""
+        self.config = config
+        self.notify = config.notify
+        self.texts = Texts(config.language, config.templates)
+
+    def recipients(self, account: str) -> tuple[str, ...]:
+        """Who hears of a block of ``account``."""
+        return notice_recipients(self.notify, account)
+
+    # --- running -------------------------------------------------------
+
+    def start(self) -> None:
+        """Send what waits now, then look again every POLL_EVERY seconds."""
+        self._loop.start(POLL_EVERY, now=True)
+
+    def stop(self) -> Deferred[None]:
+        """Stop polling; fires when a drain in progress has finished."""
+        if self._loop.running:
+            self._loop.stop()
+        return self._draining if self._draining is not None else succeed(None)
+
+    def kick(self) -> None:
+        """A block was just made: send its notices now rather than at the next poll."""
+        self.reactor.callLater(0, self.drain)
+
+    def drain(self) -> Deferred[None]:
+        """Send every due notice (one drain at a time; a kick during it runs another)."""
+        if self._draining is not None:
+            self._again = True
+            return self._draining
+        self._draining = Deferred.fromCoroutine(self._drain())
+
+        def finished(result: Any) -> Any:
+            self._draining = None
+            if self._again:
+                self._again = False
+                self.reactor.callLater(0, self.drain)
+            return None
+
+        self._draining.addBoth(finished)
+        return self._draining
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                notices = await self.store.claim_notices(now=self.reactor.seconds(), lease=LEASE)
+                if not notices:
+                    return
+                await DeferredList([Deferred.fromCoroutine(self._deliver(n)) for n in notices])
+        except Exception as error:  # the store is down: the next poll tries again
+            log.error("notification outbox unavailable: %s", error)
+
+    async def _deliver(self, notice: Notice) -> None:
+        try:
+            message = self.compose(notice)
+            sending = self.send(self.notify.from_, notice.recipient, message)
+            sending.addTimeout(SEND_TIMEOUT, self.reactor)
+            await sending
+        except Exception as error:
+            reason = _describe(error)
+            delay = retry_delay(notice.attempts)
+            log.warning(
+                "notification to %s about %s not sent (attempt %d): %s; retrying in %s",
+                notice.recipient, notice.payload.get("account", "?"), notice.attempts, reason,
+                format_duration(delay),
+            )
+            await self.store.notice_failed(notice.id, retry_at=self.reactor.seconds() + delay, error=reason)
+            return
+        await self.store.notice_sent(notice.id, now=self.reactor.seconds())
+        log.info("notification sent to %s about %s", notice.recipient, notice.payload.get("account", "?"))
+
+    # --- writing and sending ------------------------------------------
+
+    def compose(self, notice: Notice) -> bytes:
+        """The mail for one notice, from its template (first line ``Subject: ...``)."""
+        block = notice.payload
+        account = str(block.get("account", ""))
+        to_user = notice.recipient.lower() == account.lower()
+        name = "block_user" if to_user else "block_notice"
+        values = {
+            "account": account,
+            "since": _when(float(block.get("since", notice.created))),
+            "until": _when(float(block.get("until", notice.created))),
+            "count": block.get("count", "?"),
+            "reason": block.get("reason", ""),
+            "clients": ", ".join(block.get("clients", [])) or "-",
+            "unblock": f'policyd unblock {account} --reason "..."',
+        }
+        text = self.texts.render(name, **values)
+        subject, _, body = text.partition("\n")
+        message = EmailMessage()
+        message["From"] = self.notify.from_
+        message["To"] = notice.recipient
+        message["Subject"] = subject.removeprefix("Subject:").strip()
+        message["Date"] = email.utils.formatdate(self.reactor.seconds(), usegmt=True)
+        message["Message-ID"] = email.utils.make_msgid("policyd.block")
+        message["Auto-Submitted"] = "auto-generated"
+        message.set_content(body.strip() + "\n")
+        return message.as_bytes()
+
+    def send(self, sender: str, recipient: str, message: bytes) -> Deferred[Any]:
+        """Hand one mail to the relay (or to the injected sender)."""
+        if self._send is not None:
+            return self._send(sender, recipient, message)
+        from twisted.mail.smtp import sendmail
+
+        host, port = split_hostport(self.notify.smtp)
+        return sendmail(
+            host.encode(),
+            sender.encode(),
+            [recipient.encode()],
+            message,
+            port=port,
+            reactor=self.reactor,
+            username=self.notify.username.encode() if self.notify.username else None,
+            password=self.notify.password.encode() if self.notify.password else None,
+            requireAuthentication=bool(self.notify.username),
+            requireTransportSecurity=self.notify.starttls,
+        )
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return " ".join(text.split())[:300]
+
