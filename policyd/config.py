@@ -121,6 +121,13 @@ def _store_url(value: Any) -> None:
         )
 
 
+def _nameservers(value: Any) -> None:
+    from policyd.dnsbl import parse_nameserver
+
+    for item in value:
+        parse_nameserver(item)
+
+
 def _codes(value: Any) -> None:
     if value is None:
         return
@@ -270,16 +277,41 @@ class Inbound:
     heuristics: Heuristics = attrs.field(factory=Heuristics, metadata={"doc": "Heuristics."})
     allow_names: list[str] = _field([], "Client names (or .suffixes) never refused or tagged.")
     our_names: list[str] = _field([], "Names a foreign HELO must not claim.")
+    header_secret: str | None = _field(
+        None,
+        "File of the secret that signs X-Policyd-Network headers, so the milter trusts "
+        "only the copy Postfix added; created on first use (mode 0600). Default: "
+        "header.secret beside the SQLite store, else /var/lib/policyd/header.secret.",
+    )
 
 
 @attrs.frozen
 class Dns:
     """Resolvers for reputation look-ups."""
 
-    nameservers: list[str] = _field([], "host:port resolvers; empty means /etc/resolv.conf.")
+    nameservers: list[str] = _field(
+        [], "host:port resolvers; empty means /etc/resolv.conf.", _nameservers
+    )
     timeout: Duration = _field(Duration(2), "Per look-up timeout.", _at_least(0.01))
     deadline: Duration = _field(Duration(5), "All look-ups for one client.", _at_least(0.01))
     cache_ttl: Duration = _field(Duration(300), "Longest a result is cached.", _at_least(0))
+    cache_size: int = _field(
+        10000,
+        "Client addresses (IPv6: /64 networks) whose answers are cached; beyond it the "
+        "oldest are dropped, so a flood of new clients cannot grow memory.",
+        _at_least(0),
+    )
+    breaker_failures: int = _field(
+        5,
+        "Consecutive timeouts or errors after which a zone is skipped (circuit breaker), "
+        "so a dead list does not cost every client the full timeout.",
+        _at_least(1),
+    )
+    breaker_cooldown: Duration = _field(
+        Duration(60),
+        "How long a failing zone is skipped before one trial look-up tests it again.",
+        _at_least(0.01),
+    )
 
 
 @attrs.frozen
@@ -294,6 +326,11 @@ class Notify:
     helpdesk: list[str] = _field([], "Service-desk addresses told of every block.")
     contacts: dict[str, str] = _field({}, "IT contact by account domain; 'default' for others.")
     notify_user: bool = _field(False, "Also tell the blocked user.")
+    retry_first: Duration = _field(
+        Duration(30), "Wait before retrying a notice the relay did not take; doubles each time.",
+        _at_least(0.1),
+    )
+    retry_max: Duration = _field(Duration(3600), "Longest wait between retries.", _at_least(1))
 
 
 @attrs.frozen

@@ -54,8 +54,19 @@ def setup(config: Log, stream: object = None) -> None:
 
 def _route_twisted_logs() -> None:
     """Make Twisted's own log events go through the same handler."""
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
+    from twisted.logger import FilteringLogObserver, STDLibLogObserver, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo(
-        [STDLibLogObserver(name="policyd.twisted")], redirectStandardIO=False, discardBuffer=True
-    )
+    observer = FilteringLogObserver(STDLibLogObserver(name="policyd.twisted"), [_not_chatter])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False, discardBuffer=True)
+
+
+def _not_chatter(event: dict[str, object]) -> object:
+    """Drop Twisted's per-connection chatter (factory start and stop, SMTP client
+    retries): one line per outgoing mail says nothing that policyd's own
+    notification log lines do not say better."""
+    from twisted.logger import PredicateResult
+
+    text = str(event.get("log_format") or "")
+    if text.startswith(("Starting factory", "Stopping factory", "SMTP Client retrying")):
+        return PredicateResult.no
+    return PredicateResult.maybe

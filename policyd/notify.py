@@ -34,16 +34,13 @@ POLL_EVERY = 15.0
 LEASE = 120.0
 #: Longest wait for the relay to take one mail.
 SEND_TIMEOUT = 60.0
-#: Retry delays grow from this, doubling, up to RETRY_MAX.
-RETRY_FIRST = 30.0
-RETRY_MAX = 3600.0
 
 Send = Callable[[str, str, bytes], "Deferred[Any]"]
 
 
-def retry_delay(attempts: int) -> float:
-    """Seconds before the next try after ``attempts`` failed ones."""
-    return float(min(RETRY_MAX, RETRY_FIRST * 2 ** max(0, attempts - 1)))
+def retry_delay(attempts: int, first: float = 30.0, longest: float = 3600.0) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (``notify.retry_*``)."""
+    return float(min(longest, first * 2 ** max(0, attempts - 1)))
 
 
 def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
@@ -103,8 +100,9 @@ class Notifier:
     # --- running -------------------------------------------------------
 
     def start(self) -> None:
-        """Send what waits now, then look again every POLL_EVERY seconds."""
-        self._loop.start(POLL_EVERY, now=True)
+        """Send what waits now, then look again every POLL_EVERY seconds (or sooner,
+        when ``notify.retry_first`` is shorter, so no retry waits for the poll)."""
+        self._loop.start(min(POLL_EVERY, float(self.notify.retry_first)), now=True)
 
     def stop(self) -> Deferred[None]:
         """Stop polling; fires when a drain in progress has finished."""
@@ -151,7 +149,7 @@ class Notifier:
             await sending
         except Exception as error:
             reason = _describe(error)
-            delay = retry_delay(notice.attempts)
+            delay = retry_delay(notice.attempts, self.notify.retry_first, self.notify.retry_max)
             log.warning(
                 "notification to %s about %s not sent (attempt %d): %s; retrying in %s",
                 notice.recipient, notice.payload.get("account", "?"), notice.attempts, reason,
