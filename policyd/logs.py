@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import cast
 
 from policyd.config import Log
 
@@ -54,9 +55,15 @@ def setup(config: Log, stream: object = None) -> None:
 
 def _route_twisted_logs() -> None:
     """Make Twisted's own log events go through the same handler."""
-    from twisted.logger import FilteringLogObserver, STDLibLogObserver, globalLogBeginner
+    from twisted.logger import (
+        FilteringLogObserver,
+        ILogFilterPredicate,
+        STDLibLogObserver,
+        globalLogBeginner,
+    )
 
-    observer = FilteringLogObserver(STDLibLogObserver(name="policyd.twisted"), [_not_chatter])
+    predicate = cast(ILogFilterPredicate, _not_chatter)
+    observer = FilteringLogObserver(STDLibLogObserver(name="policyd.twisted"), [predicate])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False, discardBuffer=True)
 
 
