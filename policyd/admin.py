@@ -5,14 +5,16 @@ Every change is written to the audit log with who, when and why.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from policyd.config import Config, format_duration
+from policyd.accounts import Accounts
+from policyd.config import Config, format_duration, parse_duration
 from policyd.errors import UsageError
-from policyd.store import AuditEntry, Block, Store
+from policyd.store import AuditEntry, Block, Exemption, Store
 
 
 def normalise_account(account: str) -> str:
@@ -61,10 +63,14 @@ class Admin:
         self.store = store
         self.clock = clock
 
-    def limit_of(self, account: str) -> int:
-        """An account's hourly limit."""
+    async def limit_of(self, account: str, now: float) -> int:
+        """An account's hourly limit at ``now``, raised by an active exemption."""
         overrides = {k.lower(): v for k, v in self.config.outbound.overrides.items()}
-        return overrides.get(account, self.config.outbound.limit)
+        limit = overrides.get(account, self.config.outbound.limit)
+        for exemption in await self.store.exemptions():
+            if exemption.account == account and exemption.active(now):
+                limit = max(limit, exemption.limit)
+        return limit
 
     async def status(self, account: str) -> Status:
         """Count in the window, limit and block of one account."""
@@ -73,7 +79,7 @@ class Admin:
         window = float(self.config.outbound.window)
         count = await self.store.usage(account, now=now, window=window)
         block = await self.store.block_of(account, now=now)
-        return Status(account, count, self.limit_of(account), window, block)
+        return Status(account, count, await self.limit_of(account, now), window, block)
 
     async def busiest(self, limit: int = 20) -> list[Status]:
         """The accounts sending most in the window."""
@@ -83,7 +89,7 @@ class Admin:
         result = []
         for account, count in busiest:
             block = await self.store.block_of(account, now=now)
-            result.append(Status(account, count, self.limit_of(account), window, block))
+            result.append(Status(account, count, await self.limit_of(account, now), window, block))
         return result
 
     async def blocks(self) -> list[Block]:
@@ -127,9 +133,126 @@ class Admin:
         """The latest audit entries."""
         return await self.store.audit(limit=limit)
 
+    # --- exemptions -------------------------------------------------------
 
-def _reason(reason: str) -> str:
+    async def request_exemption(
+        self, account: str, limit: int, start: float, end: float, reason: str, by: str
+    ) -> Exemption:
+        """Record a request for a bulk-send exemption (pending until an admin decides).
+
+        :raises UsageError: for an invalid account, an empty reason, or a
+            window or limit outside what the configuration allows.
+        """
+        account = normalise_account(account)
+        reason = _reason(reason, "--reason must give the business reason")
+        bounds = self.config.exemptions
+        now = self.clock.seconds()
+        if not await Accounts(self.config.accounts, self.store).valid(account):
+            raise UsageError(f"{account} is not a valid account")
+        if limit < 1 or limit > bounds.max_limit:
+            raise UsageError(f"--limit must be between 1 and exemptions.max_limit ({bounds.max_limit})")
+        if end <= start:
+            raise UsageError("--until must be after --from")
+        if end <= now:
+            raise UsageError("the window has already ended")
+        if end - start > bounds.max_window:
+            raise UsageError(
+                f"the window is longer than exemptions.max_window ({format_duration(bounds.max_window)})"
+            )
+        exemption = Exemption(0, account, limit, start, end, reason, by, now)
+        saved = await self.store.save_exemption(exemption)
+        await self.store.record(AuditEntry(now, by, "exemption-request", _subject(saved), reason))
+        return saved
+
+    async def exemptions(self) -> list[Exemption]:
+        """Every exemption, oldest first."""
+        return await self.store.exemptions()
+
+    async def _pending(self, exemption_id: int) -> Exemption:
+        found = await self.store.exemption(exemption_id)
+        if found is None:
+            raise UsageError(f"no exemption #{exemption_id}")
+        return found
+
+    async def approve(self, exemption_id: int, by: str, reason: str = "") -> Exemption:
+        """Approve one pending request; it applies inside its window only.
+
+        :raises UsageError: when it is not pending, its window has passed, or
+            the account already has an approved exemption overlapping it.
+        """
+        exemption = await self._pending(exemption_id)
+        now = self.clock.seconds()
+        if exemption.status != "pending":
+            raise UsageError(f"exemption #{exemption_id} is {exemption.state(now)}, not pending")
+        if exemption.end <= now:
+            raise UsageError(f"exemption #{exemption_id} asked for a window that has already ended")
+        for other in await self.store.exemptions():
+            if (
+                other.account == exemption.account
+                and other.status == "approved"
+                and other.start < exemption.end
+                and exemption.start < other.end
+            ):
+                raise UsageError(
+                    f"{exemption.account} already has approved exemption #{other.id} in that window"
+                )
+        approved = attrs.evolve(exemption, status="approved", decided_by=by, decided_at=now,
+                                decision=" ".join(reason.split()))
+        await self.store.save_exemption(approved)
+        await self.store.record(AuditEntry(now, by, "exemption-approve", _subject(approved), approved.decision))
+        return approved
+
+    async def deny(self, exemption_id: int, by: str, reason: str) -> Exemption:
+        """Deny one pending request."""
+        return await self._decide(exemption_id, by, reason, "denied", ("pending",))
+
+    async def revoke(self, exemption_id: int, by: str, reason: str) -> Exemption:
+        """Withdraw an approved exemption before its window ends."""
+        return await self._decide(exemption_id, by, reason, "revoked", ("approved",))
+
+    async def _decide(
+        self, exemption_id: int, by: str, reason: str, status: str, allowed: tuple[str, ...]
+    ) -> Exemption:
+        exemption = await self._pending(exemption_id)
+        now = self.clock.seconds()
+        reason = _reason(reason)
+        if exemption.state(now) not in allowed:
+            raise UsageError(f"exemption #{exemption_id} is {exemption.state(now)}, not {' or '.join(allowed)}")
+        decided = attrs.evolve(exemption, status=status, decided_by=by, decided_at=now, decision=reason)
+        await self.store.save_exemption(decided)
+        action = "exemption-deny" if status == "denied" else "exemption-revoke"
+        await self.store.record(AuditEntry(now, by, action, _subject(decided), reason))
+        return decided
+
+
+def _subject(exemption: Exemption) -> str:
+    return f"exemption #{exemption.id} ({exemption.account}, {exemption.limit}/h)"
+
+
+def parse_when(text: str, now: float) -> float:
+    """``now``, ``+1h`` (from now), or an ISO 8601 time (local time when no zone is given).
+
+    :raises UsageError: when the text is none of these.
+    """
+    text = text.strip()
+    if text == "now":
+        return now
+    if text.startswith("+"):
+        try:
+            return now + parse_duration(text[1:])
+        except ValueError:
+            raise UsageError(f"{text!r}: expected now, +DURATION (+1h, +2d) or an ISO 8601 time") from None
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{text!r}: expected now, +DURATION (+1h, +2d) or an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.timestamp()
+
+
+def _reason(reason: str, message: str = "--reason must say why") -> str:
     reason = " ".join(reason.split())
     if not reason:
-        raise UsageError("--reason must say why")
+        raise UsageError(message)
     return reason

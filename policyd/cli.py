@@ -366,6 +366,186 @@ def audit(limit: int, as_json: bool) -> None:
     )
 
 
+@cli.group()
+def exemption() -> None:
+    """Bulk-send exemptions: request, approve, deny, revoke, list."""
+
+
+@exemption.command("request")
+@config_option
+@click.argument("account")
+@click.option("--limit", type=int, required=True, help="Hourly limit wanted inside the window.")
+@click.option("--from", "start", required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
+@click.option("--until", "end", required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
+@click.option("--reason", required=True, help="The business reason.")
+@by_option
+@json_option
+def exemption_request(
+    account: str, limit: int, start: str, end: str, reason: str, by: str | None, as_json: bool
+) -> None:
+    """Request an exemption for ACCOUNT (pending until an admin approves it)."""
+    from policyd.admin import Admin, parse_when
+    from policyd.store import Exemption
+
+    async def work(admin: Admin) -> Exemption:
+        now = admin.clock.seconds()
+        return await admin.request_exemption(
+            account, limit, parse_when(start, now), parse_when(end, now), reason, who(by)
+        )
+
+    made = with_admin(work)
+    if as_json:
+        print_json({"id": made.id, "status": made.status})
+    else:
+        click.echo(
+            f"exemption #{made.id} requested for {made.account}: {made.limit}/h "
+            f"from {when(made.start)} until {when(made.end)} (pending)"
+        )
+
+
+def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    from policyd.admin import Admin
+    from policyd.store import Exemption
+
+    async def work(admin: Admin) -> tuple[Exemption, float]:
+        if action == "approve":
+            decided = await admin.approve(exemption_id, who(by), reason)
+        elif action == "deny":
+            decided = await admin.deny(exemption_id, who(by), reason)
+        else:
+            decided = await admin.revoke(exemption_id, who(by), reason)
+        return decided, admin.clock.seconds()
+
+    decided, now = with_admin(work)
+    if as_json:
+        print_json(decided.as_dict(now))
+    else:
+        click.echo(f"exemption #{decided.id} for {decided.account} {decided.status}")
+
+
+@exemption.command("approve")
+@config_option
+@click.argument("exemption_id", metavar="ID", type=int)
+@click.option("--reason", default="", help="A note for the audit log.")
+@by_option
+@json_option
+def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Approve request ID: its limit applies inside its window only, once."""
+    _decide("approve", exemption_id, reason, by, as_json)
+
+
+@exemption.command("deny")
+@config_option
+@click.argument("exemption_id", metavar="ID", type=int)
+@click.option("--reason", required=True, help="Why (told in the audit log).")
+@by_option
+@json_option
+def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Deny request ID."""
+    _decide("deny", exemption_id, reason, by, as_json)
+
+
+@exemption.command("revoke")
+@config_option
+@click.argument("exemption_id", metavar="ID", type=int)
+@click.option("--reason", required=True, help="Why (told in the audit log).")
+@by_option
+@json_option
+def exemption_revoke(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Withdraw approved exemption ID before its window ends."""
+    _decide("revoke", exemption_id, reason, by, as_json)
+
+
+@exemption.command("list")
+@config_option
+@click.option("--status", type=click.Choice(["pending", "approved", "denied", "revoked", "expired"]))
+@json_option
+def exemption_list(status: str | None, as_json: bool) -> None:
+    """List exemptions (all, or those with one status)."""
+    from policyd.admin import Admin
+    from policyd.store import Exemption
+
+    async def work(admin: Admin) -> tuple[list[Exemption], float]:
+        return await admin.exemptions(), admin.clock.seconds()
+
+    found, now = with_admin(work)
+    chosen = [e for e in found if status is None or e.state(now) == status]
+    if as_json:
+        for item in chosen:
+            print_json(item.as_dict(now))
+        return
+    if not chosen:
+        click.echo("no exemption")
+        return
+    print_table(
+        ["ID", "ACCOUNT", "LIMIT", "FROM", "UNTIL", "STATUS", "BY", "REASON"],
+        [
+            (e.id, e.account, e.limit, when(e.start), when(e.end), e.state(now), e.requested_by, e.reason)
+            for e in chosen
+        ],
+    )
+
+
+@cli.command("score-ip")
+@config_option
+@click.argument("address")
+@click.option("--helo", help="The HELO name the client gave (for the HELO heuristics).")
+@json_option
+def score_ip(address: str, helo: str | None, as_json: bool) -> None:
+    """Explain the network reputation of client ADDRESS: each list and heuristic, total, decision.
+
+    Asks the configured DNS zones through dns.nameservers, reads the
+    network lists and looks up the reverse DNS, as the server does.
+    """
+    from policyd.netlists import NetworkSet, parse_address
+    from policyd.reputation import Assessment, NetworkReputation
+
+    parsed = parse_address(address)
+    if parsed is None:
+        raise UsageError(f"{address!r} is not an IP address")
+    config = load_config()
+    if parsed in NetworkSet(config.trusted_networks):
+        message = f"{parsed} is in trusted_networks: its mail is outbound and not scored"
+        if as_json:
+            print_json({"address": str(parsed), "trusted": True, "score": 0, "decision": "DUNNO"})
+        else:
+            click.echo(message)
+        return
+
+    async def work(reactor: Any) -> tuple[Assessment, str]:
+        reputation = NetworkReputation(config, reactor)
+        assessment = await reputation.assess(parsed, helo=helo)
+        return assessment, str(reputation.decision(assessment))
+
+    assessment, action = run_async(work)
+    inbound = config.inbound
+    if as_json:
+        print_json(
+            {
+                "address": str(parsed),
+                "score": assessment.score,
+                "allowed_by": assessment.allowed_by,
+                "decision": action.split(" ", 1)[0],
+                "action": action,
+                "tag_at": inbound.tag_at,
+                "reject_at": inbound.reject_at,
+                "sources": [p.as_dict() for p in assessment.sources],
+            }
+        )
+        return
+    if assessment.sources:
+        print_table(
+            ["SOURCE", "KIND", "POINTS", "DETAIL"],
+            [(p.source, p.kind, f"{p.points:g}", p.detail) for p in assessment.sources],
+        )
+    else:
+        click.echo("no zone, network list or heuristic applies")
+    if assessment.allowed_by is not None:
+        click.echo(f"{parsed} is allowlisted by {assessment.allowed_by}")
+    click.echo(f"score {assessment.score:g} (tag_at {inbound.tag_at:g}, reject_at {inbound.reject_at:g})")
+    click.echo(f"decision at RCPT: {action}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run a command, turning every error into one line and an exit status."""
     try:

@@ -356,6 +356,18 @@ class Quarantine:
 
 
 @attrs.frozen
+class Exemptions:
+    """Bounds on bulk-send exemption requests."""
+
+    max_window: Duration = _field(
+        Duration(7 * 86400),
+        "Longest window one exemption may cover: an occasion, not a standing permission.",
+        _at_least(60),
+    )
+    max_limit: int = _field(100000, "Highest hourly limit an exemption may ask for.", _at_least(1))
+
+
+@attrs.frozen
 class Log:
     """Logging."""
 
@@ -389,6 +401,7 @@ class Config:
     notify: Notify = attrs.field(factory=Notify, metadata={"doc": "Notifications."})
     content: Content = attrs.field(factory=Content, metadata={"doc": "Content scoring."})
     quarantine: Quarantine = attrs.field(factory=Quarantine, metadata={"doc": "Quarantine."})
+    exemptions: Exemptions = attrs.field(factory=Exemptions, metadata={"doc": "Exemptions."})
     log: Log = attrs.field(factory=Log, metadata={"doc": "Logging."})
     #: File the configuration was read from (not a key of the file).
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})

@@ -16,10 +16,15 @@ from policyd.config import Config, format_duration, read_domain_list
 from policyd.netlists import NetworkSet
 from policyd.notify import notice_recipients
 from policyd.protocol import DUNNO, Action, Request
-from policyd.store import Admission, Block, Outcome, Store
+from policyd.store import Admission, Block, Exemption, Outcome, Store
 from policyd.texts import Texts
 
 log = logging.getLogger("policyd.quota")
+
+#: Seconds between reloads of approved exemptions: an approval applies within this.
+EXEMPTION_REFRESH = 2.0
+#: Seconds between two notes that an account authenticated.
+NOTE_EVERY = 3600.0
 
 ON_ERROR = {
     "dunno": DUNNO,
@@ -92,6 +97,12 @@ class OutboundQuota:
         self.clock = clock
         self.on_block = on_block
         self.fallback = FallbackLimiter()
+        #: Approved exemptions not yet over, by account; refreshed from the store.
+        self.exemptions: dict[str, list[Exemption]] = {}
+        self._next_refresh = 0.0
+        self._refreshing = False
+        #: When each account was last noted in the store as authenticating.
+        self._noted: dict[str, float] = {}
         #: Per connection: the (account, instance) whose recipients are counted
         #: but whose END-OF-MESSAGE has not been seen (give-back only).
         self.open: dict[object, tuple[str, str]] = {}
@@ -125,9 +136,44 @@ class OutboundQuota:
             return request.get("sender").lower()
         return ""
 
-    def limit_of(self, account: str) -> int:
-        """The hourly limit of an account."""
-        return self.overrides.get(account, self.limit)
+    def limit_of(self, account: str, now: float) -> int:
+        """The hourly limit of an account at ``now``: configured, or raised by an exemption."""
+        limit = self.overrides.get(account, self.limit)
+        for exemption in self.exemptions.get(account, ()):
+            if exemption.active(now) and exemption.limit > limit:
+                limit = exemption.limit
+        return limit
+
+    def _refresh(self, now: float) -> None:
+        """Reload approved exemptions every EXEMPTION_REFRESH seconds, without waiting."""
+        if now < self._next_refresh or self._refreshing:
+            return
+        self._refreshing = True
+        self._next_refresh = now + EXEMPTION_REFRESH
+
+        def loaded(found: list[Exemption]) -> None:
+            current: dict[str, list[Exemption]] = {}
+            for exemption in found:
+                if exemption.status == "approved" and exemption.end > now:
+                    current.setdefault(exemption.account, []).append(exemption)
+            self.exemptions = current
+
+        def failed(failure: Failure) -> None:
+            log.error("could not load exemptions: %s", failure.getErrorMessage())
+
+        def done(_: object) -> None:
+            self._refreshing = False
+
+        self.store.exemptions().addCallbacks(loaded, failed).addBoth(done)
+
+    def _note(self, account: str, now: float) -> None:
+        """Remember, about once an hour per account, that it authenticated."""
+        if now - self._noted.get(account, -NOTE_EVERY) < NOTE_EVERY:
+            return
+        self._noted[account] = now
+        self.store.note_account(account, now=now).addErrback(
+            lambda f: log.error("could not note account %s: %s", account, f.getErrorMessage())
+        )
 
     def check(self, request: Request) -> Deferred[Verdict]:
         """Decide one request of an authenticated (or trusted) client."""
@@ -141,12 +187,15 @@ class OutboundQuota:
             return succeed(Verdict(DUNNO, self.name, "-", "no account"))
         domain = domain_of(request.get("recipient"))
         now = self.clock.seconds()
+        self._refresh(now)
+        if request.get("sasl_username"):
+            self._note(account, now)
         if domain is None or domain in self.local_domains:
             return self._local(account, now)
         instance = request.get("instance")
         if self.give_back:
             self._track(request.session, account, instance)
-        limit = self.limit_of(account)
+        limit = self.limit_of(account, now)
         reason = self._reasons.get(limit)
         if reason is None:
             reason = self._reasons[limit] = self.texts.render(

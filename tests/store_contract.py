@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest_twisted
 
-from policyd.store import AuditEntry, Block, Outcome, Store
+from policyd.store import AuditEntry, Block, Exemption, Outcome, Store
 
 HOUR = 3600.0
 T0 = 1_700_000_000.0
@@ -193,3 +193,25 @@ async def test_failed_notice_is_retried_and_sent_one_is_not(store: Store) -> Non
     await store.notice_sent(retry.id, now=T0 + 11)
     assert await store.pending_notices() == 0
     assert await store.claim_notices(now=T0 + 1000, lease=60) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_exemptions_round_trip(store: Store) -> None:
+    """A new exemption gets an id; saving it again replaces it; all come back in id order."""
+    first = await store.save_exemption(Exemption(0, "alice", 20000, T0, T0 + HOUR, "newsletter", "jane", T0))
+    second = await store.save_exemption(Exemption(0, "bob", 9000, T0, T0 + 60, "launch", "joe", T0 + 1))
+    assert first.id and second.id and first.id != second.id
+    approved = Exemption(first.id, "alice", 20000, T0, T0 + HOUR, "newsletter", "jane", T0,
+                         "approved", "root", T0 + 5, "ok")
+    await store.save_exemption(approved)
+    assert await store.exemption(first.id) == approved
+    assert await store.exemption(99999) is None
+    assert [e.account for e in await store.exemptions()] == ["alice", "bob"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_accounts_seen(store: Store) -> None:
+    """Accounts noted as authenticating are remembered."""
+    assert not await store.account_seen("alice")
+    await store.note_account("alice", now=T0)
+    assert await store.account_seen("alice")

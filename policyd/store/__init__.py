@@ -58,6 +58,50 @@ class Notice:
     last_error: str = ""
 
 
+#: Exemption states: requested, then approved or denied; an approved one may be revoked.
+EXEMPTION_STATES = ("pending", "approved", "denied", "revoked")
+
+
+@attrs.frozen
+class Exemption:
+    """A bulk-send exemption: a higher hourly limit for one account, for one window.
+
+    Requested with a business reason, then approved or denied by an admin,
+    one request at a time; an approved exemption applies inside its window
+    only and is never renewed.
+    """
+
+    id: int
+    account: str
+    limit: int
+    start: float
+    end: float
+    reason: str
+    requested_by: str
+    requested_at: float
+    status: str = "pending"
+    decided_by: str = ""
+    decided_at: float = 0.0
+    decision: str = ""
+
+    def state(self, now: float) -> str:
+        """The status, with an approved exemption whose window has passed shown as ``expired``."""
+        if self.status == "approved" and self.end <= now:
+            return "expired"
+        return self.status
+
+    def active(self, now: float) -> bool:
+        """Whether it raises the limit at ``now``."""
+        return self.status == "approved" and self.start <= now < self.end
+
+    def as_dict(self, now: float | None = None) -> dict[str, Any]:
+        """Plain data for ``--json`` and the admin API."""
+        data = attrs.asdict(self)
+        if now is not None:
+            data["status"] = self.state(now)
+        return data
+
+
 class Outcome(enum.Enum):
     """What :meth:`Store.admit` decided."""
 
@@ -163,6 +207,21 @@ class Store(Protocol):
 
     def pending_notices(self) -> Deferred[int]:
         """How many notices wait to be delivered."""
+
+    def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
+        """Store a new exemption (``id`` 0: one is given) or replace one; returns it."""
+
+    def exemption(self, exemption_id: int) -> Deferred[Exemption | None]:
+        """One exemption by id."""
+
+    def exemptions(self) -> Deferred[list[Exemption]]:
+        """Every exemption, oldest request first."""
+
+    def note_account(self, account: str, *, now: float) -> Deferred[None]:
+        """Remember that ``account`` authenticated (valid accounts when no list is configured)."""
+
+    def account_seen(self, account: str) -> Deferred[bool]:
+        """Whether ``account`` was ever noted."""
 
     def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
         """The latest audit entries, oldest first."""

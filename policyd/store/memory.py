@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import attrs
 from twisted.internet.defer import Deferred, succeed
 
-from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Notice, Outcome
+from policyd.store import (
+    MAX_BLOCK_CLIENTS,
+    Admission,
+    AuditEntry,
+    Block,
+    Exemption,
+    Notice,
+    Outcome,
+)
 
 
 @attrs.define
@@ -29,6 +37,8 @@ class MemoryStore:
         self.live_blocks: dict[str, Block] = {}
         self.entries: list[AuditEntry] = []
         self.outbox: dict[int, _Queued] = {}
+        self.exempt: dict[int, Exemption] = {}
+        self.accounts: dict[str, float] = {}
 
     def _window(self, account: str, now: float, window: float) -> deque[tuple[float, str, str]]:
         sends = self.sends.setdefault(account, deque())
@@ -141,6 +151,30 @@ class MemoryStore:
     def pending_notices(self) -> Deferred[int]:
         """See :meth:`policyd.store.Store.pending_notices`."""
         return succeed(sum(1 for q in self.outbox.values() if q.sent is None))
+
+    def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
+        """See :meth:`policyd.store.Store.save_exemption`."""
+        if not exemption.id:
+            exemption = attrs.evolve(exemption, id=max(self.exempt, default=0) + 1)
+        self.exempt[exemption.id] = exemption
+        return succeed(exemption)
+
+    def exemption(self, exemption_id: int) -> Deferred[Exemption | None]:
+        """See :meth:`policyd.store.Store.exemption`."""
+        return succeed(self.exempt.get(exemption_id))
+
+    def exemptions(self) -> Deferred[list[Exemption]]:
+        """See :meth:`policyd.store.Store.exemptions`."""
+        return succeed([self.exempt[i] for i in sorted(self.exempt)])
+
+    def note_account(self, account: str, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.note_account`."""
+        self.accounts[account] = now
+        return succeed(None)
+
+    def account_seen(self, account: str) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.account_seen`."""
+        return succeed(account in self.accounts)
 
     def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
         """See :meth:`policyd.store.Store.audit`."""

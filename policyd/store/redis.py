@@ -27,6 +27,10 @@ Keys, all under ``policyd:``:
     sorted set of account -> block start, to list blocks without ``KEYS``.
 ``policyd:audit``
     list of JSON audit entries, capped at :data:`AUDIT_CAP`.
+``policyd:exemptions`` and ``policyd:exemption-seq``
+    hash of exemption id -> JSON exemption; ids from the sequence.
+``policyd:accounts``
+    hash of account -> last time it was noted authenticating.
 ``policyd:outbox`` and ``policyd:notice:<id>``
     the notification outbox: a sorted set of notice id -> when it is due,
     and a hash per notice (kind, recipient, JSON payload, created, attempts,
@@ -59,6 +63,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
+import attrs
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -67,7 +72,15 @@ from redis.exceptions import RedisError
 from twisted.internet.defer import Deferred
 
 from policyd.errors import ConfigError, StoreError
-from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Notice, Outcome
+from policyd.store import (
+    MAX_BLOCK_CLIENTS,
+    Admission,
+    AuditEntry,
+    Block,
+    Exemption,
+    Notice,
+    Outcome,
+)
 
 T = TypeVar("T")
 
@@ -78,6 +91,9 @@ _BLOCKS = PREFIX + "blocks"
 _SEQUENCE = PREFIX + "seq"
 _AUDIT = PREFIX + "audit"
 _OUTBOX = PREFIX + "outbox"
+_EXEMPTIONS = PREFIX + "exemptions"
+_EXEMPTION_SEQUENCE = PREFIX + "exemption-seq"
+_ACCOUNTS = PREFIX + "accounts"
 _NOTICE_SEQUENCE = PREFIX + "notice-seq"
 
 #: Audit entries kept: admin actions are a few a day, so this is years of
@@ -676,6 +692,54 @@ class RedisStore:
             return int(await self.client.zcard(_OUTBOX))
 
         return self._call(work, "pending notices")
+
+    # --- exemptions and accounts ---------------------------------------------------
+
+    def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
+        """See :meth:`policyd.store.Store.save_exemption`."""
+
+        async def work() -> Exemption:
+            saved = exemption
+            if not saved.id:
+                saved = attrs.evolve(saved, id=int(await self.client.incr(_EXEMPTION_SEQUENCE)))
+            await self.client.hset(_EXEMPTIONS, str(saved.id), json.dumps(attrs.asdict(saved)))
+            return saved
+
+        return self._call(work, "save exemption")
+
+    def exemption(self, exemption_id: int) -> Deferred[Exemption | None]:
+        """See :meth:`policyd.store.Store.exemption`."""
+
+        async def work() -> Exemption | None:
+            data = await self.client.hget(_EXEMPTIONS, str(exemption_id))
+            return None if data is None else Exemption(**json.loads(data))
+
+        return self._call(work, "exemption")
+
+    def exemptions(self) -> Deferred[list[Exemption]]:
+        """See :meth:`policyd.store.Store.exemptions`."""
+
+        async def work() -> list[Exemption]:
+            found = [Exemption(**json.loads(v)) for v in (await self.client.hvals(_EXEMPTIONS))]
+            return sorted(found, key=lambda e: e.id)
+
+        return self._call(work, "exemptions")
+
+    def note_account(self, account: str, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.note_account`."""
+
+        async def work() -> None:
+            await self.client.hset(_ACCOUNTS, account, repr(now))
+
+        return self._call(work, "note account")
+
+    def account_seen(self, account: str) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.account_seen`."""
+
+        async def work() -> bool:
+            return bool(await self.client.hexists(_ACCOUNTS, account))
+
+        return self._call(work, "account seen")
 
     # --- housekeeping -----------------------------------------------------------
 

@@ -21,11 +21,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.errors import StoreError
-from policyd.store import MAX_BLOCK_CLIENTS, Admission, AuditEntry, Block, Notice, Outcome
+from policyd.store import (
+    MAX_BLOCK_CLIENTS,
+    Admission,
+    AuditEntry,
+    Block,
+    Exemption,
+    Notice,
+    Outcome,
+)
 
 T = TypeVar("T")
 
@@ -59,6 +68,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent       REAL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (due) WHERE sent IS NULL;
+CREATE TABLE IF NOT EXISTS exemptions (
+    id           INTEGER PRIMARY KEY,
+    account      TEXT NOT NULL,
+    "limit"      INTEGER NOT NULL,
+    start        REAL NOT NULL,
+    "end"        REAL NOT NULL,
+    reason       TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    status       TEXT NOT NULL,
+    decided_by   TEXT NOT NULL,
+    decided_at   REAL NOT NULL,
+    decision     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    account   TEXT PRIMARY KEY,
+    last_seen REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id      INTEGER PRIMARY KEY,
     at      REAL NOT NULL,
@@ -382,6 +409,56 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> int:
             (count,) = db.execute("SELECT COUNT(*) FROM outbox WHERE sent IS NULL").fetchone()
             return int(count)
+
+        return self._run(work)
+
+    def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
+        """See :meth:`policyd.store.Store.save_exemption`."""
+
+        def work(db: sqlite3.Connection) -> Exemption:
+            values = attrs.astuple(exemption)
+            if exemption.id:
+                db.execute(
+                    "INSERT OR REPLACE INTO exemptions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values
+                )
+                return exemption
+            cursor = db.execute(
+                "INSERT INTO exemptions VALUES (NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", values[1:]
+            )
+            return attrs.evolve(exemption, id=int(cursor.lastrowid or 0))
+
+        return self._run(work, write=True)
+
+    def exemption(self, exemption_id: int) -> Deferred[Exemption | None]:
+        """See :meth:`policyd.store.Store.exemption`."""
+
+        def work(db: sqlite3.Connection) -> Exemption | None:
+            row = db.execute("SELECT * FROM exemptions WHERE id = ?", (exemption_id,)).fetchone()
+            return None if row is None else Exemption(*row)
+
+        return self._run(work)
+
+    def exemptions(self) -> Deferred[list[Exemption]]:
+        """See :meth:`policyd.store.Store.exemptions`."""
+
+        def work(db: sqlite3.Connection) -> list[Exemption]:
+            return [Exemption(*row) for row in db.execute("SELECT * FROM exemptions ORDER BY id")]
+
+        return self._run(work)
+
+    def note_account(self, account: str, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.note_account`."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO accounts (account, last_seen) VALUES (?, ?)", (account, now))
+
+        return self._run(work, write=True)
+
+    def account_seen(self, account: str) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.account_seen`."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            return db.execute("SELECT 1 FROM accounts WHERE account = ?", (account,)).fetchone() is not None
 
         return self._run(work)
 
