@@ -368,6 +368,18 @@ class Exemptions:
 
 
 @attrs.frozen
+class Http:
+    """The HTTP listener (``listen.http``): metrics, admin API, request form."""
+
+    token_file: str | None = _field(
+        None,
+        "File holding the admin token (API Bearer token, admin page password); created "
+        "with a random token on first start (mode 0600). Default: http.token beside the "
+        "SQLite store, else /var/lib/policyd/http.token.",
+    )
+
+
+@attrs.frozen
 class Log:
     """Logging."""
 
@@ -402,6 +414,7 @@ class Config:
     content: Content = attrs.field(factory=Content, metadata={"doc": "Content scoring."})
     quarantine: Quarantine = attrs.field(factory=Quarantine, metadata={"doc": "Quarantine."})
     exemptions: Exemptions = attrs.field(factory=Exemptions, metadata={"doc": "Exemptions."})
+    http: Http = attrs.field(factory=Http, metadata={"doc": "HTTP admin API."})
     log: Log = attrs.field(factory=Log, metadata={"doc": "Logging."})
     #: File the configuration was read from (not a key of the file).
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})

@@ -67,13 +67,27 @@ def _route_twisted_logs() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False, discardBuffer=True)
 
 
+#: What twisted.names logs for every DNS query (a UDP port per query).
+_DNS_CHATTER = (
+    "(UDP Port ",
+    "DNSDatagramProtocol starting on",
+    "Starting protocol <twisted.names.dns.DNSDatagramProtocol",
+    "Stopping protocol <twisted.names.dns.DNSDatagramProtocol",
+)
+
+
 def _not_chatter(event: dict[str, object]) -> object:
     """Drop Twisted's per-connection chatter (factory start and stop, SMTP client
-    retries): one line per outgoing mail says nothing that policyd's own
+    retries, a DNS query's UDP port): one line per outgoing mail says nothing that policyd's own
     notification log lines do not say better."""
     from twisted.logger import PredicateResult
 
     text = str(event.get("log_format") or "")
     if text.startswith(("Starting factory", "Stopping factory", "SMTP Client retrying")):
+        return PredicateResult.no
+    # twisted.names opens a UDP port per DNS query and logs its start and close
+    # (legacy log.msg: the words are in log_text).
+    legacy = str(event.get("log_text") or "")
+    if legacy.startswith(_DNS_CHATTER):
         return PredicateResult.no
     return PredicateResult.maybe

@@ -13,9 +13,11 @@ from twisted.python.failure import Failure
 
 from policyd.checks import Verdict
 from policyd.config import Config
+from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.protocol import DUNNO, Action, Request
 from policyd.quota import OutboundQuota
+from policyd.reputation import NetworkReputation
 from policyd.store import AuditEntry, Block, Store
 
 log = logging.getLogger("policyd.decision")
@@ -43,7 +45,10 @@ class PolicyService:
         self.store = store
         self.clock = clock
         self.on_block = on_block
+        #: Prometheus metrics, when the server keeps them.
+        self.metrics: Metrics | None = None
         self.quota = OutboundQuota(config, store, clock, on_block=self._blocked)
+        self.reputation = NetworkReputation(config, clock)
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -51,6 +56,7 @@ class PolicyService:
         self.config = config
         self.trusted = NetworkSet(config.trusted_networks)
         self.quota.configure(config)
+        self.reputation.configure(config)
 
     reload = configure
 
@@ -64,12 +70,14 @@ class PolicyService:
         ):
             verdict = self.quota.check(request)
         elif context == "inbound" or not context:
-            verdict = succeed(Verdict(DUNNO, "reputation", request.get("client_address"), "no reputation checks configured"))
+            verdict = self.reputation.check(request)
         else:
             verdict = succeed(Verdict(DUNNO, "none", "-", f"unknown policy_context {context!r}"))
         return verdict.addCallbacks(self._logged, self._failed, callbackArgs=(request, started))
 
     def _logged(self, verdict: Verdict, request: Request, started: float) -> Action:
+        if self.metrics is not None:
+            self.metrics.decided(verdict.check, verdict.action.word, time.perf_counter() - started)
         if log.isEnabledFor(logging.INFO):
             latency = (time.perf_counter() - started) * 1000
             fields: dict[str, Any] = {

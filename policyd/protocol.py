@@ -233,6 +233,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     def _reject(self, problem: str) -> None:
         log.warning("bad policy request from %s: %s; closing connection", self.peer, problem)
+        if self.factory.on_bad_request is not None:
+            self.factory.on_bad_request()
         self._closing = True
         self._buffer = b""
         self.transport.loseConnection()
@@ -336,6 +338,8 @@ class PolicyFactory(Factory):
         self.allowed_clients = allowed_clients
         self.on_failure = on_failure
         self.on_close = on_close
+        #: Told of every connection closed for bad input (metrics).
+        self.on_bad_request: Callable[[], None] | None = None
         self.connections: set[PolicyProtocol] = set()
         self._drained: list[Deferred[None]] = []
 

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from policyd.addresses import domain_of
 from policyd.checks import Verdict
 from policyd.config import Config, format_duration, read_domain_list
+from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.notify import notice_recipients
 from policyd.protocol import DUNNO, Action, Request
@@ -97,6 +98,8 @@ class OutboundQuota:
         self.clock = clock
         self.on_block = on_block
         self.fallback = FallbackLimiter()
+        #: Prometheus metrics, when the server keeps them.
+        self.metrics: Metrics | None = None
         #: Approved exemptions not yet over, by account; refreshed from the store.
         self.exemptions: dict[str, list[Exemption]] = {}
         self._next_refresh = 0.0
@@ -234,7 +237,7 @@ class OutboundQuota:
             return Verdict(self.refusal(block), self.name, account, "blocked")
 
         def failed(failure: Failure) -> Verdict:
-            log.error("store error, replying %s: %s", self.on_error, failure.getErrorMessage())
+            self._store_error(failure)
             return Verdict(self.on_error, self.name, account, "store error (local recipient)")
 
         return looked_up.addCallbacks(decided, failed)
@@ -258,14 +261,25 @@ class OutboundQuota:
                 limit,
                 ",".join(admission.block.clients) or "-",
             )
+            if self.metrics is not None:
+                self.metrics.blocks_made.inc()
             if self.on_block is not None:
                 self.on_block(admission.block)
             return Verdict(self.refusal(admission.block), self.name, account, "over limit: blocked")
         return Verdict(self.refusal(admission.block), self.name, account, "blocked")
 
+    def _store_error(self, failure: Failure) -> None:
+        log.error(
+            "store error, replying per store.on_error (%s): %s",
+            self.config.store.on_error,
+            failure.getErrorMessage() or failure.type.__name__,
+        )
+        if self.metrics is not None:
+            self.metrics.store_errors.inc()
+
     def _store_failed(self, failure: Failure, account: str, now: float, limit: int) -> Verdict:
         """The store did not answer in time: reply per store.on_error, limit in memory."""
-        log.error("store error, replying per store.on_error: %s", failure.getErrorMessage() or failure.type.__name__)
+        self._store_error(failure)
         if self.fallback.allows(account, now, self.window, limit):
             return Verdict(self.on_error, self.name, account, "store error: fallback limiter allows")
         text = self.texts.render(

@@ -15,10 +15,12 @@ from twisted.internet.task import LoopingCall
 from policyd import config as configuration
 from policyd.config import Config
 from policyd.errors import PolicydError
+from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.notify import Notifier
 from policyd.policy import PolicyService
 from policyd.protocol import PolicyFactory
+from policyd.statefiles import load_secret, state_file
 from policyd.store import Store, open_store
 
 log = logging.getLogger("policyd.server")
@@ -29,6 +31,9 @@ DRAIN_BOUND = 10.0
 
 #: How often old counts are pruned from the store.
 PRUNE_EVERY = 60.0
+
+#: How often the store-backed gauges (blocks, outbox) are read for /metrics.
+GAUGES_EVERY = 5.0
 
 
 class PolicyServer:
@@ -53,7 +58,14 @@ class PolicyServer:
             on_failure=self.service.quota.on_error,
             on_close=self.service.connection_closed,
         )
+        self.metrics = Metrics()
+        self.service.metrics = self.metrics
+        self.service.quota.metrics = self.metrics
+        self.factory.on_bad_request = self.metrics.bad_requests.inc
         self.port: IListeningPort | None = None
+        self.http_port: IListeningPort | None = None
+        self._gauges = LoopingCall(self.refresh_gauges)
+        self._gauges.clock = reactor
         self._pruner = LoopingCall(self.prune)
         self._pruner.clock = reactor
 
@@ -67,6 +79,9 @@ class PolicyServer:
             raise PolicydError(f"listen.policy: cannot listen on {self.config.listen.policy}: {error}") from None
         self._pruner.start(PRUNE_EVERY, now=False)
         self.notifier.start()
+        if self.config.listen.http:
+            yield self.start_http()
+        self._gauges.start(GAUGES_EVERY, now=True)
         log.info(
             "policyd serving policy requests on %s (store %s, limit %d per %s)",
             self.config.listen.policy,
@@ -75,6 +90,36 @@ class PolicyServer:
             configuration.format_duration(self.config.outbound.window),
         )
         return self.port
+
+    @inlineCallbacks
+    def start_http(self) -> Any:
+        """Listen on listen.http: metrics, admin API, exemption pages."""
+        from policyd.admin import Admin
+        from policyd.http import AdminSite
+
+        path = state_file(self.config, "http.token", self.config.http.token_file)
+        try:
+            token = load_secret(path, "admin token").decode()
+        except (OSError, ValueError) as error:
+            raise PolicydError(f"http.token_file: {error}") from None
+        site = AdminSite(Admin(self.config, self.store, self.reactor), self.metrics, token).site()
+        endpoint = serverFromString(self.reactor, self.config.listen.http)
+        try:
+            self.http_port = yield endpoint.listen(site)
+        except Exception as error:
+            raise PolicydError(f"listen.http: cannot listen on {self.config.listen.http}: {error}") from None
+        log.info("HTTP (metrics, admin API) on %s; admin token in %s", self.config.listen.http, path)
+
+    @inlineCallbacks
+    def refresh_gauges(self) -> Any:
+        """Read the gauges that live in the store (blocks, outbox)."""
+        self.metrics.connections.set(len(self.factory.connections))
+        try:
+            blocks = yield self.store.blocks(now=self.reactor.seconds())
+            self.metrics.blocks_active.set(len(blocks))
+            self.metrics.notifications_pending.set((yield self.store.pending_notices()))
+        except Exception as error:
+            log.debug("gauges not refreshed: %s", error)
 
     def prune(self) -> Deferred[Any]:
         """Forget counts that left the window."""
@@ -105,8 +150,11 @@ class PolicyServer:
     @inlineCallbacks
     def stop(self) -> Any:
         """Stop accepting, answer what is in flight (bounded), close the store."""
-        if self._pruner.running:
-            self._pruner.stop()
+        for loop in (self._pruner, self._gauges):
+            if loop.running:
+                loop.stop()
+        if self.http_port is not None:
+            yield self.http_port.stopListening()
         if self.port is not None:
             yield self.port.stopListening()
         stopping = self.notifier.stop()
