@@ -207,3 +207,25 @@ def test_cli_contract_request_approve_apply(tmp_path: Path) -> None:
         assert "exemption-request" in audit and "exemption-approve" in audit
     finally:
         assert server.stop() == 0
+
+
+def test_accounts_from_a_postfix_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """accounts: hash:FILE is read with the real postmap -q; a broken table is a clear error."""
+    import shutil
+    import subprocess
+
+    from policyd.accounts import Accounts
+    from policyd.errors import PolicydError
+
+    # postmap reads Postfix's main.cf: give it one of its own (the system's may not exist).
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n", encoding="utf-8")
+    monkeypatch.setenv("MAIL_CONFIG", str(tmp_path))
+    postmap = shutil.which("postmap") or "/usr/sbin/postmap"
+    source = tmp_path / "accounts"
+    source.write_text("alice@example.org OK\nbob@example.org OK\n", encoding="utf-8")
+    subprocess.run([postmap, f"hash:{source}"], check=True)
+    accounts = Accounts(f"hash:{source}", MemoryStore())
+    assert run(accounts.valid("Alice@example.org"))
+    assert not run(accounts.valid("mallory@example.org"))
+    with pytest.raises(PolicydError, match=r"accounts: postmap -q on hash:.*missing failed"):
+        run(Accounts(f"hash:{tmp_path}/missing", MemoryStore()).valid("alice@example.org"))
