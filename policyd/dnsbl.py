@@ -23,7 +23,7 @@ import enum
 import ipaddress
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -405,6 +405,9 @@ class DnsblClient:
         #: What happened so far (look-ups, cache hits, timeouts, errors,
         #: skipped, breaker trips), for metrics.
         self.counters: Counter[str] = Counter()
+        #: Told ``(zone, kind)`` of every zone look-up that failed (kind
+        #: ``timeout`` or ``error``) or was skipped by the breaker (``skipped``).
+        self.on_problem: Callable[[str, str], None] | None = None
 
     def breaker(self, zone: str) -> CircuitBreaker:
         """The circuit breaker of a zone."""
@@ -434,6 +437,8 @@ class DnsblClient:
         admitted = breaker.admit()
         if admitted is None:
             self.counters["skipped"] += 1
+            if self.on_problem is not None:
+                self.on_problem(zone, "skipped")
             return succeed(ZoneAnswer(zone, Status.SKIPPED, (), breaker.explain()))
         self._pending[(key, zone)] = [waiter]
         name = query_name(address, zone)
@@ -474,6 +479,8 @@ class DnsblClient:
             self.cache.put(key, zone, answer, min(ttl, self.cache_ttl))
         else:
             self.counters["timeouts" if answer.status is Status.TIMEOUT else "errors"] += 1
+            if self.on_problem is not None:
+                self.on_problem(zone, answer.status.value)
             self._log_problem(zone, answer)
             if breaker.failed(answer.detail, trial):
                 self.counters["breaker_trips"] += 1

@@ -67,8 +67,13 @@ def _route_twisted_logs() -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False, discardBuffer=True)
 
 
-#: What twisted.names logs for every DNS query (a UDP port per query).
-_DNS_CHATTER = (
+#: Twisted's per-connection chatter: factory start and stop, SMTP client
+#: retries, and what twisted.names logs for every DNS query (it opens a UDP
+#: port per query).
+_CHATTER = (
+    "Starting factory",
+    "Stopping factory",
+    "SMTP Client retrying",
     "(UDP Port ",
     "DNSDatagramProtocol starting on",
     "Starting protocol <twisted.names.dns.DNSDatagramProtocol",
@@ -78,16 +83,14 @@ _DNS_CHATTER = (
 
 def _not_chatter(event: dict[str, object]) -> object:
     """Drop Twisted's per-connection chatter (factory start and stop, SMTP client
-    retries, a DNS query's UDP port): one line per outgoing mail says nothing that policyd's own
-    notification log lines do not say better."""
+    retries, a DNS query's UDP port): one line per outgoing mail says nothing that
+    policyd's own notification log lines do not say better."""
     from twisted.logger import PredicateResult
 
+    # New-style events carry their words in log_format; legacy log.msg()
+    # events (SMTP retries, UDP ports) have log_format "{log_text}".
     text = str(event.get("log_format") or "")
-    if text.startswith(("Starting factory", "Stopping factory", "SMTP Client retrying")):
-        return PredicateResult.no
-    # twisted.names opens a UDP port per DNS query and logs its start and close
-    # (legacy log.msg: the words are in log_text).
     legacy = str(event.get("log_text") or "")
-    if legacy.startswith(_DNS_CHATTER):
+    if text.startswith(_CHATTER) or legacy.startswith(_CHATTER):
         return PredicateResult.no
     return PredicateResult.maybe

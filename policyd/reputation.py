@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -60,6 +60,9 @@ from policyd.netlists import (
 from policyd.protocol import DUNNO, Action, Request
 from policyd.quota import ON_ERROR
 from policyd.texts import Texts
+
+if TYPE_CHECKING:
+    from policyd.metrics import Metrics
 
 log = logging.getLogger("policyd.reputation")
 
@@ -507,6 +510,8 @@ class NetworkReputation:
         self._resolver = resolver
         self.tagged = TaggedInstances(clock)
         self.lists: list[WatchedNetworks] = []
+        #: Prometheus metrics, when the server keeps them (DNS problems by zone).
+        self.metrics: Metrics | None = None
         self.dns: DnsblClient | None = None
         self._dns_config: Dns | None = None
         self._secret: bytes | None = None
@@ -554,7 +559,7 @@ class NetworkReputation:
         resolver = self._resolver
         if resolver is None:
             resolver = make_resolver(settings.nameservers, self.clock, timeout / servers)
-        return DnsblClient(
+        client = DnsblClient(
             resolver,
             self.clock,
             timeout=timeout,
@@ -564,6 +569,12 @@ class NetworkReputation:
             breaker_cooldown=float(settings.breaker_cooldown),
             per_server_timeout=timeout / servers,
         )
+        client.on_problem = self._dns_problem
+        return client
+
+    def _dns_problem(self, zone: str, kind: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dns_errors.labels(zone, kind).inc()
 
     # --- deciding a request ------------------------------------------------
 

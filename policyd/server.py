@@ -61,6 +61,7 @@ class PolicyServer:
         self.metrics = Metrics()
         self.service.metrics = self.metrics
         self.service.quota.metrics = self.metrics
+        self.service.reputation.metrics = self.metrics
         self.factory.on_bad_request = self.metrics.bad_requests.inc
         self.port: IListeningPort | None = None
         self.http_port: IListeningPort | None = None

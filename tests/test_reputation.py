@@ -32,6 +32,7 @@ from policyd.checks import Verdict
 from policyd.config import Config
 from policyd.dnsbl import cache_key, parse_nameserver, query_name
 from policyd.errors import ConfigError
+from policyd.metrics import Metrics
 from policyd.policy import PolicyService
 from policyd.protocol import Action
 from policyd.reputation import (
@@ -389,6 +390,23 @@ def test_breaker_trial_failure_reopens_it() -> None:
     assert zone.asked("2.2.0.192.bl.test") == 0
 
 
+def test_dns_problems_are_counted_in_the_metrics() -> None:
+    """Timeouts, errors and breaker skips are counted per zone in policyd_dns_errors."""
+    reputation, fake, zone = checker(ZONE, "dns:\n  timeout: 1s\n  breaker_failures: 2\n")
+    metrics = reputation.metrics = Metrics()
+    zone.silence("1.2.0.192.bl.test")
+    zone.servfail("2.2.0.192.bl.test")
+    start(reputation, client_address="192.0.2.1")
+    fake.advance(1)
+    verdict(reputation, client_address="192.0.2.2")
+    verdict(reputation, client_address="192.0.2.3")
+    counted = {
+        kind: metrics.registry.get_sample_value("policyd_dns_errors_total", {"zone": "bl.test", "kind": kind})
+        for kind in ("timeout", "error", "skipped")
+    }
+    assert counted == {"timeout": 1, "error": 1, "skipped": 1}
+
+
 @pytest.mark.parametrize(("on_error", "word"), [("dunno", "DUNNO"), ("defer_if_permit", "DEFER_IF_PERMIT")])
 def test_all_dns_down_replies_per_store_on_error(on_error: str, word: str) -> None:
     """When no zone answers, the reply follows store.on_error and the reason says DNS is unavailable."""
@@ -500,8 +518,12 @@ DENY = """\
 """
 
 
+def network_entry(path: Path, weight: float = 10, allow: bool = False) -> str:
+    return f"  - file: {path}\n    weight: {weight}\n    allow: {'true' if allow else 'false'}\n"
+
+
 def network_list(path: Path, weight: float = 10, allow: bool = False) -> str:
-    return f"networks:\n  - file: {path}\n    weight: {weight}\n    allow: {'true' if allow else 'false'}\n"
+    return "networks:\n" + network_entry(path, weight, allow)
 
 
 def test_cidr_file_with_comments_refuses_naming_the_file(tmp_path: Path) -> None:
@@ -574,7 +596,7 @@ def test_allowlisted_client_on_a_listed_network_gets_dunno(tmp_path: Path) -> No
     deny.write_text("192.0.2.0/24\n", encoding="utf-8")
     allow = tmp_path / "allow.cidr"
     allow.write_text("192.0.2.0/28 # our partner\n", encoding="utf-8")
-    reputation, _, zone = checker(ZONE + network_list(deny) + network_list(allow, 0, allow=True)[len("networks:\n"):])
+    reputation, _, zone = checker(ZONE + network_list(deny) + network_entry(allow, allow=True))
     zone.listed("192.0.2.10", "bl.test")
     found = verdict(reputation, client_address="192.0.2.10", client_name="unknown", helo_name="[192.0.2.10]")
     assert found.action.word == "DUNNO"
@@ -1004,7 +1026,9 @@ async def test_policyd_serve_scores_clients_end_to_end(dns_server: DnsZoneServer
     finally:
         status = await in_thread(server.stop)
     assert status == 0, server.output()
-    assert "reputation 192.0.2.66" in server.output()
+    output = server.output()
+    assert "reputation 192.0.2.66" in output
+    assert "DNSDatagramProtocol" not in output and "UDP Port" not in output, "no log line per DNS query"
 
 
 @pytest_twisted.ensureDeferred
