@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from policyd.checks import Verdict
-from policyd.config import Config
+from policyd.config import Config, read_domain_list
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.protocol import DUNNO, Action, Request
@@ -52,11 +52,18 @@ class PolicyService:
         self.configure(config)
 
     def configure(self, config: Config) -> None:
-        """Apply a configuration (at start and on reload)."""
+        """Apply a configuration (at start and on reload), all of it or none.
+
+        :raises PolicydError: when part of it cannot be applied (a list file
+            that cannot be read, say); the running configuration then stays.
+        """
+        # What can fail is tried before anything changes: the domain list,
+        # then the reputation check, which validates before it applies.
+        read_domain_list(config.local_domains, config.source)
+        self.reputation.configure(config)
+        self.quota.configure(config)
         self.config = config
         self.trusted = NetworkSet(config.trusted_networks)
-        self.quota.configure(config)
-        self.reputation.configure(config)
 
     reload = configure
 

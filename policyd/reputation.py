@@ -59,6 +59,7 @@ from policyd.netlists import (
 )
 from policyd.protocol import DUNNO, Action, Request
 from policyd.quota import ON_ERROR
+from policyd.statefiles import load_secret, state_file
 from policyd.texts import Texts
 
 if TYPE_CHECKING:
@@ -69,13 +70,9 @@ log = logging.getLogger("policyd.reputation")
 #: The header added at level 1; the milter adds its points to the content's.
 HEADER = "X-Policyd-Network"
 
-#: The secret's file name beside the store, and the directory used when the
-#: store has no directory of its own (Redis).
+#: The secret's file name (see :func:`header_secret_path`).
 SECRET_NAME = "header.secret"  # noqa: S105 (a file name, not a secret)
-STATE_DIR = "/var/lib/policyd"
 
-#: Shortest secret accepted from a file (bytes of text); shorter is a mistake.
-MIN_SECRET = 32
 
 #: How often a CIDR file's modification time is looked at: a stat() per
 #: second is nothing, and an edited list applies within a second.
@@ -245,50 +242,17 @@ def header_secret_path(config: Config) -> Path | None:
     """Where the header secret lives; None for a ``memory://`` store with no path set.
 
     ``inbound.header_secret`` when set, else ``header.secret`` beside the
-    SQLite database, else ``/var/lib/policyd/header.secret``.  The policy
-    server and the milter of one host read the same file.
+    SQLite database, else in the state directory.  The policy server and
+    the milter of one host read the same file.
     """
-    if config.inbound.header_secret:
-        return Path(config.inbound.header_secret)
-    url = config.store.url
-    if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///") :]).parent / SECRET_NAME
-    if url.startswith("memory://"):
+    if not config.inbound.header_secret and config.store.url.startswith("memory://"):
         return None
-    return Path(STATE_DIR) / SECRET_NAME
+    return state_file(config, SECRET_NAME, config.inbound.header_secret)
 
 
 def load_header_secret(path: Path) -> bytes:
-    """Read the secret, creating it on first use (random, mode 0600).
-
-    Creation is atomic (a hard link of a complete temporary file), so a
-    server and a milter starting together agree on one secret.
-
-    :raises OSError: when the file cannot be read or created.
-    :raises ValueError: when the file holds too short a secret.
-    """
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        text = ""
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-                file.write(secrets.token_hex(32) + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            try:
-                os.link(temporary, path)
-                log.info("created the header secret %s", path)
-            except FileExistsError:
-                pass  # another process made it first: use theirs
-        finally:
-            temporary.unlink(missing_ok=True)
-        text = path.read_text(encoding="utf-8").strip()
-    if len(text) < MIN_SECRET:
-        raise ValueError(f"{path}: the header secret must be at least {MIN_SECRET} characters")
-    return text.encode()
+    """Read the header secret, creating it on first use (see :func:`policyd.statefiles.load_secret`)."""
+    return load_secret(path, "header secret")
 
 
 # --- local network lists -------------------------------------------------------

@@ -55,7 +55,7 @@ def fetch(url: str, data: bytes | None = None, headers: dict[str, str] | None = 
     """A blocking HTTP request (run it in a thread); returns status, content type and body."""
     request = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback test URL
+        with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, response.headers.get("content-type", ""), response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers.get("content-type", ""), error.read()
