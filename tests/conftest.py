@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from policyd import config as configuration
+from tests.postfix import postfix_factory, smtp_sink  # noqa: F401  (fixtures for every test module)
 
 
 @pytest.fixture

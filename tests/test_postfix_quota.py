@@ -22,8 +22,6 @@ from tests.postfix import (
     PostfixInstance,
     SmtpSink,
     Transaction,
-    postfix_factory,  # noqa: F401  (fixture)
-    smtp_sink,  # noqa: F401  (fixture)
 )
 from tests.servers import PolicydServer, free_port, policyd
 
@@ -143,8 +141,8 @@ def policyd_factory(tmp_path: Path) -> Iterator[Callable[..., PolicydServer]]:
 @pytest.fixture
 def site_factory(
     policyd_factory: Callable[..., PolicydServer],
-    smtp_sink: SmtpSink,  # noqa: F811
-    postfix_factory: Callable[..., PostfixInstance],  # noqa: F811
+    smtp_sink: SmtpSink,
+    postfix_factory: Callable[..., PostfixInstance],
 ) -> Callable[..., Site]:
     """Build a site: policyd first, then a Postfix that asks it (stopped before policyd)."""
 
