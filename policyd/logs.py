@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 import time
-from typing import cast
+from typing import Any, cast
 
 from policyd.config import Log
 
@@ -39,9 +39,95 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ")
 
 
+#: Seconds a decision line may wait in the output buffer (see :func:`flush`).
+FLUSH_EVERY = 0.25
+
+
+class _LazyFlushHandler(logging.StreamHandler):
+    """Writes every record but flushes at once only for warnings and worse.
+
+    A flush is a write system call: once per decision it cost more than the
+    decision itself.  Decision lines leave with the next warning or the
+    server's periodic :func:`flush`, at most FLUSH_EVERY later.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write one record; flush only when it matters now."""
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING:
+                self.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def flush() -> None:
+    """Push buffered log lines out (the server calls it every FLUSH_EVERY seconds)."""
+    for handler in logging.getLogger("policyd").handlers:
+        handler.flush()
+
+
+class DecisionLog:
+    """One line per policy decision, written straight to the log stream.
+
+    Decisions are the hot path: a ``logging`` record (caller lookup, record
+    object, formatter) cost more than the decision itself, so these lines
+    are built here, in the same text or JSON shape as every other line.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.json = False
+        self.stream: Any = None
+        self._second = -1
+        self._stamp = ""
+
+    def configure(self, config: Log, stream: Any) -> None:
+        """Follow the configuration: format, level, ``log.decisions``."""
+        self.enabled = config.decisions and logging.INFO >= logging.getLevelName(config.level.upper())
+        self.json = config.format == "json"
+        self.stream = stream
+
+    def write(
+        self, check: str, subject: str, client: str, state: str, action: str, reason: str, latency_ms: float
+    ) -> None:
+        """Write one decision line."""
+        now = time.time()
+        if self.json:
+            message = (
+                f"{check} {subject or '-'} client={client or '-'} state={state or '-'} "
+                f"action={action!r} reason={reason!r} latency={latency_ms:.2f}ms"
+            )
+            line = json.dumps(
+                {
+                    "time": round(now, 6), "level": "info", "logger": "policyd.decision", "message": message,
+                    "check": check, "subject": subject, "client": client, "state": state,
+                    "action": action, "reason": reason, "latency_ms": round(latency_ms, 3),
+                },
+                separators=(",", ":"),
+            )
+        else:
+            second = int(now)
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+            line = (
+                f"{self._stamp} INFO policyd.decision: {check} {subject or '-'} client={client or '-'} "
+                f"state={state or '-'} action={action!r} reason={reason!r} latency={latency_ms:.2f}ms"
+            )
+        try:
+            self.stream.write(line + "\n")
+        except (OSError, ValueError):
+            pass  # stdout gone (closed pipe): decisions still go to Postfix
+
+
+#: The decision log of this process, configured by :func:`setup`.
+decisions = DecisionLog()
+
+
 def setup(config: Log, stream: object = None) -> None:
     """Send policyd's logs to stdout in the configured format and level."""
-    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    handler = _LazyFlushHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
     root = logging.getLogger("policyd")
     for old in list(root.handlers):
@@ -50,6 +136,7 @@ def setup(config: Log, stream: object = None) -> None:
     root.setLevel(config.level.upper())
     root.propagate = False
     logging.getLogger("policyd.decision").disabled = not config.decisions
+    decisions.configure(config, handler.stream)
     _route_twisted_logs()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -13,6 +12,7 @@ from twisted.python.failure import Failure
 
 from policyd.checks import Verdict
 from policyd.config import Config, read_domain_list
+from policyd.logs import decisions
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.protocol import DUNNO, Action, Request
@@ -20,7 +20,6 @@ from policyd.quota import OutboundQuota
 from policyd.reputation import NetworkReputation
 from policyd.store import AuditEntry, Block, Store
 
-log = logging.getLogger("policyd.decision")
 errors = logging.getLogger("policyd.policy")
 
 #: policy_context values (set in Postfix's check_policy_service) and what they select.
@@ -83,29 +82,19 @@ class PolicyService:
         return verdict.addCallbacks(self._logged, self._failed, callbackArgs=(request, started))
 
     def _logged(self, verdict: Verdict, request: Request, started: float) -> Action:
+        seconds = time.perf_counter() - started
         if self.metrics is not None:
-            self.metrics.decided(verdict.check, verdict.action.word, time.perf_counter() - started)
-        if log.isEnabledFor(logging.INFO):
-            latency = (time.perf_counter() - started) * 1000
-            fields: dict[str, Any] = {
-                "check": verdict.check,
-                "subject": verdict.subject,
-                "client": request.get("client_address"),
-                "state": request.get("protocol_state"),
-                "action": str(verdict.action),
-                "reason": verdict.reason,
-                "latency_ms": round(latency, 3),
-            }
-            log.info(
-                "%s %s client=%s state=%s action=%r reason=%r latency=%.2fms",
+            self.metrics.decided(verdict.check, verdict.action.word, seconds)
+        if decisions.enabled:
+            attributes = request.attributes
+            decisions.write(
                 verdict.check,
-                verdict.subject or "-",
-                fields["client"] or "-",
-                fields["state"] or "-",
-                fields["action"],
+                verdict.subject,
+                attributes.get("client_address", ""),
+                attributes.get("protocol_state", ""),
+                str(verdict.action),
                 verdict.reason,
-                latency,
-                extra=fields,
+                seconds * 1000,
             )
         return verdict.action
 

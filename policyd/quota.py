@@ -126,6 +126,8 @@ class OutboundQuota:
         self.texts = Texts(config.language, config.templates)
         #: Block reasons by limit, rendered once.
         self._reasons: dict[int, str] = {}
+        #: Notification addresses by account, worked out once per configuration.
+        self._notify: dict[str, tuple[str, ...]] = {}
         self.on_error = ON_ERROR[config.store.on_error]
         self.blocked_word = "REJECT" if outbound.blocked_action == "reject" else "DEFER"
         self.blocked_code = "5.7.1" if outbound.blocked_action == "reject" else "4.7.1"
@@ -213,7 +215,7 @@ class OutboundQuota:
             reason=reason,
             instance=instance,
             client=request.get("client_address"),
-            notify=notice_recipients(self.config.notify, account),
+            notify=self._recipients(account),
         )
         if not admitted.called:
             admitted.addTimeout(self.deadline, self.clock)
@@ -241,6 +243,15 @@ class OutboundQuota:
             return Verdict(self.on_error, self.name, account, "store error (local recipient)")
 
         return looked_up.addCallbacks(decided, failed)
+
+    def _recipients(self, account: str) -> tuple[str, ...]:
+        """Who hears of a block of ``account``, worked out once per account."""
+        found = self._notify.get(account)
+        if found is None:
+            if len(self._notify) > 100_000:  # bounded: forget and start again
+                self._notify.clear()
+            found = self._notify[account] = notice_recipients(self.config.notify, account)
+        return found
 
     def refusal(self, block: Block) -> Action:
         """The reply to every attempt of a blocked account."""

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 
 from policyd import config as configuration
+from policyd import logs
 from policyd.config import Config
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics
@@ -67,6 +68,8 @@ class PolicyServer:
         self.http_port: IListeningPort | None = None
         self._gauges = LoopingCall(self.refresh_gauges)
         self._gauges.clock = reactor
+        self._log_flusher = LoopingCall(logs.flush)
+        self._log_flusher.clock = reactor
         self._pruner = LoopingCall(self.prune)
         self._pruner.clock = reactor
 
@@ -83,6 +86,7 @@ class PolicyServer:
         if self.config.listen.http:
             yield self.start_http()
         self._gauges.start(GAUGES_EVERY, now=True)
+        self._log_flusher.start(logs.FLUSH_EVERY, now=False)
         log.info(
             "policyd serving policy requests on %s (store %s, limit %d per %s)",
             self.config.listen.policy,
@@ -151,7 +155,7 @@ class PolicyServer:
     @inlineCallbacks
     def stop(self) -> Any:
         """Stop accepting, answer what is in flight (bounded), close the store."""
-        for loop in (self._pruner, self._gauges):
+        for loop in (self._pruner, self._gauges, self._log_flusher):
             if loop.running:
                 loop.stop()
         if self.http_port is not None:
@@ -171,6 +175,7 @@ class PolicyServer:
         yield DeferredList([stopping], consumeErrors=True)
         yield DeferredList([self.store.close()], consumeErrors=True)
         log.info("policyd stopped")
+        logs.flush()
 
 
 def _safe_url(url: str) -> str:
@@ -191,8 +196,6 @@ def run(path: str | None) -> None:
 
     reactor = install_reactor()
     config = configuration.load(path)
-    from policyd import logs
-
     logs.setup(config.log)
     server = PolicyServer(reactor, config, configuration.config_path(path))
     failure: list[BaseException] = []
