@@ -546,6 +546,347 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
     click.echo(f"decision at RCPT: {action}")
 
 
+# --- content scoring: milter, train, score, quarantine, prefs -------------------------
+
+
+@cli.command()
+@config_option
+def milter() -> None:
+    """Run the content-scoring milter in the foreground (Postfix smtpd_milters)."""
+    from policyd.scoring import run
+
+    run(chosen_config())
+
+
+def _mail_paths(paths: Sequence[str], option: str) -> list[Any]:
+    from pathlib import Path
+
+    found = []
+    for path in paths:
+        candidate = Path(path)
+        if not candidate.exists():
+            raise UsageError(f"{option} {path}: no such file or directory")
+        found.append(candidate)
+    return found
+
+
+@cli.command()
+@config_option
+@click.option("--ham", "ham", multiple=True, required=True, metavar="PATH",
+              help="Good mail: a Maildir, a directory of message files, or an mbox (repeatable).")
+@click.option("--spam", "spam", multiple=True, required=True, metavar="PATH",
+              help="Spam: a Maildir, a directory of message files, or an mbox (repeatable).")
+@click.option("--passes", type=click.IntRange(1, 50), default=None, help="Passes over the mail (default 6).")
+@json_option
+def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_json: bool) -> None:
+    """Train the content classifier and replace the model the milter and score use."""
+    import time
+
+    from policyd import classifier, content
+    from policyd.scoring import model_path
+
+    config = load_config()
+    sources = [(p, False) for p in _mail_paths(ham, "--ham")] + [(p, True) for p in _mail_paths(spam, "--spam")]
+    max_bytes = config.content.max_body
+    unreadable: list[str] = []
+
+    def examples() -> Any:
+        for path, is_spam in sources:
+            try:
+                for _where, raw in content.read_mail(path):
+                    yield content.extract(raw, max_bytes), is_spam
+            except OSError as error:
+                unreadable.append(f"{path}: {error.strerror or error}")
+
+    started = time.monotonic()
+    try:
+        model = classifier.train(examples(), passes=passes or classifier.PASSES)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if unreadable:
+        raise PolicydError("cannot read " + "; ".join(unreadable))
+    target = model_path(config)
+    model.info["sources"] = [str(p) for p, _ in sources]
+    try:
+        model.save(target)
+    except OSError as error:
+        raise PolicydError(f"cannot write the model {target}: {error.strerror or error}") from None
+    seconds = time.monotonic() - started
+    if as_json:
+        print_json({"model": str(target), "ham": model.info["ham"], "spam": model.info["spam"],
+                    "seconds": round(seconds, 1)})
+    else:
+        click.echo(
+            f"trained on {model.info['ham']} ham and {model.info['spam']} spam in {seconds:.1f}s; "
+            f"model written to {target}"
+        )
+
+
+def _messages_to_score(paths: Sequence[str]) -> Any:
+    """(shown path, file) for every message named: a file is one message; a directory holds many."""
+    import os
+    from pathlib import Path
+
+    from policyd import content
+
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            for file in content.message_files(path):
+                yield os.path.join(given, os.path.relpath(file, path)), file
+        else:
+            yield given, path
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--top", default=8, show_default=True, help="How many reasons to give.")
+@json_option
+def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
+    """Score messages (files, Maildirs, directories of files) and explain each score.
+
+    With --json, one line per message: {"path", "score", "spam", "content",
+    "network", "reasons"}.  spam is score >= content.tag_at.
+    """
+    from policyd import content
+    from policyd.scoring import ContentScorer, header_secret, load_model
+
+    config = load_config()
+    model, source = load_model(config)
+    scorer = ContentScorer(model, header_secret(config, create=False), config.content.max_body)
+    tag_at = config.content.tag_at
+    failed = 0
+    for shown, file in _messages_to_score(paths):
+        try:
+            raw = content.strip_from_line(file.read_bytes())
+        except OSError as error:
+            click.echo(f"policyd: error: {shown}: {error.strerror or error}", err=True)
+            failed += 1
+            continue
+        result = scorer.score(raw, explain=top)
+        spam = result.points >= tag_at
+        if as_json:
+            print_json(
+                {
+                    "path": shown,
+                    "score": result.points,
+                    "spam": spam,
+                    "content": result.content,
+                    "network": result.network,
+                    "reasons": [r.as_dict() for r in result.reasons],
+                }
+            )
+            continue
+        verdict = "SPAM" if spam else "not spam"
+        click.echo(
+            f"{shown}: score {result.points:.2f} -> {verdict} (tag_at {tag_at:g}; "
+            f"content {result.content:.2f}, network {result.network:g})"
+        )
+        if result.subject:
+            click.echo(f"  subject: {result.subject[:100]}")
+        if result.network:
+            click.echo(f"  network: +{result.network:g} from X-Policyd-Network ({result.network_reasons})")
+        for reason in result.reasons:
+            click.echo(f"  {reason.points:+7.2f}  {reason.feature[:80]}")
+    if not as_json:
+        click.echo(f"(model {source})", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def with_quarantine(work: Callable[[Any], Coroutine[Any, Any, T]], secret: bool = False) -> T:
+    """Open the store, run ``work(quarantine)``, close the store."""
+    from policyd.quarantine import Quarantine
+    from policyd.scoring import header_secret
+    from policyd.store import open_store
+
+    config = load_config()
+    key = header_secret(config, create=True) if secret else None
+
+    async def main(reactor: Any) -> T:
+        store = open_store(config.store.url, float(config.store.deadline))
+        try:
+            return await work(Quarantine(config, store, reactor, key))
+        finally:
+            await store.close()
+
+    return run_async(main)
+
+
+@cli.group("quarantine")
+def quarantine_group() -> None:
+    """Held spam: list, show, release, delete."""
+
+
+@quarantine_group.command("list")
+@config_option
+@click.option("--recipient", help="Only the mail held for this address.")
+@click.option("--limit", default=1000, show_default=True, help="How many entries.")
+@json_option
+def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
+    """List held messages, newest first."""
+    from policyd.quarantine import Quarantine
+    from policyd.store import Quarantined
+
+    async def work(quarantine: Quarantine) -> list[Quarantined]:
+        return await quarantine.entries(recipient, limit)
+
+    entries = with_quarantine(work)
+    if as_json:
+        for entry in entries:
+            print_json(entry.as_dict())
+        return
+    if not entries:
+        click.echo("the quarantine is empty")
+        return
+    print_table(
+        ["ID", "HELD", "EXPIRES", "RECIPIENT", "SENDER", "SCORE", "SUBJECT"],
+        [
+            (e.id, when(e.at), when(e.until), e.recipient, e.sender or "<>", f"{e.score:.1f}", e.subject[:60])
+            for e in entries
+        ],
+    )
+
+
+@quarantine_group.command("show")
+@config_option
+@click.argument("entry_id", metavar="ID", type=int)
+@click.option("--raw", is_flag=True, help="Print the whole message as it would be delivered.")
+@json_option
+def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
+    """Show held message ID: its details, headers and the start of its text."""
+    from policyd import content
+    from policyd.quarantine import Quarantine
+    from policyd.store import Quarantined
+
+    async def work(quarantine: Quarantine) -> tuple[Quarantined, bytes]:
+        return await quarantine.entry(entry_id)
+
+    entry, message = with_quarantine(work)
+    if raw:
+        sys.stdout.buffer.write(message)
+        sys.stdout.buffer.flush()
+        return
+    parsed = content.parse(message)
+    if as_json:
+        print_json(entry.as_dict() | {"headers": [[n, content.decode_header(str(v))] for n, v in parsed.items()]})
+        return
+    print_table(
+        ["FIELD", "VALUE"],
+        [
+            ("id", entry.id),
+            ("recipient", entry.recipient),
+            ("sender", entry.sender or "<>"),
+            ("client", entry.client or "-"),
+            ("queue id", entry.queue_id or "-"),
+            ("held", when(entry.at)),
+            ("expires", when(entry.until)),
+            ("score", f"{entry.score:.2f}"),
+            ("reasons", ", ".join(entry.reasons) or "-"),
+            ("size", entry.size),
+        ],
+    )
+    click.echo("")
+    for name, value in parsed.items():
+        click.echo(f"{name}: {content.decode_header(str(value))[:200]}")
+    text = content.extract(parsed).text
+    click.echo("")
+    click.echo(text[:800])
+
+
+@quarantine_group.command("release")
+@config_option
+@click.argument("entry_id", metavar="ID", type=int)
+@click.option("--reason", default="", help="A note for the audit log.")
+@by_option
+@json_option
+def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Deliver held message ID to its recipient (by SMTP through quarantine.smtp), then forget it."""
+    from policyd.quarantine import Quarantine
+    from policyd.store import Quarantined
+
+    async def work(quarantine: Quarantine) -> Quarantined:
+        return await quarantine.release(entry_id, who(by), reason)
+
+    entry = with_quarantine(work, secret=True)
+    if as_json:
+        print_json({"id": entry.id, "recipient": entry.recipient, "released": True})
+    else:
+        click.echo(f"quarantine #{entry.id} released to {entry.recipient}")
+
+
+@quarantine_group.command("delete")
+@config_option
+@click.argument("entry_id", metavar="ID", type=int)
+@click.option("--reason", default="", help="A note for the audit log.")
+@by_option
+@json_option
+def quarantine_delete(entry_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Forget held message ID without delivering it."""
+    from policyd.quarantine import Quarantine
+    from policyd.store import Quarantined
+
+    async def work(quarantine: Quarantine) -> Quarantined:
+        return await quarantine.delete(entry_id, who(by), reason)
+
+    entry = with_quarantine(work)
+    if as_json:
+        print_json({"id": entry.id, "recipient": entry.recipient, "deleted": True})
+    else:
+        click.echo(f"quarantine #{entry.id} for {entry.recipient} deleted")
+
+
+@cli.group()
+def prefs() -> None:
+    """Each recipient's choice for spam: inbox (tagged) or quarantine."""
+
+
+@prefs.command("set")
+@config_option
+@click.argument("address")
+@click.option("--spam", "choice", required=True, type=click.Choice(["inbox", "quarantine", "default"]),
+              help="inbox: delivered tagged; quarantine: held; default: quarantine.default.")
+@by_option
+@json_option
+def prefs_set(address: str, choice: str, by: str | None, as_json: bool) -> None:
+    """Choose what happens to spam for ADDRESS."""
+    from policyd.quarantine import Quarantine
+
+    spam = None if choice == "default" else choice
+
+    async def work(quarantine: Quarantine) -> str:
+        return await quarantine.set_choice(address, spam, who(by))
+
+    clean = with_quarantine(work)
+    if as_json:
+        print_json({"address": clean, "spam": choice})
+    else:
+        click.echo(f"spam for {clean}: {choice}")
+
+
+@prefs.command("show")
+@config_option
+@click.argument("addresses", nargs=-1, metavar="[ADDRESS]...")
+@json_option
+def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
+    """Show the spam choice of ADDRESSes (with the default), or every recorded choice."""
+    from policyd.quarantine import Quarantine
+
+    async def work(quarantine: Quarantine) -> dict[str, str]:
+        return await quarantine.choices(list(addresses) if addresses else None)
+
+    choices = with_quarantine(work)
+    if as_json:
+        for address, choice in choices.items():
+            print_json({"address": address, "spam": choice})
+        return
+    if not choices:
+        click.echo(f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})")
+        return
+    print_table(["ADDRESS", "SPAM"], sorted(choices.items()))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run a command, turning every error into one line and an exit status."""
     try:

@@ -136,6 +136,11 @@ def _codes(value: Any) -> None:
     parse_code_filter(value)
 
 
+def _nonempty(value: Any) -> None:
+    if not str(value).strip():
+        raise ValueError("must not be empty")
+
+
 def _field(default: Any, doc: str, check: Callable[[Any], None] | None = None) -> Any:
     """An attrs field with its documentation and an optional value check."""
     metadata = {"doc": doc, "check": check}
@@ -337,10 +342,28 @@ class Notify:
 class Content:
     """Content scoring by the milter (SPEC 6)."""
 
-    tag_at: float = _field(5.0, "Score from which the Subject is tagged.")
-    tag: str = _field("*{spam}*", "Subject prefix of tagged mail.")
-    model: str | None = _field(None, "Model file; default beside the store.")
-    max_body: int = _field(1024 * 1024, "Bytes of body scored.", _at_least(1024))
+    tag_at: float = _field(
+        5.0,
+        "Score (network + content points) from which a message is spam: Subject tagged, "
+        "X-Spam-* set, quarantine choices applied.  Content points are log2-odds: 5 is 32 to 1.",
+    )
+    tag: str = _field("*{spam}*", "Subject prefix of tagged mail.", _nonempty)
+    model: str | None = _field(
+        None,
+        "Model file written by policyd train and read by the milter and policyd score; default "
+        "content.model beside the SQLite store, else /var/lib/policyd/content.model.",
+    )
+    max_body: int = _field(
+        1024 * 1024,
+        "Bytes of a message scored (and kept in memory); a larger one is judged on its start, "
+        "which says what it is.",
+        _at_least(1024),
+    )
+    on_error: str = _field(
+        "accept",
+        "Milter reply when scoring fails: accept (mail flows unscored) or tempfail (the client retries).",
+        _one_of("accept", "tempfail"),
+    )
 
 
 @attrs.frozen
@@ -348,8 +371,14 @@ class Quarantine:
     """Where held mail waits."""
 
     default: str = _field("inbox", "Choice of recipients without one.", _one_of("inbox", "quarantine"))
-    retention: Duration = _field(Duration(30 * 86400), "How long held mail is kept.")
+    retention: Duration = _field(Duration(30 * 86400), "How long held mail is kept.", _at_least(60))
     smtp: str = _field("127.0.0.1:25", "host:port where released mail is re-injected.", _hostport)
+    max_size: int = _field(
+        32 * 1024 * 1024,
+        "Largest message the milter keeps for the quarantine (beyond: on disk, never in memory); "
+        "a larger spam is delivered tagged.  Above Postfix's 10 MB message_size_limit.",
+        _at_least(1024),
+    )
     preferences: str | None = _field(None, "File or Postfix table of address preferences.")
     digest_at: str | None = _field(None, "Time of the daily digest (HH:MM).")
     link_ttl: Duration = _field(Duration(7 * 86400), "Lifetime of release links.")

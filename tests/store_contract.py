@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest_twisted
 
-from policyd.store import AuditEntry, Block, Exemption, Outcome, Store
+from policyd.store import AuditEntry, Block, Exemption, Outcome, Quarantined, Store
 
 HOUR = 3600.0
 T0 = 1_700_000_000.0
@@ -215,3 +215,91 @@ async def test_accounts_seen(store: Store) -> None:
     assert not await store.account_seen("alice")
     await store.note_account("alice", now=T0)
     assert await store.account_seen("alice")
+
+
+def held(recipient: str = "bob@example.org", at: float = T0, keep: float = 30 * 86400, **more: object) -> Quarantined:
+    """A quarantine entry as the milter makes it (id 0: the store gives one)."""
+    fields: dict[str, object] = {
+        "id": 0,
+        "recipient": recipient,
+        "sender": "spammer@example.net",
+        "subject": "*{spam}* Gagnez un iPhone",
+        "score": 12.5,
+        "at": at,
+        "until": at + keep,
+        "size": 42,
+        "client": "192.0.2.7",
+        "queue_id": "4XyZ1",
+        "reasons": ("url:example.biz", "subject:gagnez"),
+    }
+    fields.update(more)
+    return Quarantined(**fields)  # type: ignore[arg-type]
+
+
+#: Bytes that are not UTF-8 and a CR LF: a held message comes back byte for byte.
+RAW = b"Subject: x\r\n\r\ncaf\xe9 \xff\x00 body\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_keeps_the_exact_message(store: Store) -> None:
+    """A held message gets an id and comes back with its description and exact bytes."""
+    first = await store.quarantine(held(), RAW)
+    second = await store.quarantine(held("carol@example.org"), b"other")
+    assert first.id and second.id and first.id != second.id
+    assert first == held(id=first.id)
+    found = await store.quarantined(first.id, now=T0 + 1)
+    assert found is not None
+    entry, message = found
+    assert entry == first and message == RAW
+    assert await store.quarantined(99999, now=T0) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_lists_newest_first_by_recipient(store: Store) -> None:
+    """Listing shows live entries, newest first, optionally for one recipient."""
+    a = await store.quarantine(held("bob@example.org", at=T0), b"a")
+    b = await store.quarantine(held("carol@example.org", at=T0 + 10), b"b")
+    c = await store.quarantine(held("bob@example.org", at=T0 + 20), b"c")
+    assert [e.id for e in await store.quarantine_list(now=T0 + 30)] == [c.id, b.id, a.id]
+    assert [e.id for e in await store.quarantine_list(now=T0 + 30, recipient="bob@example.org")] == [c.id, a.id]
+    assert [e.id for e in await store.quarantine_list(now=T0 + 30, limit=1)] == [c.id]
+    assert await store.quarantine_list(now=T0 + 30, recipient="nobody@example.org") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_delete(store: Store) -> None:
+    """A deleted entry is gone; deleting it again says so."""
+    entry = await store.quarantine(held(), RAW)
+    assert await store.quarantine_delete(entry.id) is True
+    assert await store.quarantined(entry.id, now=T0) is None
+    assert await store.quarantine_list(now=T0) == []
+    assert await store.quarantine_delete(entry.id) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_retention_expires(store: Store) -> None:
+    """Entries past their retention are neither listed nor shown, and expiry removes them."""
+    short = await store.quarantine(held(at=T0, keep=60), b"short")
+    long = await store.quarantine(held(at=T0, keep=3600), b"long")
+    assert await store.quarantined(short.id, now=T0 + 60) is None
+    assert [e.id for e in await store.quarantine_list(now=T0 + 60)] == [long.id]
+    assert await store.quarantine_expire(now=T0 + 60) == 1
+    assert await store.quarantine_expire(now=T0 + 60) == 0
+    assert await store.quarantine_delete(short.id) is False
+    assert (await store.quarantined(long.id, now=T0 + 60)) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_spam_preferences(store: Store) -> None:
+    """A recipient's spam choice is recorded, replaced, looked up in bulk and forgotten."""
+    assert await store.preferences(["bob@example.org"]) == {}
+    await store.set_preference("bob@example.org", "quarantine")
+    await store.set_preference("élodie@exemple.fr", "inbox")
+    await store.set_preference("bob@example.org", "inbox")
+    assert await store.preferences(["bob@example.org", "x@example.org", "bob@example.org"]) == {
+        "bob@example.org": "inbox"
+    }
+    assert await store.preferences() == {"bob@example.org": "inbox", "élodie@exemple.fr": "inbox"}
+    await store.set_preference("bob@example.org", None)
+    assert await store.preferences() == {"élodie@exemple.fr": "inbox"}
+    assert await store.preferences([]) == {}

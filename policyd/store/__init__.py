@@ -135,6 +135,47 @@ class AuditEntry:
         return attrs.asdict(self)
 
 
+#: Spam choices a recipient may make (``policyd prefs set ADDRESS --spam ...``).
+SPAM_CHOICES = ("inbox", "quarantine")
+
+
+@attrs.frozen
+class Quarantined:
+    """One message held in the quarantine for one recipient.
+
+    The message itself (bytes, as it would have been delivered: tagged) is
+    stored beside this description and read with :meth:`Store.quarantined`.
+
+    :ivar id: given by the store (0 before it is stored).
+    :ivar recipient: the envelope recipient it was held for.
+    :ivar sender: the envelope sender (empty for the null sender).
+    :ivar subject: the decoded Subject, for listings.
+    :ivar score: the spam score (network + content points).
+    :ivar at: when it was held.
+    :ivar until: when it expires (``quarantine.retention`` after ``at``).
+    :ivar size: bytes of the message.
+    :ivar client: the SMTP client address.
+    :ivar queue_id: Postfix's queue id, to find it in the mail log.
+    :ivar reasons: the main reasons of the score.
+    """
+
+    id: int
+    recipient: str
+    sender: str
+    subject: str
+    score: float
+    at: float
+    until: float
+    size: int
+    client: str = ""
+    queue_id: str = ""
+    reasons: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``--json`` and the admin API."""
+        return attrs.asdict(self, recurse=False) | {"reasons": list(self.reasons)}
+
+
 class Store(Protocol):
     """What the checks and the admin commands need from a state store."""
 
@@ -228,6 +269,29 @@ class Store(Protocol):
 
     def prune(self, *, now: float, window: float) -> Deferred[int]:
         """Forget counts older than the window and expired blocks."""
+
+    def quarantine(self, entry: Quarantined, message: bytes) -> Deferred[Quarantined]:
+        """Hold ``message`` for ``entry.recipient``; returns the entry with its id."""
+
+    def quarantined(self, entry_id: int, *, now: float) -> Deferred[tuple[Quarantined, bytes] | None]:
+        """One held message and its description; None when unknown or expired."""
+
+    def quarantine_list(
+        self, *, now: float, recipient: str | None = None, limit: int = 1000
+    ) -> Deferred[list[Quarantined]]:
+        """Held messages that have not expired (of one recipient, or all), newest first."""
+
+    def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
+        """Forget one held message; whether it was there."""
+
+    def quarantine_expire(self, *, now: float) -> Deferred[int]:
+        """Forget held messages whose retention has passed; returns how many."""
+
+    def set_preference(self, address: str, spam: str | None) -> Deferred[None]:
+        """Record what ``address`` wants done with its spam (``inbox`` or ``quarantine``); None forgets it."""
+
+    def preferences(self, addresses: Sequence[str] | None = None) -> Deferred[dict[str, str]]:
+        """The recorded choices of ``addresses`` (those without one are left out), or of everyone."""
 
     def close(self) -> Deferred[None]:
         """Flush and release the store."""

@@ -16,6 +16,7 @@ from policyd.store import (
     Exemption,
     Notice,
     Outcome,
+    Quarantined,
 )
 
 
@@ -39,6 +40,9 @@ class MemoryStore:
         self.outbox: dict[int, _Queued] = {}
         self.exempt: dict[int, Exemption] = {}
         self.accounts: dict[str, float] = {}
+        self.held: dict[int, tuple[Quarantined, bytes]] = {}
+        self.held_sequence = 0
+        self.spam_choices: dict[str, str] = {}
 
     def _window(self, account: str, now: float, window: float) -> deque[tuple[float, str, str]]:
         sends = self.sends.setdefault(account, deque())
@@ -189,6 +193,56 @@ class MemoryStore:
         for account in list(self.live_blocks):
             self._live(account, now)
         return succeed(before - sum(len(s) for s in self.sends.values()))
+
+    def quarantine(self, entry: Quarantined, message: bytes) -> Deferred[Quarantined]:
+        """See :meth:`policyd.store.Store.quarantine`."""
+        self.held_sequence += 1
+        entry = attrs.evolve(entry, id=self.held_sequence)
+        self.held[entry.id] = (entry, bytes(message))
+        return succeed(entry)
+
+    def quarantined(self, entry_id: int, *, now: float) -> Deferred[tuple[Quarantined, bytes] | None]:
+        """See :meth:`policyd.store.Store.quarantined`."""
+        found = self.held.get(entry_id)
+        if found is None or found[0].until <= now:
+            return succeed(None)
+        return succeed(found)
+
+    def quarantine_list(
+        self, *, now: float, recipient: str | None = None, limit: int = 1000
+    ) -> Deferred[list[Quarantined]]:
+        """See :meth:`policyd.store.Store.quarantine_list`."""
+        live = [
+            entry
+            for entry, _ in self.held.values()
+            if entry.until > now and (recipient is None or entry.recipient == recipient)
+        ]
+        return succeed(sorted(live, key=lambda e: (-e.at, -e.id))[:limit])
+
+    def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.quarantine_delete`."""
+        return succeed(self.held.pop(entry_id, None) is not None)
+
+    def quarantine_expire(self, *, now: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.quarantine_expire`."""
+        old = [i for i, (entry, _) in self.held.items() if entry.until <= now]
+        for entry_id in old:
+            del self.held[entry_id]
+        return succeed(len(old))
+
+    def set_preference(self, address: str, spam: str | None) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.set_preference`."""
+        if spam is None:
+            self.spam_choices.pop(address, None)
+        else:
+            self.spam_choices[address] = spam
+        return succeed(None)
+
+    def preferences(self, addresses: Sequence[str] | None = None) -> Deferred[dict[str, str]]:
+        """See :meth:`policyd.store.Store.preferences`."""
+        if addresses is None:
+            return succeed(dict(sorted(self.spam_choices.items())))
+        return succeed({a: self.spam_choices[a] for a in addresses if a in self.spam_choices})
 
     def close(self) -> Deferred[None]:
         """Nothing to flush."""

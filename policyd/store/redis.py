@@ -31,6 +31,12 @@ Keys, all under ``policyd:``:
     hash of exemption id -> JSON exemption; ids from the sequence.
 ``policyd:accounts``
     hash of account -> last time it was noted authenticating.
+``policyd:quarantine``, ``policyd:quarantine:<id>`` and ``policyd:quarantine-seq``
+    held messages: a sorted set of id -> expiry time, and a hash per
+    message (``entry``: its JSON description, ``message``: the bytes) that
+    expires by itself at the end of its retention.
+``policyd:preferences``
+    hash of recipient address -> spam choice (``inbox`` or ``quarantine``).
 ``policyd:outbox`` and ``policyd:notice:<id>``
     the notification outbox: a sorted set of notice id -> when it is due,
     and a hash per notice (kind, recipient, JSON payload, created, attempts,
@@ -80,6 +86,7 @@ from policyd.store import (
     Exemption,
     Notice,
     Outcome,
+    Quarantined,
 )
 
 T = TypeVar("T")
@@ -95,6 +102,9 @@ _EXEMPTIONS = PREFIX + "exemptions"
 _EXEMPTION_SEQUENCE = PREFIX + "exemption-seq"
 _ACCOUNTS = PREFIX + "accounts"
 _NOTICE_SEQUENCE = PREFIX + "notice-seq"
+_QUARANTINE = PREFIX + "quarantine"
+_QUARANTINE_SEQUENCE = PREFIX + "quarantine-seq"
+_PREFERENCES = PREFIX + "preferences"
 
 #: Audit entries kept: admin actions are a few a day, so this is years of
 #: history, while the list stays bounded in memory.
@@ -769,6 +779,111 @@ class RedisStore:
 
         return self._call(work, "prune")
 
+    # --- quarantine and preferences ------------------------------------------------
+
+    def quarantine(self, entry: Quarantined, message: bytes) -> Deferred[Quarantined]:
+        """See :meth:`policyd.store.Store.quarantine`."""
+
+        async def work() -> Quarantined:
+            held = attrs.evolve(entry, id=int(await self.client.incr(_QUARANTINE_SEQUENCE)))
+            key = f"{_QUARANTINE}:{held.id}"
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hset(key, mapping={"entry": json.dumps(held.as_dict()), "message": message})
+            pipe.pexpire(key, _ms(held.until - held.at))
+            pipe.zadd(_QUARANTINE, {str(held.id): repr(held.until)})
+            await pipe.execute()
+            return held
+
+        return self._call(work, "quarantine")
+
+    def quarantined(self, entry_id: int, *, now: float) -> Deferred[tuple[Quarantined, bytes] | None]:
+        """See :meth:`policyd.store.Store.quarantined`."""
+
+        async def work() -> tuple[Quarantined, bytes] | None:
+            entry, message = cast(
+                list[str | None], await self.client.hmget(f"{_QUARANTINE}:{entry_id}", ["entry", "message"])
+            )
+            if entry is None or message is None:
+                return None
+            held = _held(entry)
+            if held.until <= now:
+                return None
+            # Values come back decoded with surrogateescape: encoding the same
+            # way gives back the exact bytes stored.
+            return held, message.encode("utf-8", "surrogateescape")
+
+        return self._call(work, "quarantined message")
+
+    def quarantine_list(
+        self, *, now: float, recipient: str | None = None, limit: int = 1000
+    ) -> Deferred[list[Quarantined]]:
+        """See :meth:`policyd.store.Store.quarantine_list`."""
+
+        async def work() -> list[Quarantined]:
+            ids = cast(list[str], await self.client.zrangebyscore(_QUARANTINE, f"({now!r}", "+inf"))
+            found: list[Quarantined] = []
+            for start in range(0, len(ids), 1000):
+                pipe = self.client.pipeline(transaction=False)
+                for entry_id in ids[start : start + 1000]:
+                    pipe.hget(f"{_QUARANTINE}:{entry_id}", "entry")
+                found += [_held(e) for e in await pipe.execute() if e is not None]
+            chosen = [e for e in found if recipient is None or e.recipient == recipient]
+            return sorted(chosen, key=lambda e: (-e.at, -e.id))[:limit]
+
+        return self._call(work, "quarantine list")
+
+    def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.quarantine_delete`."""
+
+        async def work() -> bool:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(f"{_QUARANTINE}:{entry_id}")
+            pipe.zrem(_QUARANTINE, str(entry_id))
+            deleted, _ = await pipe.execute()
+            return bool(deleted)
+
+        return self._call(work, "quarantine delete")
+
+    def quarantine_expire(self, *, now: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.quarantine_expire`."""
+
+        async def work() -> int:
+            ids = cast(list[str], await self.client.zrangebyscore(_QUARANTINE, "-inf", repr(now)))
+            if not ids:
+                return 0
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(*(f"{_QUARANTINE}:{i}" for i in ids))
+            pipe.zrem(_QUARANTINE, *ids)
+            await pipe.execute()
+            return len(ids)
+
+        return self._call(work, "quarantine expiry")
+
+    def set_preference(self, address: str, spam: str | None) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.set_preference`."""
+
+        async def work() -> None:
+            if spam is None:
+                await self.client.hdel(_PREFERENCES, address)
+            else:
+                await self.client.hset(_PREFERENCES, address, spam)
+
+        return self._call(work, "set preference")
+
+    def preferences(self, addresses: Sequence[str] | None = None) -> Deferred[dict[str, str]]:
+        """See :meth:`policyd.store.Store.preferences`."""
+
+        async def work() -> dict[str, str]:
+            if addresses is None:
+                return dict(sorted(cast(dict[str, str], await self.client.hgetall(_PREFERENCES)).items()))
+            wanted = list(dict.fromkeys(addresses))
+            if not wanted:
+                return {}
+            values = cast(list[str | None], await self.client.hmget(_PREFERENCES, wanted))
+            return {a: v for a, v in zip(wanted, values, strict=True) if v is not None}
+
+        return self._call(work, "preferences")
+
     def close(self) -> Deferred[None]:
         """Close the connection pool (and the sentinels' connections)."""
 
@@ -781,6 +896,13 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.name!r}, deadline={self.deadline!r})"
+
+
+def _held(text: str) -> Quarantined:
+    """A quarantine entry from its JSON description."""
+    data = json.loads(text)
+    data["reasons"] = tuple(data.get("reasons", ()))
+    return Quarantined(**data)
 
 
 def _block(account: str, fields: Sequence[Any]) -> Block:

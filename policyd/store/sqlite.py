@@ -34,6 +34,7 @@ from policyd.store import (
     Exemption,
     Notice,
     Outcome,
+    Quarantined,
 )
 
 T = TypeVar("T")
@@ -86,6 +87,26 @@ CREATE TABLE IF NOT EXISTS accounts (
     account   TEXT PRIMARY KEY,
     last_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    id        INTEGER PRIMARY KEY,
+    recipient TEXT NOT NULL,
+    sender    TEXT NOT NULL,
+    subject   TEXT NOT NULL,
+    score     REAL NOT NULL,
+    at        REAL NOT NULL,
+    until     REAL NOT NULL,
+    size      INTEGER NOT NULL,
+    client    TEXT NOT NULL,
+    queue_id  TEXT NOT NULL,
+    reasons   TEXT NOT NULL,
+    message   BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS quarantine_by_recipient ON quarantine (recipient, at);
+CREATE INDEX IF NOT EXISTS quarantine_by_expiry ON quarantine (until);
+CREATE TABLE IF NOT EXISTS preferences (
+    address TEXT PRIMARY KEY,
+    spam    TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     id      INTEGER PRIMARY KEY,
     at      REAL NOT NULL,
@@ -95,6 +116,14 @@ CREATE TABLE IF NOT EXISTS audit (
     reason  TEXT NOT NULL
 );
 """
+
+
+def _held(row: Sequence[Any]) -> Quarantined:
+    """A quarantine entry from its row (the columns of the table, in order, without the message)."""
+    entry_id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons = row
+    return Quarantined(
+        entry_id, recipient, sender, subject, score, at, until, size, client, queue_id, tuple(json.loads(reasons))
+    )
 
 
 def _block(row: tuple[str, float, float, str, int, str, str]) -> Block:
@@ -484,6 +513,113 @@ class SQLiteStore:
             return removed
 
         return self._run(work, write=True)
+
+    def quarantine(self, entry: Quarantined, message: bytes) -> Deferred[Quarantined]:
+        """See :meth:`policyd.store.Store.quarantine`."""
+
+        def work(db: sqlite3.Connection) -> Quarantined:
+            cursor = db.execute(
+                "INSERT INTO quarantine (recipient, sender, subject, score, at, until, size, client, "
+                "queue_id, reasons, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.recipient,
+                    entry.sender,
+                    entry.subject,
+                    entry.score,
+                    entry.at,
+                    entry.until,
+                    entry.size,
+                    entry.client,
+                    entry.queue_id,
+                    json.dumps(list(entry.reasons)),
+                    sqlite3.Binary(message),
+                ),
+            )
+            return attrs.evolve(entry, id=int(cursor.lastrowid or 0))
+
+        return self._run(work, write=True)
+
+    def quarantined(self, entry_id: int, *, now: float) -> Deferred[tuple[Quarantined, bytes] | None]:
+        """See :meth:`policyd.store.Store.quarantined`."""
+
+        def work(db: sqlite3.Connection) -> tuple[Quarantined, bytes] | None:
+            row = db.execute(
+                "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons, message FROM quarantine WHERE id = ? AND until > ?", (entry_id, now)
+            ).fetchone()
+            return None if row is None else (_held(row[:-1]), bytes(row[-1]))
+
+        return self._run(work)
+
+    def quarantine_list(
+        self, *, now: float, recipient: str | None = None, limit: int = 1000
+    ) -> Deferred[list[Quarantined]]:
+        """See :meth:`policyd.store.Store.quarantine_list`."""
+
+        def work(db: sqlite3.Connection) -> list[Quarantined]:
+            if recipient is None:
+                rows = db.execute(
+                    "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons FROM quarantine "
+                    "WHERE until > ? ORDER BY at DESC, id DESC LIMIT ?",
+                    (now, limit),
+                )
+            else:
+                rows = db.execute(
+                    "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons FROM quarantine "
+                    "WHERE recipient = ? AND until > ? "
+                    "ORDER BY at DESC, id DESC LIMIT ?",
+                    (recipient, now, limit),
+                )
+            return [_held(row) for row in rows]
+
+        return self._run(work)
+
+    def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.quarantine_delete`."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM quarantine WHERE id = ?", (entry_id,)).rowcount > 0
+
+        return self._run(work, write=True)
+
+    def quarantine_expire(self, *, now: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.quarantine_expire`."""
+
+        def work(db: sqlite3.Connection) -> int:
+            return int(db.execute("DELETE FROM quarantine WHERE until <= ?", (now,)).rowcount)
+
+        return self._run(work, write=True)
+
+    def set_preference(self, address: str, spam: str | None) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.set_preference`."""
+
+        def work(db: sqlite3.Connection) -> None:
+            if spam is None:
+                db.execute("DELETE FROM preferences WHERE address = ?", (address,))
+            else:
+                db.execute("INSERT OR REPLACE INTO preferences (address, spam) VALUES (?, ?)", (address, spam))
+
+        return self._run(work, write=True)
+
+    def preferences(self, addresses: Sequence[str] | None = None) -> Deferred[dict[str, str]]:
+        """See :meth:`policyd.store.Store.preferences`."""
+
+        def work(db: sqlite3.Connection) -> dict[str, str]:
+            if addresses is None:
+                return dict(db.execute("SELECT address, spam FROM preferences ORDER BY address"))
+            found: dict[str, str] = {}
+            wanted = list(dict.fromkeys(addresses))
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    db.execute(
+                        "SELECT address, spam FROM preferences WHERE address IN (" + marks + ")",  # noqa: S608
+                        chunk,
+                    )
+                )
+            return found
+
+        return self._run(work)
 
     def close(self) -> Deferred[None]:
         """Commit pending writes, checkpoint the log into the database and close it."""
