@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -107,6 +108,7 @@ class DecisionLog:
                 separators=(",", ":"),
             )
         else:
+            subject, client, reason = _printable(subject), _printable(client), _printable(reason)
             second = int(now)
             if second != self._second:
                 self._second = second
@@ -121,12 +123,22 @@ class DecisionLog:
             pass  # stdout gone (closed pipe): decisions still go to Postfix
 
 
+def _printable(text: str) -> str:
+    """Text with anything unprintable (line separators, controls, stray bytes) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{{{ord(c):x}}}" for c in text)
+
+
 #: The decision log of this process, configured by :func:`setup`.
 decisions = DecisionLog()
 
 
 def setup(config: Log, stream: object = None) -> None:
     """Send policyd's logs to stdout in the configured format and level."""
+    if stream is None and isinstance(sys.stdout, io.TextIOWrapper):
+        # Never drop a line for a byte the locale cannot write.
+        sys.stdout.reconfigure(errors="backslashreplace")
     handler = _LazyFlushHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if config.format == "json" else TextFormatter())
     root = logging.getLogger("policyd")

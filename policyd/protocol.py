@@ -195,6 +195,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 if self._closing:
                     return
             rest = buffer[start:]
+            if rest.startswith(b"\n"):
+                rest = rest.lstrip(b"\n")  # stray empty lines before a request
             if rest:
                 # Check what is complete of the next request now, so garbage
                 # is refused at once rather than when an empty line comes.
@@ -342,6 +344,7 @@ class PolicyFactory(Factory):
         self.on_bad_request: Callable[[], None] | None = None
         self.connections: set[PolicyProtocol] = set()
         self._drained: list[Deferred[None]] = []
+        self._closed_waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> PolicyProtocol | None:  # type: ignore[override]
         """Refuse clients outside ``allowed_clients`` and beyond the connection bound."""
@@ -366,11 +369,25 @@ class PolicyFactory(Factory):
         if self.on_close is not None:
             self.on_close(protocol)
         self.idle()
+        self._check_closed()
 
     def idle(self) -> None:
         """Fire drain waiters once no connection has a request in flight."""
         if self._drained and not any(c.busy for c in self.connections):
             waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def all_closed(self) -> Deferred[None]:
+        """Fires once no connection is left open."""
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        self._check_closed()
+        return waiter
+
+    def _check_closed(self) -> None:
+        if self._closed_waiters and not self.connections:
+            waiters, self._closed_waiters = self._closed_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 

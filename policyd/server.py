@@ -30,6 +30,9 @@ log = logging.getLogger("policyd.server")
 #: policy reply after 100 s by default, but a stop must not hang.
 DRAIN_BOUND = 10.0
 
+#: Longest wait, after the drain, for replies to leave before connections are cut.
+CLOSE_BOUND = 2.0
+
 #: How often old counts are pruned from the store.
 PRUNE_EVERY = 60.0
 
@@ -76,11 +79,16 @@ class PolicyServer:
     @inlineCallbacks
     def start(self) -> Any:
         """Listen and start housekeeping; fires with the listening port."""
-        endpoint = serverFromString(self.reactor, self.config.listen.policy)
+        where = self.config.listen.policy
+        try:
+            endpoint = serverFromString(self.reactor, where)
+        except (KeyError, IndexError, ValueError) as error:
+            detail = "no socket was passed by systemd" if where.startswith("systemd:") else str(error)
+            raise PolicydError(f"listen.policy: cannot use {where}: {detail}") from None
         try:
             self.port = yield endpoint.listen(self.factory)
         except Exception as error:
-            raise PolicydError(f"listen.policy: cannot listen on {self.config.listen.policy}: {error}") from None
+            raise PolicydError(f"listen.policy: cannot listen on {where}: {error}") from None
         self._pruner.start(PRUNE_EVERY, now=False)
         self.notifier.start()
         if self.config.listen.http:
@@ -169,8 +177,15 @@ class PolicyServer:
             yield drained
         except Exception:
             log.warning("shutdown: requests still in flight after %ss; closing anyway", DRAIN_BOUND)
+        # Let the replies already written reach their clients before the
+        # reactor goes: wait (bounded) until every connection has closed.
+        closed = self.factory.all_closed()
         for connection in list(self.factory.connections):
             connection.transport.loseConnection()
+        closed.addTimeout(CLOSE_BOUND, self.reactor)
+        yield DeferredList([closed], consumeErrors=True)
+        for connection in list(self.factory.connections):
+            connection.transport.abortConnection()
         stopping.addTimeout(DRAIN_BOUND, self.reactor)
         yield DeferredList([stopping], consumeErrors=True)
         yield DeferredList([self.store.close()], consumeErrors=True)
@@ -192,6 +207,10 @@ def run(path: str | None) -> None:
 
     :raises PolicydError: when the configuration, store or listener fails.
     """
+    # A SIGHUP before the reactor runs (systemctl reload right after start)
+    # must not kill the process: remember it and reload once running.
+    early: list[int] = []
+    signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
     from policyd.reactor import install_reactor
 
     reactor = install_reactor()
@@ -214,6 +233,8 @@ def run(path: str | None) -> None:
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.reload))
+    if early:
+        reactor.callWhenRunning(server.reload)
     reactor.run()
     if failure:
         raise failure[0] if isinstance(failure[0], PolicydError) else PolicydError(str(failure[0]))

@@ -251,3 +251,14 @@ def test_drained_waits_for_requests_in_flight() -> None:
     assert not done.called
     decide.pending[0].callback(DUNNO)
     assert done.called
+
+
+def test_large_request_after_an_empty_line_split_across_reads() -> None:
+    """A request over max_line bytes after a stray empty line is accepted however it is split."""
+    decide = Recorder()
+    protocol, transport, _, _ = connect(decide)
+    big = encode(rcpt(recipient="x@y.z", ccert_subject="s" * 4000, ccert_issuer="i" * 4000, stress="t" * 2000))
+    protocol.dataReceived(b"\n" + big[:9000])
+    protocol.dataReceived(big[9000:])
+    assert not transport.disconnecting
+    assert transport.value() == b"action=OK x@y.z\n\n"
