@@ -111,7 +111,7 @@ def installed_units(tmp_path: Path) -> Iterator[Path]:
 def test_units_pass_systemd_analyze_verify(installed_units: Path) -> None:
     """systemd-analyze verify accepts every unit, with no warning at all."""
     names = sorted(p.name for p in installed_units.iterdir())
-    assert {"policyd.service", "policyd.socket"} <= set(names)
+    assert {"policyd.service", "policyd.socket", "policyd-milter.service"} <= set(names)
     result = analyze("verify", *(str(installed_units / n) for n in names))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout + result.stderr == "", result.stdout + result.stderr
@@ -131,13 +131,14 @@ def test_verify_would_catch_a_broken_unit(installed_units: Path) -> None:
     assert "/nonexistent/policyd is not executable" in result.stderr
 
 
-def test_service_exposure_score(installed_units: Path) -> None:
-    """systemd-analyze security rates policyd.service at most MAX_EXPOSURE, with the required settings."""
-    service = str(installed_units / "policyd.service")
+@pytest.mark.parametrize("name", ["policyd.service", "policyd-milter.service"])
+def test_service_exposure_score(installed_units: Path, name: str) -> None:
+    """systemd-analyze security rates each service at most MAX_EXPOSURE, with the required settings."""
+    service = str(installed_units / name)
     threshold = str(round(MAX_EXPOSURE * 10))  # --threshold is on the 0..100 scale
     result = analyze("security", "--offline=yes", f"--threshold={threshold}", service)
     assert result.returncode == 0, result.stdout + result.stderr
-    found = re.search(r"Overall exposure level for policyd\.service: (\d+\.\d) (\w+)", result.stdout)
+    found = re.search(rf"Overall exposure level for {re.escape(name)}: (\d+\.\d) (\w+)", result.stdout)
     assert found, result.stdout
     score, verdict = float(found.group(1)), found.group(2)
     assert score <= MAX_EXPOSURE and verdict in ("SAFE", "OK"), found.group(0)
