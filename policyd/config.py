@@ -88,6 +88,12 @@ def _one_of(*choices: str) -> Callable[[Any], None]:
     return check
 
 
+def _levels(value: Any) -> None:
+    for component, level in value.items():
+        if level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"{component}: must be one of debug, info, warning, error")
+
+
 def _endpoint(value: Any) -> None:
     if value is None:
         return
@@ -415,6 +421,12 @@ class Log:
     level: str = _field("info", "debug, info, warning or error.", _one_of("debug", "info", "warning", "error"))
     format: str = _field("text", "text for people, json for journald and collectors.", _one_of("text", "json"))
     decisions: bool = _field(True, "One line per policy decision.")
+    components: dict[str, str] = _field(
+        {},
+        "Level per component, overriding log.level: quota, reputation, dns, notify, "
+        "protocol, milter, http, ... (the part after 'policyd.' in a line's logger name).",
+        _levels,
+    )
 
 
 @attrs.frozen

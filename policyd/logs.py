@@ -85,7 +85,8 @@ class DecisionLog:
 
     def configure(self, config: Log, stream: Any) -> None:
         """Follow the configuration: format, level, ``log.decisions``."""
-        self.enabled = config.decisions and logging.INFO >= logging.getLevelName(config.level.upper())
+        level = config.components.get("decision", config.level)
+        self.enabled = config.decisions and logging.INFO >= logging.getLevelName(level.upper())
         self.json = config.format == "json"
         self.stream = stream
 
@@ -148,6 +149,8 @@ def setup(config: Log, stream: object = None) -> None:
     root.setLevel(config.level.upper())
     root.propagate = False
     logging.getLogger("policyd.decision").disabled = not config.decisions
+    for component, level in config.components.items():
+        logging.getLogger(f"policyd.{component}").setLevel(level.upper())
     decisions.configure(config, handler.stream)
     _route_twisted_logs()
 

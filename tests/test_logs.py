@@ -154,3 +154,34 @@ def test_decision_lines_can_be_turned_off(tmp_path: Path, log: str, shown: list[
         assert text in output, (text, output)
     for text in hidden:
         assert text not in output, (text, output)
+
+
+def test_level_per_component() -> None:
+    """log.components sets one component's level; 'decision: warning' silences decision lines."""
+    import io
+    import logging
+
+    from policyd import logs
+    from tests.conftest import make_config
+
+    stream = io.StringIO()
+    config = make_config("log:\n  level: warning\n  components:\n    quota: debug\n    decision: warning\n")
+    logs.setup(config.log, stream=stream)
+    try:
+        logging.getLogger("policyd.quota").debug("quota detail")
+        logging.getLogger("policyd.notify").info("notify chatter")
+        assert not logs.decisions.enabled
+        logs.flush()
+        assert "quota detail" in stream.getvalue() and "notify chatter" not in stream.getvalue()
+    finally:
+        logging.getLogger("policyd.quota").setLevel(logging.NOTSET)
+        logs.setup(make_config("").log, stream=io.StringIO())
+
+
+def test_component_levels_are_validated() -> None:
+    """An unknown level for a component is a config error naming the key."""
+    from policyd.errors import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match="log.components: quota: must be one of"):
+        make_config("log:\n  components:\n    quota: loud\n")
