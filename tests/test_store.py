@@ -126,3 +126,37 @@ def test_root_hands_new_files_to_the_state_directory_owner(tmp_path: Path) -> No
     assert ("state.db", 4242, 4343) in owners
     assert all(uid == 4242 for _, uid, _ in owners)
     sqlite.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_windows_in_memory_follow_other_writers(tmp_path: Path) -> None:
+    """A server's in-memory windows see another process's unblock and counts at once."""
+    path = str(tmp_path / "state.db")
+    server, admin = SQLiteStore(path, reactor=reactor), SQLiteStore(path)
+    for _ in range(4):
+        await admit(server)
+    assert (await admit(server)).outcome is Outcome.BLOCKED
+    await admin.unblock("alice", now=T0)
+    assert (await admit(server)).count == 1
+    assert (await admit(admin)).count == 2  # the other process counts on top
+    assert (await admit(server)).count == 3  # ... and the server sees it
+    blocked = await admit(server)
+    assert blocked.outcome is Outcome.NEWLY_BLOCKED and blocked.count == 3
+    await server.close()
+    await admin.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_checkpoints_run_in_a_thread(tmp_path: Path) -> None:
+    """A server's store copies the log into the database file by itself, off the reactor thread."""
+    from twisted.internet.task import deferLater
+
+    path = tmp_path / "state.db"
+    server = SQLiteStore(str(path), reactor=reactor)
+    empty = path.stat().st_size
+    for n in range(2000):
+        await server.admit(f"user{n}", now=T0, window=HOUR, limit=10, block_for=60, reason="r")
+    assert (tmp_path / "state.db-wal").stat().st_size > 0
+    await deferLater(reactor, 2.5, lambda: None)
+    assert path.stat().st_size > empty
+    await server.close()

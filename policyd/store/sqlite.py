@@ -7,7 +7,14 @@ write of the log pages), so a server groups them: every write made during
 one turn of the reactor shares one transaction, committed on the next turn,
 and only then do their Deferreds fire, so no reply goes out before its count
 is in the log.  WAL with ``synchronous=NORMAL`` makes a commit a write
-without an fsync.  ``BEGIN IMMEDIATE`` takes the write lock before reading,
+without an fsync; a server moves the checkpoints, which do sync, to a
+thread, so no reply waits for the disk.
+
+Each account's window is also kept in memory while this connection is the
+only writer: ``PRAGMA data_version``, read once per transaction under the
+write lock, tells when another process (an admin command, another server)
+has written, and the copy is then dropped and read again.  A decision is
+then one INSERT, whatever the account's count.  ``BEGIN IMMEDIATE`` takes the write lock before reading,
 so several processes on one file (the server and an admin command, or two
 servers) never count past the limit.
 """
@@ -15,15 +22,20 @@ servers) never count past the limit.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 
 from policyd.errors import StoreError
 from policyd.store import (
@@ -38,6 +50,8 @@ from policyd.store import (
 )
 
 T = TypeVar("T")
+
+log = logging.getLogger("policyd.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sends (
@@ -131,6 +145,23 @@ def _block(row: tuple[str, float, float, str, int, str, str]) -> Block:
     return Block(account, since, until, reason, count, tuple(json.loads(clients)), by)
 
 
+class _Window:
+    """An account's counted recipients (times, oldest first) and live block, in memory."""
+
+    __slots__ = ("block", "sends", "window")
+
+    def __init__(self, sends: deque[float], block: Block | None, window: float) -> None:
+        self.sends = sends
+        self.block = block
+        self.window = window
+
+
+#: Accounts whose window is kept in memory; beyond it the copy starts afresh.
+CACHE_ACCOUNTS = 100_000
+#: Seconds between two checkpoints of the log, in a thread (server only).
+CHECKPOINT_EVERY = 1.0
+
+
 class SQLiteStore:
     """State in one SQLite file.
 
@@ -147,6 +178,11 @@ class SQLiteStore:
         self.reactor = reactor
         #: Writes of the open group transaction, waiting for its commit.
         self._group: list[tuple[Deferred[Any], Any]] = []
+        #: Accounts' windows in memory, valid while ``_version`` holds.
+        self._windows: dict[str, _Window] = {}
+        self._version = -1
+        self._checkpointing = False
+        self._checkpointer: LoopingCall | None = None
         try:
             if path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -156,8 +192,37 @@ class SQLiteStore:
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.executescript(_SCHEMA)
             self._give_files_to_directory_owner()
+            if reactor is not None and IReactorThreads.providedBy(reactor) and path != ":memory:":
+                # Checkpoints sync the disk: do them in a thread, not in a commit.
+                self.db.execute("PRAGMA wal_autocheckpoint = 0")
+                self._checkpointer = LoopingCall(self._checkpoint)
+                self._checkpointer.clock = reactor
+                self._checkpointer.start(CHECKPOINT_EVERY, now=False)
         except (sqlite3.Error, OSError) as error:
             raise StoreError(f"cannot open SQLite store {path}: {error}") from None
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database from a thread (PASSIVE: never blocks writers)."""
+        if self._checkpointing:
+            return
+        self._checkpointing = True
+        path = self.path
+
+        def work() -> None:
+            connection = sqlite3.connect(path, timeout=1.0)
+            try:
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                connection.close()
+
+        def failed(failure: Failure) -> None:
+            log.warning("SQLite checkpoint of %s failed: %s", path, failure.getErrorMessage())
+
+        def done(_: object) -> None:
+            self._checkpointing = False
+
+        reactor: Any = self.reactor
+        deferToThreadPool(reactor, reactor.getThreadPool(), work).addErrback(failed).addBoth(done)
 
     def _give_files_to_directory_owner(self) -> None:
         """When root (an admin command) creates the files, hand them to the service user.
@@ -182,12 +247,13 @@ class SQLiteStore:
         db = self.db
         try:
             if write:
-                db.execute("BEGIN IMMEDIATE")
+                self._begin(db)
             try:
                 result = work(db)
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                    self._windows.clear()
                 raise
             if db.in_transaction:
                 db.execute("COMMIT")
@@ -201,7 +267,7 @@ class SQLiteStore:
         db = self.db
         try:
             if not db.in_transaction:
-                db.execute("BEGIN IMMEDIATE")
+                self._begin(db)
                 self.reactor.callLater(0, self._commit)
             result = work(db)
         except sqlite3.Error as error:
@@ -212,6 +278,14 @@ class SQLiteStore:
         waiting: Deferred[T] = Deferred()
         self._group.append((waiting, result))
         return waiting
+
+    def _begin(self, db: sqlite3.Connection) -> None:
+        """Take the write lock; forget the windows in memory if another connection wrote."""
+        db.execute("BEGIN IMMEDIATE")
+        (version,) = db.execute("PRAGMA data_version").fetchone()
+        if version != self._version:
+            self._version = version
+            self._windows.clear()
 
     def _commit(self) -> None:
         group, self._group = self._group, []
@@ -227,6 +301,7 @@ class SQLiteStore:
 
     def _fail_group(self, error: sqlite3.Error) -> None:
         group, self._group = self._group, []
+        self._windows.clear()  # they may hold what the rollback undid
         try:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -251,22 +326,26 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.admit`."""
 
         def work(db: sqlite3.Connection) -> Admission:
-            row = db.execute(
-                "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ?", (account,)
-            ).fetchone()
-            if row is not None:
-                if row[2] > now:
-                    return Admission(Outcome.BLOCKED, row[4], _block(row))
+            state = self._windows.get(account)
+            if state is None or state.window < window:
+                state = self._load(db, account, now, window)
+            block = state.block
+            if block is not None:
+                if block.until > now:
+                    return Admission(Outcome.BLOCKED, block.count, block)
                 db.execute("DELETE FROM blocks WHERE account = ?", (account,))
+                state.block = None
             start = now - window
-            (count,) = db.execute(
-                "SELECT COUNT(*) FROM sends WHERE account = ? AND at > ?", (account, start)
-            ).fetchone()
+            sends = state.sends
+            while sends and sends[0] <= start:
+                sends.popleft()
+            count = len(sends)
             if count < limit:
                 db.execute(
                     "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)",
                     (account, now, instance, client),
                 )
+                sends.append(now)
                 return Admission(Outcome.ALLOWED, count + 1)
             clients = tuple(
                 c
@@ -278,6 +357,7 @@ class SQLiteStore:
             )
             block = Block(account, now, now + block_for, reason, count, clients)
             self._put_block(db, block)
+            state.block = block
             payload = json.dumps(block.as_dict())
             db.executemany(
                 "INSERT INTO outbox (kind, recipient, payload, created, due) VALUES ('block', ?, ?, ?, ?)",
@@ -286,6 +366,20 @@ class SQLiteStore:
             return Admission(Outcome.NEWLY_BLOCKED, count, block)
 
         return self._run(work, write=True)
+
+    def _load(self, db: sqlite3.Connection, account: str, now: float, window: float) -> _Window:
+        """Read an account's window and block into memory."""
+        row = db.execute(
+            "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ?", (account,)
+        ).fetchone()
+        times = db.execute(
+            "SELECT at FROM sends WHERE account = ? AND at > ? ORDER BY at", (account, now - window)
+        ).fetchall()
+        if len(self._windows) >= CACHE_ACCOUNTS:
+            self._windows.clear()
+        state = _Window(deque(at for (at,) in times), None if row is None else _block(row), window)
+        self._windows[account] = state
+        return state
 
     @staticmethod
     def _put_block(db: sqlite3.Connection, block: Block) -> None:
@@ -306,6 +400,7 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.give_back`."""
 
         def work(db: sqlite3.Connection) -> int:
+            self._windows.pop(account, None)
             cursor = db.execute(
                 "DELETE FROM sends WHERE account = ? AND instance = ?", (account, instance)
             )
@@ -365,6 +460,7 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.block`."""
 
         def work(db: sqlite3.Connection) -> Block:
+            self._windows.pop(block.account, None)
             self._put_block(db, block)
             return block
 
@@ -378,6 +474,7 @@ class SQLiteStore:
                 "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ? AND until > ?",
                 (account, now),
             ).fetchone()
+            self._windows.pop(account, None)
             db.execute("DELETE FROM blocks WHERE account = ?", (account,))
             db.execute("DELETE FROM sends WHERE account = ?", (account,))
             return None if row is None else _block(row)
@@ -510,6 +607,10 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> int:
             removed = db.execute("DELETE FROM sends WHERE at <= ?", (now - window,)).rowcount
             db.execute("DELETE FROM blocks WHERE until <= ?", (now,))
+            for account in [a for a, w in self._windows.items() if w.block is None and (
+                not w.sends or w.sends[-1] <= now - window
+            )]:
+                del self._windows[account]  # idle accounts leave memory
             return removed
 
         return self._run(work, write=True)
@@ -623,6 +724,8 @@ class SQLiteStore:
 
     def close(self) -> Deferred[None]:
         """Commit pending writes, checkpoint the log into the database and close it."""
+        if self._checkpointer is not None and self._checkpointer.running:
+            self._checkpointer.stop()
         self._commit()
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
