@@ -217,7 +217,7 @@ class OutboundQuota:
             client=request.get("client_address"),
             notify=self._recipients(account),
         )
-        if not admitted.called:
+        if not admitted.called and not getattr(self.store, "bounded", False):
             admitted.addTimeout(self.deadline, self.clock)
         admitted.addCallbacks(
             self._admitted,
@@ -230,7 +230,7 @@ class OutboundQuota:
     def _local(self, account: str, now: float) -> Deferred[Verdict]:
         """A local recipient never counts, but a blocked account still cannot send."""
         looked_up = self.store.block_of(account, now=now)
-        if not looked_up.called:
+        if not looked_up.called and not getattr(self.store, "bounded", False):
             looked_up.addTimeout(self.deadline, self.clock)
 
         def decided(block: Block | None) -> Verdict:

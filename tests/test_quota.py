@@ -226,6 +226,8 @@ def test_submission_without_account_answers_dunno() -> None:
 class FailingStore(MemoryStore):
     """A store whose admit fails or never answers."""
 
+    bounded = False
+
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode

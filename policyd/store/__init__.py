@@ -179,6 +179,10 @@ class Quarantined:
 class Store(Protocol):
     """What the checks and the admin commands need from a state store."""
 
+    #: Whether every operation answers or fails within the store's deadline
+    #: by itself (the checks then set no timer of their own per request).
+    bounded: bool
+
     def admit(
         self,
         account: str,

@@ -32,6 +32,10 @@ class _Queued:
 class MemoryStore:
     """Keeps everything in dictionaries; lost when the process ends."""
 
+    #: Answers at once (memory), within a turn or the busy timeout (SQLite),
+    #: or within ``deadline`` (Redis): see :attr:`policyd.store.Store.bounded`.
+    bounded = True
+
     def __init__(self) -> None:
         #: Per account: (time, instance, client) of every counted recipient.
         self.sends: dict[str, deque[tuple[float, str, str]]] = {}

@@ -403,6 +403,10 @@ class RedisStore:
     is down answers from its fallback limiter until Redis is back.
     """
 
+    #: Answers at once (memory), within a turn or the busy timeout (SQLite),
+    #: or within ``deadline`` (Redis): see :attr:`policyd.store.Store.bounded`.
+    bounded = True
+
     def __init__(self, url: str, deadline: float = 0.5, connections: int = CONNECTIONS) -> None:
         self.deadline = deadline
         # Operations queue here for a connection rather than failing with

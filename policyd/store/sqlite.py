@@ -173,6 +173,10 @@ class SQLiteStore:
     :raises StoreError: when the file cannot be opened or is not a database.
     """
 
+    #: Answers at once (memory), within a turn or the busy timeout (SQLite),
+    #: or within ``deadline`` (Redis): see :attr:`policyd.store.Store.bounded`.
+    bounded = True
+
     def __init__(self, path: str, busy_timeout: float = 0.25, reactor: IReactorTime | None = None) -> None:
         self.path = path
         self.reactor = reactor
