@@ -51,6 +51,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from policyd.connections import ConnectionTracking
 from policyd.netlists import NetworkSet
 
 log = logging.getLogger("policyd.milter")
@@ -613,7 +614,7 @@ class MilterProtocol(Protocol, TimeoutMixin):
         return self._busy
 
 
-class MilterFactory(Factory):
+class MilterFactory(ConnectionTracking, Factory):
     """Builds a :class:`MilterProtocol` per MTA connection.
 
     :param filter: the message filter.
@@ -638,8 +639,7 @@ class MilterFactory(Factory):
         self.allowed_clients = allowed_clients
         self.max_connections = max_connections
         self.options = options
-        self.connections: set[MilterProtocol] = set()
-        self._drained: list[Deferred[None]] = []
+        self._start_tracking()
 
     def buildProtocol(self, addr: Any) -> MilterProtocol | None:  # type: ignore[override]
         """Refuse clients outside ``allowed_clients`` and beyond the connection bound."""
@@ -658,21 +658,3 @@ class MilterFactory(Factory):
         self.connections.add(protocol)
         return protocol
 
-    def closed(self, protocol: MilterProtocol) -> None:
-        """Forget a connection."""
-        self.connections.discard(protocol)
-        self.idle()
-
-    def idle(self) -> None:
-        """Fire drain waiters once no message is being scored."""
-        if self._drained and not any(c.busy for c in self.connections):
-            waiters, self._drained = self._drained, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def drained(self) -> Deferred[None]:
-        """Fires when every message being scored has its answer."""
-        waiter: Deferred[None] = Deferred()
-        self._drained.append(waiter)
-        self.idle()
-        return waiter

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from policyd.addresses import sanitise
 from policyd.config import Limits
+from policyd.connections import ConnectionTracking
 from policyd.netlists import NetworkSet
 
 log = logging.getLogger("policyd.protocol")
@@ -313,7 +314,7 @@ def _shown(data: bytes) -> str:
     return repr(data[:60])[2:-1] + ("..." if len(data) > 60 else "")
 
 
-class PolicyFactory(Factory):
+class PolicyFactory(ConnectionTracking, Factory):
     """Builds a :class:`PolicyProtocol` per accepted client.
 
     :param decide: the policy, called once per request.
@@ -342,9 +343,7 @@ class PolicyFactory(Factory):
         self.on_close = on_close
         #: Told of every connection closed for bad input (metrics).
         self.on_bad_request: Callable[[], None] | None = None
-        self.connections: set[PolicyProtocol] = set()
-        self._drained: list[Deferred[None]] = []
-        self._closed_waiters: list[Deferred[None]] = []
+        self._start_tracking()
 
     def buildProtocol(self, addr: Any) -> PolicyProtocol | None:  # type: ignore[override]
         """Refuse clients outside ``allowed_clients`` and beyond the connection bound."""
@@ -364,36 +363,7 @@ class PolicyFactory(Factory):
         return protocol
 
     def closed(self, protocol: PolicyProtocol) -> None:
-        """Forget a connection."""
-        self.connections.discard(protocol)
+        """Forget a connection (and give back its unfinished transaction)."""
         if self.on_close is not None:
             self.on_close(protocol)
-        self.idle()
-        self._check_closed()
-
-    def idle(self) -> None:
-        """Fire drain waiters once no connection has a request in flight."""
-        if self._drained and not any(c.busy for c in self.connections):
-            waiters, self._drained = self._drained, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def all_closed(self) -> Deferred[None]:
-        """Fires once no connection is left open."""
-        waiter: Deferred[None] = Deferred()
-        self._closed_waiters.append(waiter)
-        self._check_closed()
-        return waiter
-
-    def _check_closed(self) -> None:
-        if self._closed_waiters and not self.connections:
-            waiters, self._closed_waiters = self._closed_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def drained(self) -> Deferred[None]:
-        """Fires when every request received so far has been answered."""
-        waiter: Deferred[None] = Deferred()
-        self._drained.append(waiter)
-        self.idle()
-        return waiter
+        super().closed(protocol)

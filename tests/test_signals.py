@@ -219,7 +219,7 @@ def test_sigterm_stores_every_answered_request(tmp_path: Path) -> None:
         conn.close()
     assert status == 0, server.output()
     stored = status_of(server, "cy")["count"]
-    assert isinstance(stored, int) and stored == answered > 300, (stored, answered)
+    assert isinstance(stored, int) and stored == answered >= 300, (stored, answered)
     # Every stored request was decided (one decision line each).
     assert server.output().count("policyd.decision: quota cy ") == stored
 
