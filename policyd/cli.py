@@ -887,6 +887,45 @@ def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
     print_table(["ADDRESS", "SPAM"], sorted(choices.items()))
 
 
+@cli.group("digest")
+def digest_group() -> None:
+    """The quarantine digest: one mail per recipient with held mail (quarantine.digest_at)."""
+
+
+@digest_group.command("send-now")
+@config_option
+@json_option
+def digest_send_now(as_json: bool) -> None:
+    """Queue the digest now: one mail per recipient with mail held since the last digest.
+
+    The running ``policyd serve`` sends them from the outbox within seconds;
+    the next daily digest lists only what is held after this one.
+    """
+    from policyd.digest import DigestJob, DigestRun
+    from policyd.store import open_store
+
+    config = load_config()
+
+    async def work(reactor: Any) -> DigestRun:
+        store = open_store(config.store.url, float(config.store.deadline))
+        try:
+            return await DigestJob(config, store, reactor).run()
+        finally:
+            await store.close()
+
+    done = run_async(work)
+    if as_json:
+        print_json(done.as_dict())
+    elif not done.queued:
+        click.echo("another process queued this digest at the same moment: nothing more queued")
+    else:
+        period = f"held since {when(done.since)}" if done.since is not None else "everything held so far"
+        click.echo(
+            f"queued {done.recipients} digest(s) listing {done.messages} message(s) ({period}); "
+            "policyd serve sends them"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run a command, turning every error into one line and an exit status."""
     try:

@@ -142,6 +142,50 @@ def _codes(value: Any) -> None:
     parse_code_filter(value)
 
 
+def _time_text(value: Any) -> str | None:
+    """A time of day as text: YAML reads an unquoted ``10:30`` as 630 (base 60)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value // 60:02d}:{value % 60:02d}"
+    return None if value is None else str(value)
+
+
+def _time_of_day(value: Any) -> None:
+    if value is None:
+        return
+    if parse_time_of_day(_time_text(value) or "") is None:
+        raise ValueError("must be a time of day HH:MM, e.g. 08:00")
+
+
+def parse_time_of_day(text: str) -> tuple[int, int] | None:
+    """``08:00`` -> (8, 0); None when it is not a time of day."""
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*", text)
+    if not match:
+        return None
+    hour, minute = int(match.group(1)), int(match.group(2))
+    if hour > 23 or minute > 59:
+        return None
+    return hour, minute
+
+
+def _base_url(value: Any) -> None:
+    if value is None:
+        return
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", str(value)):
+        raise ValueError("must be an http:// or https:// URL without query, e.g. https://mail.example.org/policyd")
+
+
+def _languages(value: Any) -> None:
+    if value is None:
+        return
+    if not value:
+        raise ValueError("must name at least one language")
+    for language in value:
+        if language not in ("en", "fr"):
+            raise ValueError(f"{language!r}: must be en or fr")
+    if len(set(value)) != len(value):
+        raise ValueError("names a language twice")
+
+
 def _nonempty(value: Any) -> None:
     if not str(value).strip():
         raise ValueError("must not be empty")
@@ -385,9 +429,56 @@ class Quarantine:
         "a larger spam is delivered tagged.  Above Postfix's 10 MB message_size_limit.",
         _at_least(1024),
     )
-    preferences: str | None = _field(None, "File or Postfix table of address preferences.")
-    digest_at: str | None = _field(None, "Time of the daily digest (HH:MM).")
-    link_ttl: Duration = _field(Duration(7 * 86400), "Lifetime of release links.")
+    preferences: str | None = _field(
+        None,
+        "Choices from provisioning: a file of 'address inbox|quarantine' lines (# comments, "
+        "@domain for every address of a domain) or a Postfix table (hash:/etc/postfix/spam) "
+        "read with postmap -q.  A choice made with policyd prefs set or on the preference "
+        "page wins; addresses in neither get quarantine.default.  Re-read when it changes "
+        "and on SIGHUP.",
+    )
+    digest_at: str | None = attrs.field(
+        default=None,
+        converter=_time_text,
+        metadata={
+            "doc": "Time of the daily quarantine digest, HH:MM in the server's time zone: one "
+            "mail to each recipient with mail held since the last digest.  Unset: no digest.",
+            "check": _time_of_day,
+            # YAML 1.1 reads an unquoted 10:30 as the number 630 (base 60): take it too.
+            "type": str | int | None,
+        },
+    )
+    link_ttl: Duration = _field(
+        Duration(7 * 86400),
+        "How long the links of a digest (release, preference page) work: long enough for a "
+        "week away, short enough that an old forwarded digest stops working.",
+        _at_least(60),
+    )
+    base_url: str | None = _field(
+        None,
+        "The self-service pages' address as users reach them (a reverse proxy in front of "
+        "listen.http), e.g. https://mail.example.org/policyd; digest links start with it.  "
+        "Default: http:// on listen.http's address and port.",
+        _base_url,
+    )
+    link_secret: str | None = _field(
+        None,
+        "File of the secret that signs digest links (HMAC-SHA-256); created on first use "
+        "(mode 0600).  Hosts sharing one Redis need the same file.  Default: link.secret "
+        "beside the SQLite store, else /var/lib/policyd/link.secret.",
+    )
+    digest_languages: list[str] | None = _field(
+        None,
+        "Languages of the digest, in order (en, fr): [fr, en] sends both in one mail.  "
+        "Default: language.",
+        _languages,
+    )
+    digest_max: int = _field(
+        100,
+        "Entries listed in one digest (newest first); the others are counted, so one wave "
+        "of spam cannot make a mail of megabytes.",
+        _at_least(1),
+    )
 
 
 @attrs.frozen
@@ -498,6 +589,7 @@ class _Builder:
             raise self.fail(node, prefix or "(top level)", "expected a mapping of keys")
         fields = {_yaml_key(f.name): f for f in attrs.fields(cls) if not f.metadata.get("internal")}
         hints = typing.get_type_hints(cls)
+        hints.update({f.name: f.metadata["type"] for f in attrs.fields(cls) if "type" in f.metadata})
         values: dict[str, Any] = {}
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -628,6 +720,17 @@ def _cross_check(config: Config, node: yaml.Node | None) -> None:
     for network in config.inbound.networks:
         if not network.file:
             raise ConfigError(f"{where}: inbound.networks: every entry needs a file")
+    if config.quarantine.digest_at and not (config.listen.http or config.quarantine.base_url):
+        raise ConfigError(
+            f"{where}: quarantine.digest_at: the digest's links need the self-service pages: "
+            "set listen.http (or quarantine.base_url when another host serves them)"
+        )
+    if config.quarantine.digest_at and not config.quarantine.base_url and config.listen.http:
+        if not config.listen.http.startswith(("tcp:", "tcp6:", "ssl:")):
+            raise ConfigError(
+                f"{where}: quarantine.base_url: needed when listen.http is not a TCP port "
+                "(the address users open the digest's links at)"
+            )
 
 
 def config_path(path: str | None) -> str:

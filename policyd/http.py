@@ -7,6 +7,8 @@
 - ``/exemption``: a form where a user asks for a bulk-send exemption.
 - ``/admin``: pending requests to approve or deny (HTTP Basic, any user
   name, the token as password).
+- ``/self-service/...``: the quarantine digest's release and preference
+  pages for recipients, opened by signed links (:mod:`policyd.selfservice`).
 
 Pages are plain HTML with labels and no script; forms carry a CSRF token
 signed with the admin token.
@@ -59,12 +61,14 @@ class AdminSite:
     :param admin: admin operations (the same as the command line's).
     :param metrics: the server's metrics.
     :param token: the admin token (API bearer token, admin page password).
+    :param self_service: the ``/self-service`` pages (:meth:`policyd.selfservice.SelfService.pages`).
     """
 
-    def __init__(self, admin: Admin, metrics: Metrics, token: str) -> None:
+    def __init__(self, admin: Admin, metrics: Metrics, token: str, self_service: Resource | None = None) -> None:
         self.admin = admin
         self.metrics = metrics
         self.token = token
+        self.self_service = self_service
 
     def site(self) -> Site:
         """The twisted.web site to listen with."""
@@ -76,6 +80,8 @@ class AdminSite:
         api = Resource()
         api.putChild(b"v1", _Api(self))
         root.putChild(b"api", api)
+        if self.self_service is not None:
+            root.putChild(b"self-service", self.self_service)
         site = Site(root)
         site.noisy = False
         site.displayTracebacks = False

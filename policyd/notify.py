@@ -1,11 +1,13 @@
-"""Block notifications: a durable outbox in the store, drained by SMTP.
+"""Notifications: a durable outbox in the store, drained by SMTP.
 
-A new block puts one notice per recipient (help desk, the IT contact of the
-account's organisation, optionally the user) in the store's outbox in the
-same atomic step as the block itself.  The :class:`Notifier` sends them
-through ``notify.smtp`` with ``twisted.mail``, apart from the policy replies,
-so a slow or dead relay never delays a decision; a failed attempt is retried
-with growing delays, and a restart loses nothing.
+A new block puts one ``block`` notice per recipient (help desk, the IT
+contact of the account's organisation, optionally the user) in the store's
+outbox in the same atomic step as the block itself; the quarantine digest
+(:mod:`policyd.digest`) puts one ``digest`` notice per recipient with held
+mail.  The :class:`Notifier` writes each mail when it sends it and sends it
+through ``notify.smtp`` with ``twisted.mail``, apart from the policy
+replies, so a slow or dead relay never delays a decision; a failed attempt
+is retried with growing delays, and a restart loses nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import email.utils
 import logging
 from collections.abc import Callable
 from email.message import EmailMessage
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
@@ -23,8 +25,12 @@ from twisted.internet.task import LoopingCall
 from policyd.addresses import domain_of
 from policyd.config import Config, format_duration
 from policyd.config import Notify as NotifyConfig
+from policyd.errors import PolicydError
 from policyd.store import Notice, Store
 from policyd.texts import Texts
+
+if TYPE_CHECKING:
+    from policyd.digest import DigestMail
 
 log = logging.getLogger("policyd.notify")
 
@@ -75,12 +81,17 @@ class Notifier:
     :param reactor: reactor for timers and connections.
     :param send: ``send(sender, recipient, message) -> Deferred``; SMTP
         through ``notify.smtp`` unless given (tests pass their own).
+    :param digest: writes ``digest`` notices (:class:`policyd.digest.DigestMail`);
+        without it they wait in the outbox, retried, until one is given.
     """
 
-    def __init__(self, config: Config, store: Store, reactor: Any, send: Send | None = None) -> None:
+    def __init__(
+        self, config: Config, store: Store, reactor: Any, send: Send | None = None, digest: DigestMail | None = None
+    ) -> None:
         self.store = store
         self.reactor = reactor
         self._send = send
+        self.digest = digest
         self._draining: Deferred[None] | None = None
         self._again = False
         self._loop = LoopingCall(self.drain)
@@ -92,6 +103,8 @@ class Notifier:
         self.config = config
         self.notify = config.notify
         self.texts = Texts(config.language, config.templates)
+        if self.digest is not None:
+            self.digest.configure(config)
 
     def recipients(self, account: str) -> tuple[str, ...]:
         """Who hears of a block of ``account``."""
@@ -119,7 +132,7 @@ class Notifier:
         if self._draining is not None:
             self._again = True
             return self._draining
-        self._draining = Deferred.fromCoroutine(self._drain())
+        draining = self._draining = Deferred.fromCoroutine(self._drain())
 
         def finished(result: Any) -> Any:
             self._draining = None
@@ -128,8 +141,10 @@ class Notifier:
                 self.reactor.callLater(0, self.drain)
             return None
 
-        self._draining.addBoth(finished)
-        return self._draining
+        # A drain that finished at once (a memory store) has cleared _draining
+        # already: return the Deferred itself, never None.
+        draining.addBoth(finished)
+        return draining
 
     async def _drain(self) -> None:
         try:
@@ -143,7 +158,12 @@ class Notifier:
 
     async def _deliver(self, notice: Notice) -> None:
         try:
-            message = self.compose(notice)
+            message = await self._message(notice)
+            if message is None:
+                # A digest whose every message was released, deleted or expired meanwhile.
+                await self.store.notice_sent(notice.id, now=self.reactor.seconds())
+                log.info("%s for %s not sent: nothing left to list", _about(notice), notice.recipient)
+                return
             sending = self.send(self.notify.from_, notice.recipient, message)
             sending.addTimeout(SEND_TIMEOUT, self.reactor)
             await sending
@@ -152,13 +172,21 @@ class Notifier:
             delay = retry_delay(notice.attempts, self.notify.retry_first, self.notify.retry_max)
             log.warning(
                 "notification to %s about %s not sent (attempt %d): %s; retrying in %s",
-                notice.recipient, notice.payload.get("account", "?"), notice.attempts, reason,
+                notice.recipient, _about(notice), notice.attempts, reason,
                 format_duration(delay),
             )
             await self.store.notice_failed(notice.id, retry_at=self.reactor.seconds() + delay, error=reason)
             return
         await self.store.notice_sent(notice.id, now=self.reactor.seconds())
-        log.info("notification sent to %s about %s", notice.recipient, notice.payload.get("account", "?"))
+        log.info("notification sent to %s about %s", notice.recipient, _about(notice))
+
+    async def _message(self, notice: Notice) -> bytes | None:
+        """The mail of a notice, or None when a digest has nothing left to list."""
+        if notice.kind != "digest":
+            return self.compose(notice)
+        if self.digest is None:
+            raise PolicydError("this process does not write quarantine digests (policyd serve does)")
+        return await self.digest.message(notice, self.store, self.reactor.seconds())
 
     # --- writing and sending ------------------------------------------
 
@@ -208,6 +236,12 @@ class Notifier:
             requireAuthentication=bool(self.notify.username),
             requireTransportSecurity=self.notify.starttls,
         )
+
+
+def _about(notice: Notice) -> str:
+    if notice.kind == "digest":
+        return "the quarantine digest"
+    return str(notice.payload.get("account", "?"))
 
 
 def _when(timestamp: float) -> str:

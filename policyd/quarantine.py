@@ -15,7 +15,14 @@ through ``quarantine.smtp`` to its recipient only, with an
 ``X-Policyd-Release`` header signed with the install's header secret, so
 that the milter, which scores it again on the way in, delivers it to that
 recipient's inbox instead of holding it a second time.  Every release and
-deletion is in the audit log.
+deletion is in the audit log.  A release first takes a claim on the message
+in the store (:meth:`policyd.store.Store.claim_release`), so two presses of a
+release button (or an admin and a user at once) deliver it once; the message
+stays held until the MTA has taken it, so a release that dies on the way
+loses nothing.
+
+policyd's own digest mail carries an ``X-Policyd-Digest`` header signed the
+same way, so the milter never tags or holds the digest that lists spam.
 """
 
 from __future__ import annotations
@@ -24,12 +31,15 @@ import hashlib
 import hmac
 import logging
 import smtplib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config
 from policyd.errors import PolicydError, UsageError
+from policyd.preferences import Preferences
 from policyd.store import SPAM_CHOICES, AuditEntry, Quarantined, Store
 
 log = logging.getLogger("policyd.quarantine")
@@ -37,8 +47,23 @@ log = logging.getLogger("policyd.quarantine")
 #: The header a released message carries, so it is not held again.
 RELEASE_HEADER = "X-Policyd-Release"
 
+#: The header of policyd's own digest mail, so the milter never tags or holds it.
+DIGEST_HEADER = "X-Policyd-Digest"
+
+#: How long after it was made a digest header is honoured: the outbox may
+#: retry a digest for a while, a copy replayed weeks later is not trusted.
+DIGEST_HEADER_AGE = 3 * 86400.0
+
 #: How long an SMTP conversation with ``quarantine.smtp`` may take.
 SMTP_TIMEOUT = 60.0
+
+#: How long a release claim keeps other releases of the message away: far
+#: longer than one SMTP conversation, short enough that a release that died
+#: leaves the message releasable again soon.
+RELEASE_LEASE = 10 * SMTP_TIMEOUT
+
+#: ``deliver(smtp, sender, recipient, message)``: hands a released message to the MTA.
+Deliver = Callable[[str, str, str, bytes], "Deferred[Any]"]
 
 
 def normalise_address(address: str) -> str:
@@ -73,11 +98,7 @@ def release_header(secret: bytes, entry_id: int, recipient: str) -> str:
 
 def released_for(value: str, secret: bytes) -> str | None:
     """The recipient a genuine ``X-Policyd-Release`` header names, or None."""
-    fields = {}
-    for part in " ".join(value.split()).split(";"):
-        name, equals, field = part.strip().partition("=")
-        if equals:
-            fields[name.strip().lower()] = field.strip()
+    fields = _header_fields(value)
     try:
         entry_id = int(fields["id"])
         recipient = fields["recipient"]
@@ -85,6 +106,42 @@ def released_for(value: str, secret: bytes) -> str | None:
     except (KeyError, ValueError):
         return None
     if not hmac.compare_digest(_release_token(secret, entry_id, recipient), token.lower()):
+        return None
+    return normalise_address(recipient)
+
+
+def _header_fields(value: str) -> dict[str, str]:
+    fields = {}
+    for part in " ".join(value.split()).split(";"):
+        name, equals, field = part.strip().partition("=")
+        if equals:
+            fields[name.strip().lower()] = field.strip()
+    return fields
+
+
+def _digest_token(secret: bytes, recipient: str, stamp: int) -> str:
+    message = f"digest|{stamp}|{normalise_address(recipient)}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+
+
+def digest_header(secret: bytes, recipient: str, now: float) -> str:
+    """The value of the ``X-Policyd-Digest`` header of a digest to ``recipient``."""
+    stamp = int(now)
+    return f"recipient={normalise_address(recipient)}; time={stamp}; token={_digest_token(secret, recipient, stamp)}"
+
+
+def digest_for(value: str, secret: bytes, now: float, max_age: float = DIGEST_HEADER_AGE) -> str | None:
+    """The recipient a genuine, recent ``X-Policyd-Digest`` header names, or None."""
+    fields = _header_fields(value)
+    try:
+        recipient = fields["recipient"]
+        stamp = int(fields["time"])
+        token = fields["token"]
+    except (KeyError, ValueError):
+        return None
+    if not hmac.compare_digest(_digest_token(secret, recipient, stamp), token.lower()):
+        return None
+    if not -300 <= now - stamp <= max_age:
         return None
     return normalise_address(recipient)
 
@@ -122,13 +179,40 @@ class Quarantine:
     :param clock: time source.
     :param secret: the header secret, to sign released messages (None: they
         are re-injected unsigned and may be held again).
+    :param deliver: hands a released message to the MTA; by default
+        :func:`reinject` in the reactor's thread pool (``clock`` is then the reactor).
+    :param preferences: resolves choices (own, provisioned, default); one
+        reading provisioning at once is made when not given.
     """
 
-    def __init__(self, config: Config, store: Store, clock: IReactorTime, secret: bytes | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: IReactorTime,
+        secret: bytes | None = None,
+        deliver: Deliver | None = None,
+        preferences: Preferences | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.secret = secret
+        self.deliver = deliver or self._reinject_in_thread
+        self.preferences = preferences or Preferences(config, store, clock)
+
+    def _reinject_in_thread(self, smtp: str, sender: str, recipient: str, message: bytes) -> Deferred[Any]:
+        from twisted.internet import threads
+
+        return threads.deferToThreadPool(
+            self.clock,  # type: ignore[arg-type]
+            self.clock.getThreadPool(),  # type: ignore[attr-defined]
+            reinject,
+            smtp,
+            sender,
+            recipient,
+            message,
+        )
 
     async def entries(self, recipient: str | None = None, limit: int = 1000) -> list[Quarantined]:
         """Held mail (of one recipient, or all), newest first."""
@@ -145,28 +229,41 @@ class Quarantine:
             raise UsageError(f"no quarantined message #{entry_id} (released, deleted or expired?)")
         return found
 
-    async def release(self, entry_id: int, by: str, reason: str = "") -> Quarantined:
-        """Deliver a held message to its recipient, then forget it.
+    async def release(
+        self,
+        entry_id: int,
+        by: str,
+        reason: str = "",
+        only_if: Callable[[Quarantined], bool] | None = None,
+    ) -> Quarantined:
+        """Deliver a held message to its recipient, once, then forget it.
 
-        :raises UsageError: when there is no such entry.
+        A claim in the store comes first: of two releases at once, one
+        delivers and the other is refused.
+
+        :param only_if: a check of the entry (a self-service link names it);
+            when it fails nothing is changed.
+        :raises UsageError: when there is no such entry (or ``only_if`` refuses
+            it, or another release of it is under way).
         :raises PolicydError: when ``quarantine.smtp`` does not take it (it stays held).
         """
-        from twisted.internet import threads
-
         entry, message = await self.entry(entry_id)
+        if only_if is not None and not only_if(entry):
+            raise UsageError(f"quarantine #{entry_id} is not the message this link names")
+        if not await self.store.claim_release(entry.id, now=self.clock.seconds(), lease=RELEASE_LEASE):
+            raise UsageError(f"quarantine #{entry_id} is being released already")
         if self.secret is not None:
             header = f"{RELEASE_HEADER}: {release_header(self.secret, entry.id, entry.recipient)}\r\n"
             message = header.encode() + message
         smtp = self.config.quarantine.smtp
-        await threads.deferToThreadPool(
-            self.clock,  # type: ignore[arg-type]
-            self.clock.getThreadPool(),  # type: ignore[attr-defined]
-            reinject,
-            smtp,
-            entry.sender,
-            entry.recipient,
-            message,
-        )
+        try:
+            await self.deliver(smtp, entry.sender, entry.recipient, message)
+        except BaseException:
+            try:
+                await self.store.end_claim(entry.id)
+            except Exception as error:  # the lease ends by itself
+                log.warning("quarantine #%d: release claim not ended (%s)", entry.id, error)
+            raise
         await self.store.quarantine_delete(entry.id)
         await self._audit(by, "release", entry, reason or f"re-injected through {smtp}")
         log.info("quarantine #%d released to %s by %s", entry.id, entry.recipient, by)
@@ -211,5 +308,4 @@ class Quarantine:
         if addresses is None:
             return await self.store.preferences()
         clean = [check_address(a) for a in addresses]
-        found = await self.store.preferences(clean)
-        return {a: found.get(a, self.config.quarantine.default) for a in clean}
+        return await self.preferences.spam(clean)

@@ -61,7 +61,14 @@ from policyd.milter import (
     delete_recipient,
 )
 from policyd.netlists import NetworkSet
-from policyd.quarantine import RELEASE_HEADER, normalise_address, released_for
+from policyd.preferences import Preferences
+from policyd.quarantine import (
+    DIGEST_HEADER,
+    RELEASE_HEADER,
+    digest_for,
+    normalise_address,
+    released_for,
+)
 from policyd.store import Quarantined, Store, open_store
 
 log = logging.getLogger("policyd.milter")
@@ -236,12 +243,12 @@ def tagged_subject(value: str | None, tag: str) -> str | None:
 def header_changes(
     headers: Sequence[tuple[str, str]], score: Score | None, config: Config
 ) -> list[Modification]:
-    """Header changes for a message: incoming X-Spam-* and release headers removed; tags at tag_at.
+    """Header changes for a message: incoming X-Spam-*, release and digest headers removed; tags at tag_at.
 
     :param score: None for a message that is not tagged.
     """
     changes: list[Modification] = []
-    for name in (*SPAM_HEADERS, RELEASE_HEADER):
+    for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER):
         count = sum(1 for h, _ in headers if h.lower() == name.lower())
         # From the last to the first, so each index still means what it meant.
         changes += [change_header(name, "", index) for index in range(count, 0, -1)]
@@ -319,6 +326,8 @@ class SpamFilter:
     :param clock: time source.
     :param scorer: gives the score (its model may be replaced while running).
     :param run_cpu: how scoring is run (:func:`in_thread` in the server).
+    :param preferences: resolves each recipient's choice (own, provisioned,
+        default); made from ``config`` and ``store`` when not given.
     """
 
     def __init__(
@@ -328,12 +337,14 @@ class SpamFilter:
         clock: IReactorTime,
         scorer: ContentScorer,
         run_cpu: Callable[..., Deferred[Any]] = inline,
+        preferences: Preferences | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.scorer = scorer
         self.run_cpu = run_cpu
+        self.preferences = preferences or Preferences(config, store, clock, run_cpu)
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
         """Decide one message (the :data:`policyd.milter.Filter` interface)."""
@@ -342,6 +353,12 @@ class SpamFilter:
     async def decide(self, message: MilterMessage) -> Verdict:
         """Score, tag, and apply each recipient's choice."""
         started = time.monotonic()
+        if self._our_digest(message):
+            # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
+            changes = header_changes(message.headers, None, self.config)
+            log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
+                     message.client_address or "-")
+            return Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED
         raw = message.raw(self.config.content.max_body)
         score: Score = await self.run_cpu(self.scorer.score, raw, message.client_address, message.headers)
         spam = score.points >= self.config.content.tag_at
@@ -369,6 +386,20 @@ class SpamFilter:
         )
         return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
 
+    def _our_digest(self, message: MilterMessage) -> bool:
+        """Whether the message is policyd's digest to its (only) recipient, signed with our secret."""
+        secret = self.scorer.secret
+        if secret is None or not message.recipients:
+            return False
+        wanted = {normalise_address(r) for r in message.recipients}
+        now = self.clock.seconds()
+        named = {
+            digest_for(value, secret, now)
+            for name, value in message.headers
+            if name.lower() == DIGEST_HEADER.lower()
+        }
+        return wanted <= named
+
     async def _hold(self, message: MilterMessage, score: Score, changes: list[Modification]) -> list[str]:
         """Hold the message for the recipients who chose the quarantine; returns them (as the MTA gave them)."""
         addresses = {r: normalise_address(r) for r in message.recipients}
@@ -380,14 +411,11 @@ class SpamFilter:
                     if recipient is not None:
                         released.add(recipient)
         try:
-            chosen = await self.store.preferences(list(dict.fromkeys(addresses.values())))
+            chosen = await self.preferences.spam(list(dict.fromkeys(addresses.values())))
         except Exception as error:
             log.error("spam choices unavailable (%s): delivering to every inbox", error)
             return []
-        default = self.config.quarantine.default
-        wanted = [
-            r for r, a in addresses.items() if chosen.get(a, default) == "quarantine" and a not in released
-        ]
+        wanted = [r for r, a in addresses.items() if chosen.get(a) == "quarantine" and a not in released]
         if not wanted:
             return []
         if not message.complete:
@@ -442,7 +470,14 @@ class MilterServer:
         self._model_stamp = self._stamp()
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
         self.scorer = ContentScorer(model, header_secret(config, create=True), config.content.max_body)
-        self.filter = SpamFilter(config, self.store, reactor, self.scorer, in_thread(reactor))
+        self.filter = SpamFilter(
+            config,
+            self.store,
+            reactor,
+            self.scorer,
+            in_thread(reactor),
+            Preferences(config, self.store, reactor, in_thread(reactor)),
+        )
         self.factory = MilterFactory(
             self.filter,
             reactor,
@@ -520,6 +555,7 @@ class MilterServer:
             new = attrs.evolve(new, store=self.config.store, listen=self.config.listen)
         self.config = new
         self.filter.config = new
+        self.filter.preferences.configure(new)
         self.scorer.max_bytes = new.content.max_body
         self._model_stamp = None
         self.check_model()

@@ -21,6 +21,7 @@ from policyd.netlists import NetworkSet
 from policyd.notify import Notifier
 from policyd.policy import PolicyService
 from policyd.protocol import PolicyFactory
+from policyd.selfservice import SelfService
 from policyd.statefiles import load_secret, state_file
 from policyd.store import Store, open_store
 
@@ -54,6 +55,8 @@ class PolicyServer:
         self.path = path
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
         self.notifier = Notifier(config, self.store, reactor)
+        self.self_service = SelfService.from_config(config, self.store, reactor, kick=self.notifier.kick)
+        self.notifier.digest = self.self_service.mail
         self.service = PolicyService(config, self.store, reactor, on_block=lambda _: self.notifier.kick())
         self.factory = PolicyFactory(
             self.service.decide,
@@ -93,6 +96,7 @@ class PolicyServer:
         self.notifier.start()
         if self.config.listen.http:
             yield self.start_http()
+        self.self_service.start()
         self._gauges.start(GAUGES_EVERY, now=True)
         self._log_flusher.start(logs.FLUSH_EVERY, now=False)
         log.info(
@@ -115,12 +119,14 @@ class PolicyServer:
             token = load_secret(path, "admin token").decode()
         except (OSError, ValueError) as error:
             raise PolicydError(f"http.token_file: {error}") from None
-        site = AdminSite(Admin(self.config, self.store, self.reactor), self.metrics, token).site()
+        admin = Admin(self.config, self.store, self.reactor)
+        site = AdminSite(admin, self.metrics, token, self.self_service.pages()).site()
         endpoint = serverFromString(self.reactor, self.config.listen.http)
         try:
             self.http_port = yield endpoint.listen(site)
         except Exception as error:
             raise PolicydError(f"listen.http: cannot listen on {self.config.listen.http}: {error}") from None
+        self.self_service.listening(getattr(self.http_port.getHost(), "port", None))
         log.info("HTTP (metrics, admin API) on %s; admin token in %s", self.config.listen.http, path)
 
     @inlineCallbacks
@@ -150,6 +156,7 @@ class PolicyServer:
                 log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
             self.service.configure(new)
             self.notifier.configure(new)
+            self.self_service.configure(new)
         except PolicydError as error:
             log.error("reload refused, keeping the running configuration: %s", error)
             return False
@@ -166,6 +173,7 @@ class PolicyServer:
         for loop in (self._pruner, self._gauges, self._log_flusher):
             if loop.running:
                 loop.stop()
+        yield self.self_service.stop()
         if self.http_port is not None:
             yield self.http_port.stopListening()
         if self.port is not None:

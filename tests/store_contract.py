@@ -303,3 +303,51 @@ async def test_spam_preferences(store: Store) -> None:
     await store.set_preference("bob@example.org", None)
     assert await store.preferences() == {"élodie@exemple.fr": "inbox"}
     assert await store.preferences([]) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_release_claim_at_a_time(store: Store) -> None:
+    """A release claim is taken once until it ends or its lease passes; deleting the message drops it."""
+    entry = await store.quarantine(held(), RAW)
+    assert await store.claim_release(entry.id, now=T0, lease=600) is True
+    assert await store.claim_release(entry.id, now=T0 + 599, lease=600) is False
+    assert await store.claim_release(entry.id, now=T0 + 600, lease=600) is True  # the first one died
+    await store.end_claim(entry.id)
+    assert await store.claim_release(entry.id, now=T0 + 601, lease=600) is True
+    other = await store.quarantine(held("carol@example.org"), RAW)
+    assert await store.claim_release(other.id, now=T0 + 601, lease=600) is True
+    assert await store.quarantine_delete(entry.id) is True
+    assert await store.quarantined(entry.id, now=T0 + 602) is None
+    assert await store.claim_release(other.id, now=T0 + 602, lease=600) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_quarantine_list_since(store: Store) -> None:
+    """since= lists only what was held after that time (the digest's period)."""
+    old = await store.quarantine(held(at=T0), b"old")
+    new = await store.quarantine(held(at=T0 + 100), b"new")
+    other = await store.quarantine(held("carol@example.org", at=T0 + 200), b"other")
+    assert [e.id for e in await store.quarantine_list(now=T0 + 300, since=T0)] == [other.id, new.id]
+    assert [e.id for e in await store.quarantine_list(now=T0 + 300, since=T0 + 100)] == [other.id]
+    assert [e.id for e in await store.quarantine_list(now=T0 + 300, since=None)] == [other.id, new.id, old.id]
+    listed = await store.quarantine_list(now=T0 + 300, since=T0 - 1, recipient="bob@example.org")
+    assert [e.id for e in listed] == [new.id, old.id]
+
+
+@pytest_twisted.ensureDeferred
+async def test_digest_is_queued_once_per_period(store: Store) -> None:
+    """queue_digest moves the mark and queues the notices together, once; a stale mark changes nothing."""
+    assert await store.digest_mark() is None
+    payload = {"ids": [3, 1], "total": 2, "since": None, "until": T0}
+    assert await store.queue_digest(since=None, until=T0, notices=[("bob@example.org", payload)]) is True
+    assert await store.digest_mark() == T0
+    # A second server that read the mark before the first moved it: nothing more.
+    assert await store.queue_digest(since=None, until=T0 + 1, notices=[("bob@example.org", payload)]) is False
+    assert await store.digest_mark() == T0
+    (notice,) = await store.claim_notices(now=T0, lease=60)
+    assert notice.kind == "digest" and notice.recipient == "bob@example.org"
+    assert notice.payload == payload and notice.created == T0 and notice.attempts == 1
+    # An empty period moves the mark too, and queues nothing.
+    assert await store.queue_digest(since=T0, until=T0 + 86400.25, notices=[]) is True
+    assert await store.digest_mark() == T0 + 86400.25
+    assert await store.pending_notices() == 1

@@ -281,12 +281,26 @@ class Store(Protocol):
         """One held message and its description; None when unknown or expired."""
 
     def quarantine_list(
-        self, *, now: float, recipient: str | None = None, limit: int = 1000
+        self, *, now: float, recipient: str | None = None, limit: int = 1000, since: float | None = None
     ) -> Deferred[list[Quarantined]]:
-        """Held messages that have not expired (of one recipient, or all), newest first."""
+        """Held messages that have not expired (of one recipient, or all), newest first.
+
+        :param since: only those held after this time (the digest's period).
+        """
 
     def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
-        """Forget one held message; whether it was there."""
+        """Forget one held message (and its release claim); whether it was there."""
+
+    def claim_release(self, entry_id: int, *, now: float, lease: float) -> Deferred[bool]:
+        """Take the right to release one held message, atomically; False when another
+        release holds it (until its ``lease`` seconds have passed).
+
+        The message stays held while it is delivered: a release that dies on
+        the way leaves it to be released again after the lease, never lost.
+        """
+
+    def end_claim(self, entry_id: int) -> Deferred[None]:
+        """Give up a release claim (the delivery failed; the message stays held)."""
 
     def quarantine_expire(self, *, now: float) -> Deferred[int]:
         """Forget held messages whose retention has passed; returns how many."""
@@ -296,6 +310,20 @@ class Store(Protocol):
 
     def preferences(self, addresses: Sequence[str] | None = None) -> Deferred[dict[str, str]]:
         """The recorded choices of ``addresses`` (those without one are left out), or of everyone."""
+
+    def digest_mark(self) -> Deferred[float | None]:
+        """Up to when held mail has been in a digest (None before the first digest)."""
+
+    def queue_digest(
+        self, *, since: float | None, until: float, notices: Sequence[tuple[str, dict[str, Any]]]
+    ) -> Deferred[bool]:
+        """Queue one digest: move the digest mark from ``since`` to ``until`` and put a
+        ``digest`` notice per (recipient, payload) in the outbox, in one atomic step.
+
+        Nothing is done, and False returned, when the mark is no longer ``since``:
+        another process sent that digest, so several servers sharing the store
+        send each recipient one digest, and a crash never sends it twice or loses it.
+        """
 
     def close(self) -> Deferred[None]:
         """Flush and release the store."""

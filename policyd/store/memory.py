@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -47,6 +48,8 @@ class MemoryStore:
         self.held: dict[int, tuple[Quarantined, bytes]] = {}
         self.held_sequence = 0
         self.spam_choices: dict[str, str] = {}
+        self.mark: float | None = None
+        self.claims: dict[int, float] = {}
 
     def _window(self, account: str, now: float, window: float) -> deque[tuple[float, str, str]]:
         sends = self.sends.setdefault(account, deque())
@@ -213,19 +216,34 @@ class MemoryStore:
         return succeed(found)
 
     def quarantine_list(
-        self, *, now: float, recipient: str | None = None, limit: int = 1000
+        self, *, now: float, recipient: str | None = None, limit: int = 1000, since: float | None = None
     ) -> Deferred[list[Quarantined]]:
         """See :meth:`policyd.store.Store.quarantine_list`."""
         live = [
             entry
             for entry, _ in self.held.values()
-            if entry.until > now and (recipient is None or entry.recipient == recipient)
+            if entry.until > now
+            and (recipient is None or entry.recipient == recipient)
+            and (since is None or entry.at > since)
         ]
         return succeed(sorted(live, key=lambda e: (-e.at, -e.id))[:limit])
 
     def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
         """See :meth:`policyd.store.Store.quarantine_delete`."""
+        self.claims.pop(entry_id, None)
         return succeed(self.held.pop(entry_id, None) is not None)
+
+    def claim_release(self, entry_id: int, *, now: float, lease: float) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.claim_release`."""
+        if self.claims.get(entry_id, now) > now:
+            return succeed(False)
+        self.claims[entry_id] = now + lease
+        return succeed(True)
+
+    def end_claim(self, entry_id: int) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.end_claim`."""
+        self.claims.pop(entry_id, None)
+        return succeed(None)
 
     def quarantine_expire(self, *, now: float) -> Deferred[int]:
         """See :meth:`policyd.store.Store.quarantine_expire`."""
@@ -247,6 +265,22 @@ class MemoryStore:
         if addresses is None:
             return succeed(dict(sorted(self.spam_choices.items())))
         return succeed({a: self.spam_choices[a] for a in addresses if a in self.spam_choices})
+
+    def digest_mark(self) -> Deferred[float | None]:
+        """See :meth:`policyd.store.Store.digest_mark`."""
+        return succeed(self.mark)
+
+    def queue_digest(
+        self, *, since: float | None, until: float, notices: Sequence[tuple[str, dict[str, Any]]]
+    ) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.queue_digest`."""
+        if self.mark != since:
+            return succeed(False)
+        self.mark = until
+        for recipient, payload in notices:
+            notice = Notice(len(self.outbox) + 1, "digest", recipient, dict(payload), until)
+            self.outbox[notice.id] = _Queued(notice, until)
+        return succeed(True)
 
     def close(self) -> Deferred[None]:
         """Nothing to flush."""

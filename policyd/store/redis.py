@@ -35,13 +35,19 @@ Keys, all under ``policyd:``:
     held messages: a sorted set of id -> expiry time, and a hash per
     message (``entry``: its JSON description, ``message``: the bytes) that
     expires by itself at the end of its retention.
+``policyd:releasing:<id>``
+    a release in progress of held message ``id``: when its claim ends (set by
+    a script only when no live claim exists), so two presses of a release
+    button deliver once.
 ``policyd:preferences``
     hash of recipient address -> spam choice (``inbox`` or ``quarantine``).
-``policyd:outbox`` and ``policyd:notice:<id>``
+``policyd:outbox`` and ``policyd:outbox:<id>``
     the notification outbox: a sorted set of notice id -> when it is due,
     and a hash per notice (kind, recipient, JSON payload, created, attempts,
     last error); ids come from ``policyd:notice-seq``.  A sent notice leaves
     both.
+``policyd:digest-mark``
+    up to when held mail has been in a quarantine digest (the time, as text).
 
 Times are those the caller passes (``now``), so tests may drive a fake
 clock; key lifetimes are set relative to them (``PEXPIRE``), never as
@@ -105,6 +111,8 @@ _NOTICE_SEQUENCE = PREFIX + "notice-seq"
 _QUARANTINE = PREFIX + "quarantine"
 _QUARANTINE_SEQUENCE = PREFIX + "quarantine-seq"
 _PREFERENCES = PREFIX + "preferences"
+_DIGEST_MARK = PREFIX + "digest-mark"
+_RELEASING = PREFIX + "releasing"
 
 #: Audit entries kept: admin actions are a few a day, so this is years of
 #: history, while the list stays bounded in memory.
@@ -222,6 +230,35 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[1] .. ':' .. ARGV[1], 'last_error', ARGV[3])
 end
+return 1
+"""
+
+#: KEYS: digest mark, outbox, notice sequence.  ARGV: mark expected ('' for none),
+#: new mark, then recipient and JSON payload of each digest.
+_QUEUE_DIGEST = """
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2])
+for i = 3, #ARGV, 2 do
+  local id = redis.call('INCR', KEYS[3])
+  redis.call('HSET', KEYS[2] .. ':' .. id, 'kind', 'digest', 'recipient', ARGV[i],
+             'payload', ARGV[i + 1], 'created', ARGV[2], 'attempts', 0, 'last_error', '')
+  redis.call('ZADD', KEYS[2], ARGV[2], id)
+end
+return 1
+"""
+
+#: KEYS: release claim.  ARGV: now, claim end, lifetime in ms.  The end is
+#: compared with the caller's now (fake clocks in tests); the lifetime only
+#: lets Redis forget the key.
+_CLAIM_RELEASE = """
+local until_ = redis.call('GET', KEYS[1])
+if until_ and tonumber(until_) > tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
@@ -451,6 +488,8 @@ class RedisStore:
         self._prune_blocks = register(_PRUNE_BLOCKS)
         self._claim = register(_CLAIM)
         self._failed = register(_FAILED)
+        self._queue_digest = register(_QUEUE_DIGEST)
+        self._claim_release = register(_CLAIM_RELEASE)
 
     @staticmethod
     def _url_secrets(url: str) -> list[str]:
@@ -819,7 +858,7 @@ class RedisStore:
         return self._call(work, "quarantined message")
 
     def quarantine_list(
-        self, *, now: float, recipient: str | None = None, limit: int = 1000
+        self, *, now: float, recipient: str | None = None, limit: int = 1000, since: float | None = None
     ) -> Deferred[list[Quarantined]]:
         """See :meth:`policyd.store.Store.quarantine_list`."""
 
@@ -831,7 +870,11 @@ class RedisStore:
                 for entry_id in ids[start : start + 1000]:
                     pipe.hget(f"{_QUARANTINE}:{entry_id}", "entry")
                 found += [_held(e) for e in await pipe.execute() if e is not None]
-            chosen = [e for e in found if recipient is None or e.recipient == recipient]
+            chosen = [
+                e
+                for e in found
+                if (recipient is None or e.recipient == recipient) and (since is None or e.at > since)
+            ]
             return sorted(chosen, key=lambda e: (-e.at, -e.id))[:limit]
 
         return self._call(work, "quarantine list")
@@ -843,10 +886,30 @@ class RedisStore:
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(f"{_QUARANTINE}:{entry_id}")
             pipe.zrem(_QUARANTINE, str(entry_id))
-            deleted, _ = await pipe.execute()
+            pipe.delete(f"{_RELEASING}:{entry_id}")
+            deleted, _, _ = await pipe.execute()
             return bool(deleted)
 
         return self._call(work, "quarantine delete")
+
+    def claim_release(self, entry_id: int, *, now: float, lease: float) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.claim_release`."""
+
+        async def work() -> bool:
+            taken = await self._claim_release(
+                keys=[f"{_RELEASING}:{entry_id}"], args=[repr(now), repr(now + lease), _ms(lease)]
+            )
+            return bool(int(taken))
+
+        return self._call(work, "claim release")
+
+    def end_claim(self, entry_id: int) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.end_claim`."""
+
+        async def work() -> None:
+            await self.client.delete(f"{_RELEASING}:{entry_id}")
+
+        return self._call(work, "end release claim")
 
     def quarantine_expire(self, *, now: float) -> Deferred[int]:
         """See :meth:`policyd.store.Store.quarantine_expire`."""
@@ -887,6 +950,29 @@ class RedisStore:
             return {a: v for a, v in zip(wanted, values, strict=True) if v is not None}
 
         return self._call(work, "preferences")
+
+    def digest_mark(self) -> Deferred[float | None]:
+        """See :meth:`policyd.store.Store.digest_mark`."""
+
+        async def work() -> float | None:
+            value = await self.client.get(_DIGEST_MARK)
+            return None if value is None else float(value)
+
+        return self._call(work, "digest mark")
+
+    def queue_digest(
+        self, *, since: float | None, until: float, notices: Sequence[tuple[str, dict[str, Any]]]
+    ) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.queue_digest`."""
+        args: list[str] = ["" if since is None else repr(since), repr(until)]
+        for recipient, payload in notices:
+            args += [recipient, json.dumps(payload, separators=(",", ":"))]
+
+        async def work() -> bool:
+            done = await self._queue_digest(keys=[_DIGEST_MARK, _OUTBOX, _NOTICE_SEQUENCE], args=args)
+            return bool(int(done))
+
+        return self._call(work, "queue digest")
 
     def close(self) -> Deferred[None]:
         """Close the connection pool (and the sentinels' connections)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 from collections import deque
@@ -117,6 +118,15 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 CREATE INDEX IF NOT EXISTS quarantine_by_recipient ON quarantine (recipient, at);
 CREATE INDEX IF NOT EXISTS quarantine_by_expiry ON quarantine (until);
+CREATE INDEX IF NOT EXISTS quarantine_by_time ON quarantine (at);
+CREATE TABLE IF NOT EXISTS release_claims (
+    id    INTEGER PRIMARY KEY,
+    until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS marks (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS preferences (
     address TEXT PRIMARY KEY,
     spam    TEXT NOT NULL
@@ -656,23 +666,24 @@ class SQLiteStore:
         return self._run(work)
 
     def quarantine_list(
-        self, *, now: float, recipient: str | None = None, limit: int = 1000
+        self, *, now: float, recipient: str | None = None, limit: int = 1000, since: float | None = None
     ) -> Deferred[list[Quarantined]]:
         """See :meth:`policyd.store.Store.quarantine_list`."""
+        after = -math.inf if since is None else since
 
         def work(db: sqlite3.Connection) -> list[Quarantined]:
             if recipient is None:
                 rows = db.execute(
                     "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons FROM quarantine "
-                    "WHERE until > ? ORDER BY at DESC, id DESC LIMIT ?",
-                    (now, limit),
+                    "WHERE until > ? AND at > ? ORDER BY at DESC, id DESC LIMIT ?",
+                    (now, after, limit),
                 )
             else:
                 rows = db.execute(
                     "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons FROM quarantine "
-                    "WHERE recipient = ? AND until > ? "
+                    "WHERE recipient = ? AND until > ? AND at > ? "
                     "ORDER BY at DESC, id DESC LIMIT ?",
-                    (recipient, now, limit),
+                    (recipient, now, after, limit),
                 )
             return [_held(row) for row in rows]
 
@@ -682,7 +693,29 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.quarantine_delete`."""
 
         def work(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM release_claims WHERE id = ?", (entry_id,))
             return db.execute("DELETE FROM quarantine WHERE id = ?", (entry_id,)).rowcount > 0
+
+        return self._run(work, write=True)
+
+    def claim_release(self, entry_id: int, *, now: float, lease: float) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.claim_release`."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            taken = db.execute(
+                "INSERT INTO release_claims (id, until) VALUES (?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET until = excluded.until WHERE release_claims.until <= ?",
+                (entry_id, now + lease, now),
+            )
+            return taken.rowcount > 0
+
+        return self._run(work, write=True)
+
+    def end_claim(self, entry_id: int) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.end_claim`."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM release_claims WHERE id = ?", (entry_id,))
 
         return self._run(work, write=True)
 
@@ -690,6 +723,7 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.quarantine_expire`."""
 
         def work(db: sqlite3.Connection) -> int:
+            db.execute("DELETE FROM release_claims WHERE until <= ?", (now,))
             return int(db.execute("DELETE FROM quarantine WHERE until <= ?", (now,)).rowcount)
 
         return self._run(work, write=True)
@@ -725,6 +759,34 @@ class SQLiteStore:
             return found
 
         return self._run(work)
+
+    def digest_mark(self) -> Deferred[float | None]:
+        """See :meth:`policyd.store.Store.digest_mark`."""
+
+        def work(db: sqlite3.Connection) -> float | None:
+            row = db.execute("SELECT value FROM marks WHERE name = 'digest'").fetchone()
+            return None if row is None else float(row[0])
+
+        return self._run(work)
+
+    def queue_digest(
+        self, *, since: float | None, until: float, notices: Sequence[tuple[str, dict[str, Any]]]
+    ) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.queue_digest`."""
+
+        def work(db: sqlite3.Connection) -> bool:
+            # Under the write lock (BEGIN IMMEDIATE): no other process moves the mark meanwhile.
+            row = db.execute("SELECT value FROM marks WHERE name = 'digest'").fetchone()
+            if (None if row is None else float(row[0])) != since:
+                return False
+            db.execute("INSERT OR REPLACE INTO marks (name, value) VALUES ('digest', ?)", (repr(until),))
+            db.executemany(
+                "INSERT INTO outbox (kind, recipient, payload, created, due) VALUES ('digest', ?, ?, ?, ?)",
+                [(recipient, json.dumps(payload), until, until) for recipient, payload in notices],
+            )
+            return True
+
+        return self._run(work, write=True)
 
     def close(self) -> Deferred[None]:
         """Commit pending writes, checkpoint the log into the database and close it."""
