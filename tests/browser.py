@@ -40,3 +40,16 @@ def chromium(headers: dict[str, str] | None = None) -> Iterator[Any]:
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def press(browser: Any, button: Any = "submit") -> None:
+    """Click a button (an element, or its id) and wait until the page it leads to has replaced this one."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    if isinstance(button, str):
+        button = browser.find_element(By.ID, button)
+    button.click()
+    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(button))
+    WebDriverWait(browser, 15).until(lambda b: b.execute_script("return document.readyState") == "complete")

@@ -13,7 +13,7 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.threads import deferToThread
 
 from policyd.server import PolicyServer
-from tests.browser import chromium
+from tests.browser import chromium, press
 from tests.conftest import make_config
 from tests.test_http import base, send, token
 
@@ -54,7 +54,7 @@ def submit_request(url: str) -> str:
             browser.execute_script("document.getElementById(arguments[0]).value = arguments[1]", field, local(moment))
         browser.find_element(By.ID, "limit").send_keys("6")
         browser.find_element(By.ID, "reason").send_keys("Reunion invitations to former students")
-        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        press(browser, browser.find_element(By.CSS_SELECTOR, "button[type=submit]"))
         return str(browser.find_element(By.CSS_SELECTOR, "[role=status]").text)
 
 
@@ -66,7 +66,7 @@ def approve_as_admin(url: str, secret: str) -> tuple[str, str]:
     with chromium(headers={"Authorization": f"Basic {credentials}"}) as browser:
         browser.get(f"{url}/admin")
         listed = str(browser.find_element(By.TAG_NAME, "table").text)
-        browser.find_element(By.ID, "approve-1").click()
+        press(browser, "approve-1")
         return listed, str(browser.find_element(By.CSS_SELECTOR, "[role=status]").text)
 
 

@@ -20,8 +20,6 @@ import pytest
 from tests.postfix import (
     PostfixInstance,
     SmtpSink,
-    postfix_factory,  # noqa: F401  (fixture)
-    smtp_sink,  # noqa: F401  (fixture)
 )
 from tests.servers import POLICYD, free_port, policyd, wait_for_port
 from tests.smtp_sink import Delivery
@@ -102,7 +100,7 @@ class Milter:
 
 @pytest.fixture
 def site(
-    tmp_path: Path, postfix_factory: Callable[..., PostfixInstance], smtp_sink: SmtpSink  # noqa: F811
+    tmp_path: Path, postfix_factory: Callable[..., PostfixInstance], smtp_sink: SmtpSink
 ) -> Iterator[tuple[Milter, PostfixInstance, SmtpSink]]:
     """A trained milter behind a real Postfix; the milter must exit 0 on SIGTERM at the end."""
     milter = Milter(tmp_path)
@@ -214,8 +212,8 @@ def test_spam_to_a_forwarding_alias_is_tagged_then_forwarded(
 def test_network_reputation_and_content_together(
     weight: float,
     tmp_path: Path,
-    postfix_factory: Callable[..., PostfixInstance],  # noqa: F811
-    smtp_sink: SmtpSink,  # noqa: F811
+    postfix_factory: Callable[..., PostfixInstance],
+    smtp_sink: SmtpSink,
 ) -> None:
     """Level 1: the header Postfix prepends adds its points, so ham content from that client is tagged;
     level 2: the message to a forwarding alias is refused at RCPT and never forwarded."""

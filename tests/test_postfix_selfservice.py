@@ -18,10 +18,12 @@ import email
 import email.policy
 import json
 import mailbox
+import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import chromium
+from tests.browser import chromium, press
 from tests.postfix import PostfixInstance, SmtpSink
 from tests.servers import POLICYD, PolicydServer, free_port, policyd, wait_for_port
 from tests.smtp_sink import Delivery
@@ -40,7 +42,14 @@ from tests.test_postfix_milter import SPAM_BODY, SPAM_SUBJECT
 
 pytestmark = pytest.mark.integration
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+#: Where the screenshots go: the README's docs/ when POLICYD_UPDATE_DOCS is
+#: set (to refresh them), else a scratch directory, so a test run leaves the
+#: tracked pictures alone.
+DOCS = (
+    Path(__file__).resolve().parent.parent / "docs"
+    if os.environ.get("POLICYD_UPDATE_DOCS")
+    else Path(tempfile.mkdtemp(prefix="policyd-screenshots-"))
+)
 TAGGED = f"*{{spam}}* {SPAM_SUBJECT}"
 
 
@@ -192,18 +201,6 @@ def shoot(browser: Any, path: Path, width: int = 420) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(path)), path
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-
-
-def press(browser: Any, element_id: str = "submit") -> None:
-    """Click a button and wait until the page it leads to has replaced this one."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.wait import WebDriverWait
-
-    button = browser.find_element(By.ID, element_id)
-    button.click()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(button))
-    WebDriverWait(browser, 15).until(lambda b: b.execute_script("return document.readyState") == "complete")
 
 
 def release_twice(digest_html: Path, release_link: str) -> dict[str, str]:
