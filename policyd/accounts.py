@@ -6,6 +6,10 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
 
 from policyd.errors import ConfigError, PolicydError
 from policyd.store import Store
@@ -21,11 +25,14 @@ class Accounts:
         per line (``#`` comments), a Postfix table ``type:name`` read with
         ``postmap -q``, or None for the accounts that have authenticated.
     :param store: the state store (for accounts seen authenticating).
+    :param reactor: a server's reactor: ``postmap`` then runs in its thread
+        pool; without it (admin commands) it runs in place.
     """
 
-    def __init__(self, source: str | None, store: Store) -> None:
+    def __init__(self, source: str | None, store: Store, reactor: Any = None) -> None:
         self.source = source
         self.store = store
+        self.reactor = reactor
 
     async def valid(self, account: str) -> bool:
         """Whether ``account`` (lower-cased) is a valid account.
@@ -36,6 +43,13 @@ class Accounts:
         if self.source is None:
             return bool(await self.store.account_seen(account))
         if _TABLE.match(self.source) and not self.source.startswith("/"):
+            if self.reactor is not None and IReactorThreads.providedBy(self.reactor):
+                # postmap takes a second or two to fail on a broken table:
+                # never on the reactor thread of a server.
+                found: bool = await deferToThreadPool(
+                    self.reactor, self.reactor.getThreadPool(), self._postmap, account
+                )
+                return found
             return self._postmap(account)
         return account in self._file()
 

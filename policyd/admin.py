@@ -147,7 +147,7 @@ class Admin:
         reason = _reason(reason, "--reason must give the business reason")
         bounds = self.config.exemptions
         now = self.clock.seconds()
-        if not await Accounts(self.config.accounts, self.store).valid(account):
+        if not await Accounts(self.config.accounts, self.store, self.clock).valid(account):
             raise UsageError(f"{account} is not a valid account")
         if limit < 1 or limit > bounds.max_limit:
             raise UsageError(f"--limit must be between 1 and exemptions.max_limit ({bounds.max_limit})")
