@@ -23,11 +23,9 @@ itself within :data:`MODEL_CHECK` seconds.
 
 from __future__ import annotations
 
-import gc
 import importlib.resources
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -587,29 +585,7 @@ def run(path: str | None) -> None:
 
     :raises PolicydError: when the configuration, model, store or listener fails.
     """
-    from policyd.reactor import install_reactor
+    from policyd.daemon import run_daemon
 
-    reactor = install_reactor()
-    config = configuration.load(path)
-    from policyd import logs
+    run_daemon(path, MilterServer, threads=4)
 
-    logs.setup(config.log)
-    server = MilterServer(reactor, config, configuration.config_path(path))
-    failure: list[BaseException] = []
-
-    def started() -> None:
-        def failed(f: Any) -> None:
-            failure.append(f.value)
-            reactor.stop()
-
-        server.start().addErrback(failed)
-
-    gc.collect()
-    gc.freeze()
-    reactor.suggestThreadPoolSize(4)
-    reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.reload))
-    reactor.run()
-    if failure:
-        raise failure[0] if isinstance(failure[0], PolicydError) else PolicydError(str(failure[0]))

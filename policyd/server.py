@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import logging
-import signal
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
@@ -15,6 +13,7 @@ from twisted.internet.task import LoopingCall
 from policyd import config as configuration
 from policyd import logs
 from policyd.config import Config
+from policyd.daemon import run_daemon
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
@@ -215,34 +214,4 @@ def run(path: str | None) -> None:
 
     :raises PolicydError: when the configuration, store or listener fails.
     """
-    # A SIGHUP before the reactor runs (systemctl reload right after start)
-    # must not kill the process: remember it and reload once running.
-    early: list[int] = []
-    signal.signal(signal.SIGHUP, lambda number, _: early.append(number))
-    from policyd.reactor import install_reactor
-
-    reactor = install_reactor()
-    config = configuration.load(path)
-    logs.setup(config.log)
-    server = PolicyServer(reactor, config, configuration.config_path(path))
-    failure: list[BaseException] = []
-
-    def started() -> None:
-        def failed(f: Any) -> None:
-            failure.append(f.value)
-            reactor.stop()
-
-        server.start().addErrback(failed)
-
-    # Everything loaded so far lives as long as the process: keep the cyclic
-    # garbage collector from walking it again and again under load.
-    gc.collect()
-    gc.freeze()
-    reactor.callWhenRunning(started)
-    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
-    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.reload))
-    if early:
-        reactor.callWhenRunning(server.reload)
-    reactor.run()
-    if failure:
-        raise failure[0] if isinstance(failure[0], PolicydError) else PolicydError(str(failure[0]))
+    run_daemon(path, PolicyServer)
