@@ -17,7 +17,7 @@ from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.notify import notice_recipients
 from policyd.protocol import DUNNO, Action, Request
-from policyd.store import Admission, Block, Exemption, Outcome, Store
+from policyd.store import Admission, Block, Charge, Exemption, Outcome, Store
 from policyd.texts import Texts
 
 log = logging.getLogger("policyd.quota")
@@ -207,15 +207,17 @@ class OutboundQuota:
                 "block_reason", limit=limit, window=format_duration(self.window)
             )
         admitted = self.store.admit(
-            account,
-            now=now,
-            window=self.window,
-            limit=limit,
-            block_for=self.block_for,
-            reason=reason,
-            instance=instance,
-            client=request.get("client_address"),
-            notify=self._recipients(account),
+            Charge(
+                account,
+                now,
+                self.window,
+                limit,
+                self.block_for,
+                reason,
+                instance,
+                request.get("client_address"),
+                self._recipients(account),
+            )
         )
         if not admitted.called and not getattr(self.store, "bounded", False):
             admitted.addTimeout(self.deadline, self.clock)

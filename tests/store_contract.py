@@ -5,18 +5,20 @@ A test module imports these tests and provides a ``store`` fixture.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest_twisted
 
-from policyd.store import AuditEntry, Block, Exemption, Outcome, Quarantined, Store
+from policyd.store import AuditEntry, Block, Charge, Exemption, Outcome, Quarantined, Store
 
 HOUR = 3600.0
 T0 = 1_700_000_000.0
 
 
-async def admit(store: Store, account: str = "alice", now: float = T0, limit: int = 3, **extra: object) -> object:
-    return await store.admit(
-        account, now=now, window=HOUR, limit=limit, block_for=3 * 86400, reason="too many", **extra
-    )
+async def admit(store: Store, account: str = "alice", now: float = T0, limit: int = 3, **extra: Any) -> Any:
+    if "notify" in extra:
+        extra["notify"] = tuple(extra["notify"])
+    return await store.admit(Charge(account, now, HOUR, limit, 3 * 86400, "too many", **extra))
 
 
 @pytest_twisted.ensureDeferred

@@ -232,7 +232,7 @@ class FailingStore(MemoryStore):
         super().__init__()
         self.mode = mode
 
-    def admit(self, account: str, **kwargs: Any) -> Deferred[Any]:
+    def admit(self, charge: Any) -> Deferred[Any]:
         if self.mode == "error":
             return fail(StoreError("disk I/O error"))
         return Deferred()

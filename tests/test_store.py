@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from policyd.errors import ConfigError, StoreError
-from policyd.store import Outcome, open_store
+from policyd.store import Charge, Outcome, open_store
 from policyd.store.memory import MemoryStore
 from policyd.store.sqlite import SQLiteStore
 from tests.store_contract import *  # noqa: F403
@@ -89,7 +89,7 @@ async def test_grouped_writes_fire_after_commit(tmp_path: Path) -> None:
     """Writes of one reactor turn share a commit; another connection sees them once they fire."""
     path = str(tmp_path / "state.db")
     grouped = SQLiteStore(path, reactor=reactor)
-    pending = [grouped.admit("alice", now=T0, window=HOUR, limit=10, block_for=60, reason="r") for _ in range(5)]
+    pending = [grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r")) for _ in range(5)]
     assert not any(d.called for d in pending)
     results = [await d for d in pending]
     assert [r.count for r in results] == [1, 2, 3, 4, 5]
@@ -103,9 +103,9 @@ async def test_grouped_writes_fire_after_commit(tmp_path: Path) -> None:
 async def test_grouped_failure_fails_the_whole_group(tmp_path: Path) -> None:
     """A failing write rolls back its group: every write in it fails, none is half-counted."""
     grouped = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
-    first = grouped.admit("alice", now=T0, window=HOUR, limit=10, block_for=60, reason="r")
+    first = grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r"))
     grouped.db.execute("DROP TABLE blocks")
-    second = grouped.admit("bob", now=T0, window=HOUR, limit=10, block_for=60, reason="r")
+    second = grouped.admit(Charge("bob", T0, HOUR, 10, 60, "r"))
     for pending in (first, second):
         with pytest.raises(StoreError):
             await pending
@@ -155,7 +155,7 @@ async def test_checkpoints_run_in_a_thread(tmp_path: Path) -> None:
     server = SQLiteStore(str(path), reactor=reactor)
     empty = path.stat().st_size
     for n in range(2000):
-        await server.admit(f"user{n}", now=T0, window=HOUR, limit=10, block_for=60, reason="r")
+        await server.admit(Charge(f"user{n}", T0, HOUR, 10, 60, "r"))
     assert (tmp_path / "state.db-wal").stat().st_size > 0
     await deferLater(reactor, 2.5, lambda: None)
     assert path.stat().st_size > empty

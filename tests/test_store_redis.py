@@ -15,7 +15,7 @@ import redis
 from twisted.internet.defer import DeferredList
 
 from policyd.errors import ConfigError, StoreError
-from policyd.store import Block, Outcome, open_store
+from policyd.store import Block, Charge, Outcome, open_store
 from policyd.store.redis import PREFIX, RedisStore
 from tests.redis_server import RedisServer, running_redis, running_sentinel
 from tests.store_contract import *  # noqa: F403
@@ -84,7 +84,7 @@ async def test_concurrent_admits_never_overshoot(store: RedisStore, redis_server
     other = RedisStore(redis_server.url, deadline=5.0)
     store.deadline = 5.0
     pending = [
-        s.admit("alice", now=T0 + n / 1000, window=HOUR, limit=25, block_for=60, reason="r", client=f"192.0.2.{n % 30}")
+        s.admit(Charge("alice", T0 + n / 1000, HOUR, 25, 60, "r", client=f"192.0.2.{n % 30}"))
         for n in range(300)
         for s in (store, other)
     ]

@@ -121,6 +121,31 @@ class Admission:
 
 
 @attrs.frozen
+class Charge:
+    """One external recipient to count for an account, and what counting needs.
+
+    :ivar now: when (POSIX seconds).
+    :ivar window: the rolling window, in seconds.
+    :ivar limit: recipients allowed in the window.
+    :ivar block_for: how long a block made now lasts.
+    :ivar reason: why, if this recipient blocks the account.
+    :ivar instance: Postfix's transaction id (for give-back).
+    :ivar client: the SMTP client's address (kept with a block).
+    :ivar notify: who hears of a block made now.
+    """
+
+    account: str
+    now: float
+    window: float
+    limit: int
+    block_for: float
+    reason: str
+    instance: str = ""
+    client: str = ""
+    notify: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class AuditEntry:
     """One admin action: who did what to whom, when and why."""
 
@@ -183,20 +208,8 @@ class Store(Protocol):
     #: by itself (the checks then set no timer of their own per request).
     bounded: bool
 
-    def admit(
-        self,
-        account: str,
-        *,
-        now: float,
-        window: float,
-        limit: int,
-        block_for: float,
-        reason: str,
-        instance: str = "",
-        client: str = "",
-        notify: Sequence[str] = (),
-    ) -> Deferred[Admission]:
-        """Count one external recipient for ``account`` if it may send.
+    def admit(self, charge: Charge) -> Deferred[Admission]:
+        """Count one external recipient for ``charge.account`` if it may send.
 
         Atomically: an account with a live block is refused; one with fewer
         than ``limit`` recipients in the last ``window`` seconds gets this one

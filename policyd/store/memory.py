@@ -14,6 +14,7 @@ from policyd.store import (
     Admission,
     AuditEntry,
     Block,
+    Charge,
     Exemption,
     Notice,
     Outcome,
@@ -64,20 +65,12 @@ class MemoryStore:
             return None
         return block
 
-    def admit(
-        self,
-        account: str,
-        *,
-        now: float,
-        window: float,
-        limit: int,
-        block_for: float,
-        reason: str,
-        instance: str = "",
-        client: str = "",
-        notify: Sequence[str] = (),
-    ) -> Deferred[Admission]:
+    def admit(self, charge: Charge) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
+        account, now, window, limit = charge.account, charge.now, charge.window, charge.limit
+        block_for, reason, instance, client, notify = (
+            charge.block_for, charge.reason, charge.instance, charge.client, charge.notify
+        )
         block = self._live(account, now)
         if block is not None:
             return succeed(Admission(Outcome.BLOCKED, block.count, block))

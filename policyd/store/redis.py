@@ -89,6 +89,7 @@ from policyd.store import (
     Admission,
     AuditEntry,
     Block,
+    Charge,
     Exemption,
     Notice,
     Outcome,
@@ -528,20 +529,12 @@ class RedisStore:
 
     # --- quota ------------------------------------------------------------
 
-    def admit(
-        self,
-        account: str,
-        *,
-        now: float,
-        window: float,
-        limit: int,
-        block_for: float,
-        reason: str,
-        instance: str = "",
-        client: str = "",
-        notify: Sequence[str] = (),
-    ) -> Deferred[Admission]:
+    def admit(self, charge: Charge) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
+        account, now, window, limit = charge.account, charge.now, charge.window, charge.limit
+        block_for, reason, instance, client, notify = (
+            charge.block_for, charge.reason, charge.instance, charge.client, charge.notify
+        )
 
         async def work() -> Admission:
             reply = await self._admit(

@@ -44,6 +44,7 @@ from policyd.store import (
     Admission,
     AuditEntry,
     Block,
+    Charge,
     Exemption,
     Notice,
     Outcome,
@@ -324,20 +325,12 @@ class SQLiteStore:
         for waiting, _ in group:
             waiting.errback(StoreError(f"SQLite store {self.path}: {error}"))
 
-    def admit(
-        self,
-        account: str,
-        *,
-        now: float,
-        window: float,
-        limit: int,
-        block_for: float,
-        reason: str,
-        instance: str = "",
-        client: str = "",
-        notify: Sequence[str] = (),
-    ) -> Deferred[Admission]:
+    def admit(self, charge: Charge) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
+        account, now, window, limit = charge.account, charge.now, charge.window, charge.limit
+        block_for, reason, instance, client, notify = (
+            charge.block_for, charge.reason, charge.instance, charge.client, charge.notify
+        )
 
         def work(db: sqlite3.Connection) -> Admission:
             state = self._windows.get(account)
