@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+
+
+def describe_peer(address: Any) -> str:
+    """``host:port`` for TCP peers, ``unix`` for a local socket."""
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    return "unix"
 
 
 class ConnectionTracking:

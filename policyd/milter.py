@@ -51,7 +51,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from policyd.connections import ConnectionTracking
+from policyd.connections import ConnectionTracking, describe_peer
 from policyd.netlists import NetworkSet
 
 log = logging.getLogger("policyd.milter")
@@ -342,15 +342,6 @@ class MilterMessage:
 
 
 Filter = Callable[[MilterMessage], "Deferred[Verdict]"]
-
-
-def describe_peer(address: Any) -> str:
-    """``host:port`` for TCP peers, ``unix`` for a local socket."""
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    return "unix"
 
 
 class MilterProtocol(Protocol, TimeoutMixin):

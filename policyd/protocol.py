@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from policyd.addresses import sanitise
 from policyd.config import Limits
-from policyd.connections import ConnectionTracking
+from policyd.connections import ConnectionTracking, describe_peer
 from policyd.netlists import NetworkSet
 
 log = logging.getLogger("policyd.protocol")
@@ -103,15 +103,6 @@ Decide = Callable[[Request], "Deferred[Action]"]
 
 class BadRequest(Exception):
     """Input that breaks the protocol; the connection is closed."""
-
-
-def describe_peer(address: Any) -> str:
-    """``host:port`` for TCP peers, ``unix`` for a local socket."""
-    if isinstance(address, IPv4Address):
-        return f"{address.host}:{address.port}"
-    if isinstance(address, IPv6Address):
-        return f"[{address.host}]:{address.port}"
-    return "unix"
 
 
 @implementer(interfaces.IPushProducer)
