@@ -42,25 +42,27 @@ def policyd(*args: str, input: str | None = None, env: dict[str, str] | None = N
 
 
 class PolicydServer:
-    """``policyd serve -c CONFIG`` as a child process.
+    """``policyd serve -c CONFIG`` (or ``policyd milter``) as a child process.
 
     :param config: path of the configuration file.
     :param port: the TCP port that configuration listens on.
+    :param command: ``serve`` or ``milter``.
     """
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, command: str = "serve") -> None:
         self.config = config
         self.port = port
-        self.log = config.with_suffix(".log")
+        self.command = command
+        self.log = config.with_suffix(".log") if command == "serve" else config.with_name(f"{command}.log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PolicydServer:
         """Start and wait until it listens."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [POLICYD, "serve", "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+                [POLICYD, self.command, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
             )
-        wait_for_port(self.port, process=self.process)
+        wait_for_port(self.port, timeout=10.0, process=self.process)
         return self
 
     def signal(self, number: int) -> None:
@@ -78,7 +80,7 @@ class PolicydServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError("policyd did not exit after SIGTERM") from None
+            raise AssertionError(f"policyd {self.command} did not exit after SIGTERM") from None
 
     def output(self) -> str:
         """Everything the server logged so far."""

@@ -14,8 +14,7 @@ from twisted.internet.threads import deferToThread
 
 from policyd.server import PolicyServer
 from tests.browser import chromium, press
-from tests.conftest import make_config
-from tests.test_http import base, send, token
+from tests.test_http import base, send, start_http_server, token
 
 reactor: Any = _reactor
 
@@ -23,15 +22,7 @@ reactor: Any = _reactor
 @pytest_twisted.async_yield_fixture
 async def server(tmp_path: Path) -> AsyncIterator[PolicyServer]:
     """A policy server (limit 3) with its HTTP listener."""
-    accounts = tmp_path / "accounts"
-    accounts.write_text("carol@example.org\n", encoding="utf-8")
-    config = make_config(
-        'listen:\n  policy: "tcp:0:interface=127.0.0.1"\n  http: "tcp:0:interface=127.0.0.1"\n'
-        f'store:\n  url: "sqlite:///{tmp_path}/state.db"\n'
-        f"accounts: {accounts}\nlocal_domains: [example.org]\noutbound:\n  limit: 3\n"
-    )
-    running = PolicyServer(reactor, config)
-    await running.start()
+    running = await start_http_server(tmp_path, "carol@example.org")
     yield running
     await running.stop()
 

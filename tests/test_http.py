@@ -25,18 +25,24 @@ from tests.conftest import make_config
 reactor: Any = _reactor
 
 
-@pytest_twisted.async_yield_fixture
-async def server(tmp_path: Path) -> AsyncIterator[PolicyServer]:
-    """A policy server with the HTTP listener on free loopback ports."""
-    accounts = tmp_path / "accounts"
-    accounts.write_text("alice@example.org\nbob@example.org\n", encoding="utf-8")
+async def start_http_server(tmp_path: Path, *accounts: str) -> PolicyServer:
+    """A started policy server (limit 3) with its HTTP listener on free loopback ports."""
+    listed = tmp_path / "accounts"
+    listed.write_text("".join(f"{a}\n" for a in accounts), encoding="utf-8")
     config = make_config(
         'listen:\n  policy: "tcp:0:interface=127.0.0.1"\n  http: "tcp:0:interface=127.0.0.1"\n'
         f'store:\n  url: "sqlite:///{tmp_path}/state.db"\n'
-        f"accounts: {accounts}\nlocal_domains: [example.org]\noutbound:\n  limit: 3\n"
+        f"accounts: {listed}\nlocal_domains: [example.org]\noutbound:\n  limit: 3\n"
     )
     running = PolicyServer(reactor, config)
     await running.start()
+    return running
+
+
+@pytest_twisted.async_yield_fixture
+async def server(tmp_path: Path) -> AsyncIterator[PolicyServer]:
+    """A policy server with the HTTP listener on free loopback ports."""
+    running = await start_http_server(tmp_path, "alice@example.org", "bob@example.org")
     yield running
     await running.stop()
 

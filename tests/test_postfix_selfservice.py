@@ -21,7 +21,6 @@ import mailbox
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,7 +34,7 @@ import pytest
 
 from tests.browser import chromium, press
 from tests.postfix import PostfixInstance, SmtpSink
-from tests.servers import POLICYD, PolicydServer, free_port, policyd, wait_for_port
+from tests.servers import PolicydServer, free_port, policyd, wait_for_port
 from tests.smtp_sink import Delivery
 from tests.test_classifier import corpus
 from tests.test_postfix_milter import SPAM_BODY, SPAM_SUBJECT
@@ -95,34 +94,6 @@ class Site:
         return [json.loads(line) for line in self.cli("quarantine", "list", "--json").splitlines()]
 
 
-class Milter:
-    """``policyd milter`` as a child process."""
-
-    def __init__(self, config: Path, port: int) -> None:
-        self.config = config
-        self.port = port
-        self.log = config.with_name("milter.log")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Milter:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([POLICYD, "milter", "-c", str(self.config)], stdout=log,
-                                            stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout=10.0, process=self.process)
-        return self
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError("policyd milter did not exit after SIGTERM") from None
-
-
 def write_config(path: Path, root: Path, ports: dict[str, int], inbound: int) -> None:
     path.write_text(
         f"listen:\n  policy: 'tcp:{ports['policy']}:interface=127.0.0.1'\n"
@@ -172,7 +143,7 @@ def site(
     assert trained.returncode == 0, trained.stderr
     mta = postfix_factory(milters=f"inet:127.0.0.1:{ports['milter']}")
     write_config(config, tmp_path, ports, inbound=mta.inbound_port)
-    milter = Milter(config, ports["milter"]).start()
+    milter = PolicydServer(config, ports["milter"], "milter").start()
     server = PolicydServer(config, ports["policy"]).start()
     wait_for_port(ports["http"], process=server.process)
     try:
