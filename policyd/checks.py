@@ -35,5 +35,5 @@ class Check(Protocol):
 
     name: str
 
-    def check(self, request: Request) -> Deferred[Verdict]:
-        """Decide one request."""
+    def check(self, request: Request) -> Verdict | Deferred[Verdict]:
+        """Decide one request: a Verdict when known at once, else a Deferred of it."""

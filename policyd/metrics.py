@@ -9,16 +9,19 @@ tests and several servers in one process never mix their figures.
 
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterator
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 # The *_created series double every counter for no use here.
 disable_created_metrics()
@@ -34,14 +37,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
-        self.requests = Counter(
-            "policyd_requests", "Policy requests decided, by check and action word.",
-            ["check", "action"], registry=registry,
-        )
-        self.latency = Histogram(
-            "policyd_decision_seconds", "Time from a request to its decision, by check.",
-            ["check"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
+        self.decisions = Decisions()
+        registry.register(self.decisions)
         self.store_errors = Counter(
             "policyd_store_errors", "Store operations that failed or missed store.deadline.",
             registry=registry,
@@ -58,24 +55,64 @@ class Metrics:
         self.notifications_pending = Gauge(
             "policyd_notifications_pending", "Notifications waiting in the outbox.", registry=registry,
         )
-        #: Label children, looked up once (labels() costs more than inc()).
-        self._counters: dict[tuple[str, str], Any] = {}
-        self._histograms: dict[str, Any] = {}
         self.connections = Gauge(
             "policyd_policy_connections", "Open policy client connections.", registry=registry,
         )
 
     def decided(self, check: str, action: str, seconds: float) -> None:
         """Count one decision."""
-        counter = self._counters.get((check, action))
-        if counter is None:
-            counter = self._counters[(check, action)] = self.requests.labels(check, action)
-        histogram = self._histograms.get(check)
-        if histogram is None:
-            histogram = self._histograms[check] = self.latency.labels(check)
-        counter.inc()
-        histogram.observe(seconds)
+        self.decisions.decided(check, action, seconds)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+class Decisions(Collector):
+    """Decisions by check and action word, and their latency, as plain numbers.
+
+    Every decision updates them, so they are kept in dictionaries and turned
+    into ``policyd_requests_total`` and the ``policyd_decision_seconds``
+    histogram only when scraped: prometheus_client's own Counter and
+    Histogram take a lock on every change, which cost a policy decision more
+    than a tenth of its time.  Only the reactor thread changes them.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        #: Per check: decisions per latency bucket (the last one is +Inf).
+        self.buckets: dict[str, list[int]] = {}
+        self.seconds: dict[str, float] = {}
+
+    def decided(self, check: str, action: str, seconds: float) -> None:
+        """Count one decision."""
+        key = (check, action)
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+        buckets = self.buckets.get(check)
+        if buckets is None:
+            buckets = self.buckets[check] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.seconds[check] = 0.0
+        buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds[check] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        """The two metric families, as prometheus_client asks for them."""
+        requests = CounterMetricFamily(
+            "policyd_requests", "Policy requests decided, by check and action word.", labels=["check", "action"]
+        )
+        for (check, action), count in sorted(self.counts.items()):
+            requests.add_metric([check, action], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "policyd_decision_seconds", "Time from a request to its decision, by check.", labels=["check"]
+        )
+        bounds = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for check, buckets in sorted(self.buckets.items()):
+            total = 0
+            cumulative = []
+            for bound, count in zip(bounds, buckets, strict=True):
+                total += count
+                cumulative.append((bound, total))
+            latency.add_metric([check], cumulative, sum_value=self.seconds[check])
+        yield latency

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
+from time import perf_counter
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -66,9 +66,13 @@ class PolicyService:
 
     reload = configure
 
-    def decide(self, request: Request) -> Deferred[Action]:
-        """Decide one request; never fails (errors become ``store.on_error`` replies)."""
-        started = time.perf_counter()
+    def decide(self, request: Request) -> Action | Deferred[Action]:
+        """Decide one request; never fails (errors become ``store.on_error`` replies).
+
+        A check that knows at once answers a :class:`Verdict`; one that has to
+        wait (a store, DNS) a Deferred of it.
+        """
+        started = perf_counter()
         context = request.get("policy_context")
         if context == "submission" or (
             not context
@@ -78,20 +82,21 @@ class PolicyService:
         elif context == "inbound" or not context:
             verdict = self.reputation.check(request)
         else:
-            verdict = succeed(Verdict(DUNNO, "none", "-", f"unknown policy_context {context!r}"))
+            verdict = Verdict(DUNNO, "none", "-", f"unknown policy_context {context!r}")
+        if isinstance(verdict, Verdict):
+            return self._logged(verdict, request, started)
         return verdict.addCallbacks(self._logged, self._failed, callbackArgs=(request, started))
 
     def _logged(self, verdict: Verdict, request: Request, started: float) -> Action:
-        seconds = time.perf_counter() - started
+        seconds = perf_counter() - started
         if self.metrics is not None:
             self.metrics.decided(verdict.check, verdict.action.word, seconds)
         if decisions.enabled:
-            attributes = request.attributes
             decisions.write(
                 verdict.check,
                 verdict.subject,
-                attributes.get("client_address", ""),
-                attributes.get("protocol_state", ""),
+                request.get("client_address"),
+                request.get("protocol_state"),
                 str(verdict.action),
                 verdict.reason,
                 seconds * 1000,

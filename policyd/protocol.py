@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import interfaces
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -42,22 +43,56 @@ _REQUEST = re.compile(_ATTRIBUTE + rb"(?:\n" + _ATTRIBUTE + rb")*")
 class Request:
     """One policy request: Postfix's attributes, and where it came from.
 
-    :ivar attributes: attribute names and values as sent (unknown ones kept).
+    A request read off the wire keeps its text and looks attributes up in it
+    when asked: a decision reads a handful of Postfix's thirty attributes, and
+    splitting all of them into a dictionary cost more than the decision.
+
     :ivar peer: the policy client's address, for logs.
     :ivar session: the connection the request came on; requests of one
         ``smtpd`` process share it, so it ties an ``instance`` together.
     """
 
-    __slots__ = ("attributes", "peer", "session")
+    __slots__ = ("_attributes", "_text", "peer", "session")
 
     def __init__(self, attributes: dict[str, str], peer: str = "", session: object = None) -> None:
-        self.attributes = attributes
+        self._attributes: dict[str, str] | None = attributes
+        self._text = ""
         self.peer = peer
         self.session = session
 
+    @classmethod
+    def from_lines(cls, text: str, peer: str = "", session: object = None) -> Request:
+        """A request from its validated ``name=value`` lines (no final empty line)."""
+        request = cls.__new__(cls)
+        request._attributes = None
+        # A newline in front makes every attribute start with "\n" + name + "=".
+        request._text = "\n" + text
+        request.peer = peer
+        request.session = session
+        return request
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """Every attribute as sent (unknown ones kept); a repeated name keeps its last value."""
+        attributes = self._attributes
+        if attributes is None:
+            attributes = self._attributes = dict(line.split("=", 1) for line in self._text[1:].split("\n"))
+        return attributes
+
     def get(self, name: str, default: str = "") -> str:
         """The value of an attribute, or ``default`` when Postfix did not send it."""
-        return self.attributes.get(name, default)
+        if self._attributes is not None:
+            return self._attributes.get(name, default)
+        text = self._text
+        # Names are [A-Za-z0-9_.-] and values hold no newline (the parser
+        # checked), so "\nname=" can only be the start of that attribute; the
+        # last one wins, as in :attr:`attributes`.
+        start = text.rfind(f"\n{name}=")
+        if start < 0:
+            return default
+        start += len(name) + 2
+        end = text.find("\n", start)
+        return text[start:] if end < 0 else text[start:end]
 
     def __repr__(self) -> str:
         return f"Request({self.attributes!r}, peer={self.peer!r})"
@@ -70,17 +105,16 @@ class Action:
     b'action=REJECT 5.7.1 blocked  action=OK\\n\\n'
     """
 
-    __slots__ = ("text", "word")
+    __slots__ = ("_line", "text", "word")
 
     def __init__(self, word: str, text: str = "") -> None:
         self.word = word
         self.text = sanitise(text) if text else ""
+        self._line = (f"action={word} {self.text}\n\n" if self.text else f"action={word}\n\n").encode()
 
     def line(self) -> bytes:
         """The reply as sent on the wire, empty line included."""
-        if self.text:
-            return f"action={self.word} {self.text}\n\n".encode()
-        return f"action={self.word}\n\n".encode()
+        return self._line
 
     def __str__(self) -> str:
         return f"{self.word} {self.text}" if self.text else self.word
@@ -98,7 +132,8 @@ class Action:
 #: The neutral answer: let Postfix's other restrictions decide.
 DUNNO = Action("DUNNO")
 
-Decide = Callable[[Request], "Deferred[Action]"]
+#: The policy: an Action when it knows at once, a Deferred when it must wait.
+Decide = Callable[[Request], "Action | Deferred[Action]"]
 
 
 class BadRequest(Exception):
@@ -125,16 +160,24 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._buffer = b""
         #: Replies in request order; None until that request is decided.
         self._replies: deque[list[bytes | None]] = deque()
+        #: Replies decided at once while nothing was waiting, not written yet.
+        self._ready: list[bytes] = []
         self._closing = False
         self._write_paused = False
         self._read_paused = False
+        self._direct = False
 
     # --- connection -----------------------------------------------------
 
     def connectionMade(self) -> None:
         """Start the idle timer and watch the client's reading."""
-        self.peer = describe_peer(self.transport.getPeer())
-        self.transport.registerProducer(self, True)
+        transport = self.transport
+        self.peer = describe_peer(transport.getPeer())
+        # A plain TCP or unix socket of Twisted's can take replies directly (see _send).
+        self._direct = isinstance(transport, FileDescriptor) and all(
+            hasattr(transport, name) for name in ("socket", "dataBuffer", "_tempDataBuffer")
+        )
+        transport.registerProducer(self, True)
         self.setTimeout(self.limits.idle_timeout)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
@@ -185,6 +228,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                     self._diagnose(block + b"\n")
                 self._dispatch(block)
                 if self._closing:
+                    self._ready = []
                     return
             rest = buffer[start:]
             if rest.startswith(b"\n"):
@@ -203,7 +247,11 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                     self._diagnose(rest[: cut + 1], partial=rest[cut + 1 :])
             self._buffer = rest
         except BadRequest as error:
+            if self._ready:
+                self._flush()  # requests before the bad one still get their replies
             self._reject(str(error))
+        if self._ready:
+            self._flush()
 
     def _diagnose(self, lines: bytes, partial: bytes = b"") -> None:
         """Find the first broken bound in ``lines`` and raise it as BadRequest."""
@@ -236,17 +284,20 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     def _dispatch(self, block: bytes) -> None:
         # Postfix sends UTF-8 (SMTPUTF8) or plain ASCII; keep any other byte
         # losslessly rather than dropping it.
-        text = block.decode("utf-8", "surrogateescape")
-        attributes = dict(line.split("=", 1) for line in text.split("\n"))
-        request = Request(attributes, self.peer, self)
-        slot: list[bytes | None] = [None]
-        self._replies.append(slot)
+        request = Request.from_lines(block.decode("utf-8", "surrogateescape"), self.peer, self)
         try:
             decided = self.decide(request)
         except Exception:
             log.exception("policy decision failed for %s", self.peer)
-            decided = Deferred()
-            decided.errback()
+            decided = self.factory.on_failure
+        if isinstance(decided, Action):
+            if self._replies:
+                self._replies.append([decided.line()])
+            else:
+                self._ready.append(decided.line())
+            return
+        slot: list[bytes | None] = [None]
+        self._replies.append(slot)
         decided.addCallbacks(self._decided, self._failed, callbackArgs=(slot,), errbackArgs=(slot,))
         if len(self._replies) >= self.limits.max_pending and not self._read_paused:
             self._read_paused = True
@@ -262,18 +313,40 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._flush()
 
     def _flush(self) -> None:
+        """Write every reply whose turn has come."""
+        out = self._ready
+        self._ready = []
         replies = self._replies
-        out: list[bytes] = []
         while replies and (reply := replies[0][0]) is not None:
             replies.popleft()
             out.append(reply)
         if out and not self._closing:
-            self.transport.write(b"".join(out))
+            self._send(out[0] if len(out) == 1 else b"".join(out))
         if self._read_paused and len(replies) < self.limits.max_pending and not self._write_paused:
             self._read_paused = False
             self.transport.resumeProducing()
         if not replies:
             self.factory.idle()
+
+    def _send(self, data: bytes) -> None:
+        """Write replies, straight to the socket when nothing waits before them.
+
+        ``transport.write`` queues the bytes and writes them on the event
+        loop's next turn, registering the socket for writing and removing it
+        again: for one short reply that round trip cost more than deciding
+        it.  A reply that does not fit in the socket, or any reply while
+        earlier bytes still wait, goes through the transport as usual.
+        """
+        transport = self.transport
+        if self._direct and not transport.dataBuffer and not transport._tempDataBuffer:
+            try:
+                sent = transport.socket.send(data)
+            except OSError:
+                sent = 0  # full, or broken: the transport finds out and reports it
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     @property
     def busy(self) -> bool:

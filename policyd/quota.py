@@ -6,7 +6,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -95,6 +95,8 @@ class OutboundQuota:
         on_block: Callable[[Block], None] | None = None,
     ) -> None:
         self.store = store
+        #: Whether the store answers within its own bound (no timer per request then).
+        self._bounded = getattr(store, "bounded", False)
         self.clock = clock
         self.on_block = on_block
         self.fallback = FallbackLimiter()
@@ -180,20 +182,29 @@ class OutboundQuota:
             lambda f: log.error("could not note account %s: %s", account, f.getErrorMessage())
         )
 
-    def check(self, request: Request) -> Deferred[Verdict]:
-        """Decide one request of an authenticated (or trusted) client."""
-        account = self.identity(request)
+    def check(self, request: Request) -> Verdict | Deferred[Verdict]:
+        """Decide one request of an authenticated (or trusted) client.
+
+        Requests that the store need not see are answered at once; a counted
+        recipient is answered when the store has counted it.
+        """
         state = request.get("protocol_state").upper()
+        login = request.get("sasl_username")
+        if login:
+            account = login.lower()
+        else:
+            account = self.identity(request)
         if state != "RCPT":
             if self.give_back and state == "END-OF-MESSAGE":
                 self.open.pop(request.session, None)
-            return succeed(Verdict(DUNNO, self.name, account, f"not counted at {state or '?'}"))
+            return Verdict(DUNNO, self.name, account, f"not counted at {state or '?'}")
         if not account:
-            return succeed(Verdict(DUNNO, self.name, "-", "no account"))
+            return Verdict(DUNNO, self.name, "-", "no account")
         domain = domain_of(request.get("recipient"))
         now = self.clock.seconds()
-        self._refresh(now)
-        if request.get("sasl_username"):
+        if now >= self._next_refresh:
+            self._refresh(now)
+        if login and now - self._noted.get(account, -NOTE_EVERY) >= NOTE_EVERY:
             self._note(account, now)
         if domain is None or domain in self.local_domains:
             return self._local(account, now)
@@ -219,7 +230,7 @@ class OutboundQuota:
                 self._recipients(account),
             )
         )
-        if not admitted.called and not getattr(self.store, "bounded", False):
+        if not admitted.called and not self._bounded:
             admitted.addTimeout(self.deadline, self.clock)
         admitted.addCallbacks(
             self._admitted,
@@ -232,7 +243,7 @@ class OutboundQuota:
     def _local(self, account: str, now: float) -> Deferred[Verdict]:
         """A local recipient never counts, but a blocked account still cannot send."""
         looked_up = self.store.block_of(account, now=now)
-        if not looked_up.called and not getattr(self.store, "bounded", False):
+        if not looked_up.called and not self._bounded:
             looked_up.addTimeout(self.deadline, self.clock)
 
         def decided(block: Block | None) -> Verdict:

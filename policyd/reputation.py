@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.python.failure import Failure
 
@@ -542,7 +542,7 @@ class NetworkReputation:
 
     # --- deciding a request ------------------------------------------------
 
-    def check(self, request: Request) -> Deferred[Verdict]:
+    def check(self, request: Request) -> Verdict | Deferred[Verdict]:
         """Decide one request of an unauthenticated client; never fails.
 
         Only RCPT is decided; every other stage gets DUNNO (the header is
@@ -551,7 +551,7 @@ class NetworkReputation:
         state = request.get("protocol_state").upper()
         client = request.get("client_address")
         if state != "RCPT":
-            return succeed(Verdict(DUNNO, self.name, client or "-", f"not decided at {state or '?'}"))
+            return Verdict(DUNNO, self.name, client or "-", f"not decided at {state or '?'}")
         decided = Deferred.fromCoroutine(self._decide(request))
         return decided.addErrback(self._failed, client)
 

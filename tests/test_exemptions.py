@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from policyd.admin import Admin, parse_when
@@ -89,7 +89,7 @@ def test_accounts_seen_authenticating_when_no_list(tmp_path: Path) -> None:
     adm = Admin(config, store, clock)
     with pytest.raises(UsageError, match="not a valid account"):
         request_one(adm, "carol@example.org")
-    service.decide(request(rcpt(sasl_username="Carol@example.org", recipient="x@example.org")))
+    maybeDeferred(service.decide, request(rcpt(sasl_username="Carol@example.org", recipient="x@example.org")))
     assert request_one(adm, "carol@example.org").status == "pending"
 
 
@@ -136,7 +136,7 @@ def decide(service: PolicyService, times: int) -> list[str]:
     words = []
     for _ in range(times):
         out: list[Any] = []
-        service.decide(request(rcpt(sasl_username="alice@example.org", recipient="x@gmail.com"))).addCallback(out.append)
+        maybeDeferred(service.decide, request(rcpt(sasl_username="alice@example.org", recipient="x@gmail.com"))).addCallback(out.append)
         words.append(out[0].word)
     return words
 

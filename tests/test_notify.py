@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock, deferLater
 
@@ -64,7 +64,7 @@ def setup(extra: str = "") -> tuple[PolicyService, Notifier, MemoryStore, Clock,
 
 def attempt(service: PolicyService, account: str = "alice@example.org", times: int = 1) -> None:
     for _ in range(times):
-        service.decide(request(rcpt(sasl_username=account, recipient="x@gmail.com")))
+        maybeDeferred(service.decide, request(rcpt(sasl_username=account, recipient="x@gmail.com")))
 
 
 def test_recipients_by_domain_with_default() -> None:

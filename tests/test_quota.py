@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
 from policyd.errors import StoreError
@@ -31,7 +31,7 @@ def service(extra: str = "", store: Any = None, base: str = BASE) -> tuple[Polic
 
 def decide(svc: PolicyService, session: object = None, **attributes: str) -> Action:
     result: list[Action] = []
-    svc.decide(request(rcpt(**attributes), session)).addCallback(result.append)
+    maybeDeferred(svc.decide, request(rcpt(**attributes), session)).addCallback(result.append)
     assert result, "decision did not complete synchronously"
     return result[0]
 
@@ -255,7 +255,7 @@ def test_store_timeout_replies_within_the_deadline() -> None:
     """A store that never answers: the reply comes when store.deadline passes."""
     svc, clock, _ = service("store:\n  deadline: 1s\n", store=FailingStore("hang"))
     result: list[Action] = []
-    svc.decide(request(rcpt(sasl_username="alice", recipient="x@gmail.com"))).addCallback(result.append)
+    maybeDeferred(svc.decide, request(rcpt(sasl_username="alice", recipient="x@gmail.com"))).addCallback(result.append)
     assert result == []
     clock.advance(0.999)
     assert result == []

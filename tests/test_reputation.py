@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.names import client, dns
@@ -85,7 +85,7 @@ def checker(
 def start(reputation: NetworkReputation, **attributes: str) -> list[Verdict]:
     """Start one RCPT check; the list fills when it is decided."""
     decided: list[Verdict] = []
-    reputation.check(request(rcpt(**attributes))).addCallback(decided.append)
+    maybeDeferred(reputation.check, request(rcpt(**attributes))).addCallback(decided.append)
     return decided
 
 
@@ -699,7 +699,7 @@ def test_helo_findings_explain_themselves() -> None:
 
 def decide(service: PolicyService, **attributes: str) -> Action:
     decided: list[Action] = []
-    service.decide(request(rcpt(**attributes))).addCallback(decided.append)
+    maybeDeferred(service.decide, request(rcpt(**attributes))).addCallback(decided.append)
     assert decided, "decision did not complete synchronously"
     return decided[0]
 
@@ -851,7 +851,7 @@ def real(server: DnsZoneServer, inbound: str, dns_keys: str = "", timeout: str =
 
 
 async def check(reputation: NetworkReputation, **attributes: str) -> Verdict:
-    result: Verdict = await reputation.check(request(rcpt(**attributes)))
+    result: Verdict = await maybeDeferred(reputation.check, request(rcpt(**attributes)))
     return result
 
 
