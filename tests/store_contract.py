@@ -118,6 +118,7 @@ async def test_give_back_uncounts_one_transaction(store: Store) -> None:
     assert await store.give_back("alice", "b2") == 2
     assert await store.usage("alice", now=T0, window=HOUR) == 1
     assert await store.give_back("alice", "zz") == 0
+    assert (await admit(store, instance="c3")).count == 2  # the next decision sees it too
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from policyd.errors import ConfigError, StoreError
-from policyd.store import Charge, Outcome, open_store
+from policyd.store import Block, Charge, Outcome, open_store
 from policyd.store.memory import MemoryStore
 from policyd.store.sqlite import SQLiteStore
 from tests.store_contract import *  # noqa: F403
@@ -104,7 +104,7 @@ async def test_grouped_failure_fails_the_whole_group(tmp_path: Path) -> None:
     """A failing write rolls back its group: every write in it fails, none is half-counted."""
     grouped = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
     first = grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r"))
-    grouped.db.execute("DROP TABLE blocks")
+    grouped.db.execute("DROP TABLE sends")  # inside the open group: the next write fails
     second = grouped.admit(Charge("bob", T0, HOUR, 10, 60, "r"))
     for pending in (first, second):
         with pytest.raises(StoreError):
@@ -159,4 +159,70 @@ async def test_checkpoints_run_in_a_thread(tmp_path: Path) -> None:
     assert (tmp_path / "state.db-wal").stat().st_size > 0
     await deferLater(reactor, 2.5, lambda: None)
     assert path.stat().st_size > empty
+    await server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_windows_in_memory_follow_another_process_changes(tmp_path: Path) -> None:
+    """Another process's give-back, manual block and new block reach a server's copy in memory."""
+    path = str(tmp_path / "state.db")
+    server, other = SQLiteStore(path, reactor=reactor), SQLiteStore(path)
+    await admit(server, limit=10, instance="s1")
+    await admit(other, limit=10, instance="o1")
+    await admit(other, limit=10, instance="o1")
+    assert (await admit(server, limit=10, instance="s2")).count == 4
+    assert await other.give_back("alice", "o1") == 2
+    assert (await admit(server, limit=10, instance="s3")).count == 3
+    await other.block(Block("alice", T0, T0 + 60, "by hand", 0, ()))
+    assert (await admit(server, limit=10)).outcome is Outcome.BLOCKED
+    for _ in range(3):
+        await admit(other, "bob", limit=3)
+    assert (await admit(other, "bob", limit=3)).outcome is Outcome.NEWLY_BLOCKED
+    assert (await admit(server, "bob", limit=3)).outcome is Outcome.BLOCKED
+    await server.close()
+    await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_window_in_memory_reloads_for_an_earlier_or_longer_window(tmp_path: Path) -> None:
+    """A request whose window starts before what memory covers reads the file again."""
+    server = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
+    await admit(server, now=T0)
+    await admit(server, now=T0 + 2 * HOUR)  # the first recipient has left memory
+    assert (await admit(server, now=T0 + 30)).count == 3  # the clock went back: T0 counts again
+    longer = await server.admit(Charge("alice", T0 + 2 * HOUR, 3 * HOUR, 10, 60, "r"))
+    assert longer.count == 4
+    await server.close()
+
+
+def test_old_account_index_is_dropped(tmp_path: Path) -> None:
+    """A file made by an older version loses the per-account index, which slowed every insert."""
+    import sqlite3
+
+    path = str(tmp_path / "state.db")
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE sends (account TEXT NOT NULL, at REAL NOT NULL, instance TEXT NOT NULL DEFAULT '', "
+                "client TEXT NOT NULL DEFAULT '')")
+    old.execute("CREATE INDEX sends_by_account ON sends (account, at)")
+    old.commit()
+    old.close()
+    store = SQLiteStore(path)
+    indexes = {name for (name,) in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "sends_by_account" not in indexes and "sends_by_time" in indexes
+    store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_block_lists_the_most_recent_clients(tmp_path: Path) -> None:
+    """A new block names the clients that sent in the window, most recent first, at most MAX_BLOCK_CLIENTS."""
+    from policyd.store import MAX_BLOCK_CLIENTS
+
+    server = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
+    total = MAX_BLOCK_CLIENTS + 5
+    for n in range(total - 1):
+        await admit(server, now=T0 + n, limit=total, client=f"192.0.2.{n}")
+    await admit(server, now=T0 + total, limit=total, client="")
+    blocked = await admit(server, now=T0 + total, limit=total)
+    assert blocked.outcome is Outcome.NEWLY_BLOCKED
+    assert blocked.block.clients == tuple(f"192.0.2.{n}" for n in range(total - 2, total - 2 - MAX_BLOCK_CLIENTS, -1))
     await server.close()

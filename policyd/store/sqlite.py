@@ -10,17 +10,24 @@ is in the log.  WAL with ``synchronous=NORMAL`` makes a commit a write
 without an fsync; a server moves the checkpoints, which do sync, to a
 thread, so no reply waits for the disk.
 
-Each account's window is also kept in memory while this connection is the
-only writer: ``PRAGMA data_version``, read once per transaction under the
-write lock, tells when another process (an admin command, another server)
-has written, and the copy is then dropped and read again.  A decision is
-then one INSERT, whatever the account's count.  ``BEGIN IMMEDIATE`` takes the write lock before reading,
-so several processes on one file (the server and an admin command, or two
-servers) never count past the limit.
+A server also keeps every account's window (the times of its recipients
+in the last window, and its block) in memory, so a decision reads nothing
+and writes one row.  The copy follows other processes on the same file (an
+admin command, another server) without re-reading everything:
+``PRAGMA data_version``, read once per transaction under the write lock,
+tells that another connection wrote; rows it appended to ``sends`` are then
+read by rowid, and a change that is not an append (an unblock, a block, a
+give-back) bumps the ``sends`` epoch in ``marks``, which makes every copy
+load again.  ``sends`` is therefore indexed by time only: an index by
+account would put each insert on another page of the file and cost each
+decision more than the rest of it.  ``BEGIN IMMEDIATE`` takes the write
+lock before reading, so several processes on one file never count past
+the limit.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -62,7 +69,7 @@ CREATE TABLE IF NOT EXISTS sends (
     instance TEXT NOT NULL DEFAULT '',
     client   TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS sends_by_account ON sends (account, at);
+DROP INDEX IF EXISTS sends_by_account;
 CREATE INDEX IF NOT EXISTS sends_by_time ON sends (at);
 CREATE TABLE IF NOT EXISTS blocks (
     account TEXT PRIMARY KEY,
@@ -157,18 +164,39 @@ def _block(row: tuple[str, float, float, str, int, str, str]) -> Block:
 
 
 class _Window:
-    """An account's counted recipients (times, oldest first) and live block, in memory."""
+    """An account's counted recipients (times, oldest first), clients and live block, in memory."""
 
-    __slots__ = ("block", "sends", "window")
+    __slots__ = ("block", "clients", "sends")
 
-    def __init__(self, sends: deque[float], block: Block | None, window: float) -> None:
-        self.sends = sends
-        self.block = block
-        self.window = window
+    def __init__(self) -> None:
+        self.sends: deque[float] = deque()
+        self.block: Block | None = None
+        #: When each client address last sent for the account (for a block's list).
+        self.clients: dict[str, float] = {}
+
+    def add(self, at: float, client: str) -> None:
+        """Count one recipient sent at ``at`` (usually the newest)."""
+        sends = self.sends
+        if not sends or at >= sends[-1]:
+            sends.append(at)
+        else:
+            sends.insert(bisect.bisect_right(sends, at), at)
+        if client:
+            clients = self.clients
+            if clients.get(client, -math.inf) < at:
+                clients[client] = at
+            if len(clients) > 8 * MAX_BLOCK_CLIENTS:
+                newest = sorted(clients.items(), key=lambda item: item[1])[-MAX_BLOCK_CLIENTS:]
+                self.clients = dict(newest)
+
+    def recent_clients(self, since: float) -> tuple[str, ...]:
+        """Client addresses that sent after ``since``, most recent first."""
+        ordered = sorted(((at, c) for c, at in self.clients.items() if at > since), reverse=True)
+        return tuple(c for _, c in ordered[:MAX_BLOCK_CLIENTS])
 
 
-#: Accounts whose window is kept in memory; beyond it the copy starts afresh.
-CACHE_ACCOUNTS = 100_000
+#: ``marks`` name of the counter bumped by every change to sends and blocks that is not an append.
+EPOCH = "sends-epoch"
 #: Seconds between two checkpoints of the log, in a thread (server only).
 CHECKPOINT_EVERY = 1.0
 
@@ -193,9 +221,18 @@ class SQLiteStore:
         self.reactor = reactor
         #: Writes of the open group transaction, waiting for its commit.
         self._group: list[tuple[Deferred[Any], Any]] = []
-        #: Accounts' windows in memory, valid while ``_version`` holds.
-        self._windows: dict[str, _Window] = {}
+        #: Every account's window in memory (an account not here sent nothing
+        #: since ``_covered``), or None until loaded (see the module's text).
+        self._windows: dict[str, _Window] | None = None
+        #: The oldest time the copy in memory is complete from.
+        self._covered = math.inf
+        #: ``PRAGMA data_version`` and the sends epoch the copy was made at,
+        #: and the last rowid of sends it holds.
         self._version = -1
+        self._epoch = ""
+        self._last_row = 0
+        #: When each recent transaction (account, instance) counted its first recipient.
+        self._instances: dict[tuple[str, str], float] = {}
         self._checkpointing = False
         self._checkpointer: LoopingCall | None = None
         try:
@@ -268,7 +305,7 @@ class SQLiteStore:
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                    self._windows.clear()
+                    self._windows = None
                 raise
             if db.in_transaction:
                 db.execute("COMMIT")
@@ -295,12 +332,13 @@ class SQLiteStore:
         return waiting
 
     def _begin(self, db: sqlite3.Connection) -> None:
-        """Take the write lock; forget the windows in memory if another connection wrote."""
+        """Take the write lock; bring the windows in memory up to date if another connection wrote."""
         db.execute("BEGIN IMMEDIATE")
         (version,) = db.execute("PRAGMA data_version").fetchone()
         if version != self._version:
             self._version = version
-            self._windows.clear()
+            if self._windows is not None:
+                self._catch_up(db)
 
     def _commit(self) -> None:
         group, self._group = self._group, []
@@ -316,7 +354,7 @@ class SQLiteStore:
 
     def _fail_group(self, error: sqlite3.Error) -> None:
         group, self._group = self._group, []
-        self._windows.clear()  # they may hold what the rollback undid
+        self._windows = None  # they may hold what the rollback undid
         try:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
@@ -328,65 +366,103 @@ class SQLiteStore:
     def admit(self, charge: Charge) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`."""
         account, now, window, limit = charge.account, charge.now, charge.window, charge.limit
-        block_for, reason, instance, client, notify = (
-            charge.block_for, charge.reason, charge.instance, charge.client, charge.notify
-        )
 
         def work(db: sqlite3.Connection) -> Admission:
-            state = self._windows.get(account)
-            if state is None or state.window < window:
-                state = self._load(db, account, now, window)
+            start = now - window
+            windows = self._windows
+            if windows is None or start < self._covered:
+                windows = self._load(db, start)
+            else:
+                self._covered = start
+            state = windows.get(account)
+            if state is None:
+                state = windows[account] = _Window()
             block = state.block
             if block is not None:
                 if block.until > now:
                     return Admission(Outcome.BLOCKED, block.count, block)
                 db.execute("DELETE FROM blocks WHERE account = ?", (account,))
                 state.block = None
-            start = now - window
             sends = state.sends
             while sends and sends[0] <= start:
                 sends.popleft()
             count = len(sends)
             if count < limit:
-                db.execute(
-                    "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)",
-                    (account, now, instance, client),
+                client = charge.client
+                self._last_row = (
+                    db.execute(
+                        "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)",
+                        (account, now, charge.instance, client),
+                    ).lastrowid
+                    or self._last_row
                 )
-                sends.append(now)
+                state.add(now, client)
+                self._instances.setdefault((account, charge.instance), now)
                 return Admission(Outcome.ALLOWED, count + 1)
-            clients = tuple(
-                c
-                for (c,) in db.execute(
-                    "SELECT client FROM sends WHERE account = ? AND at > ? AND client != '' "
-                    "GROUP BY client ORDER BY MAX(at) DESC LIMIT ?",
-                    (account, start, MAX_BLOCK_CLIENTS),
-                )
-            )
-            block = Block(account, now, now + block_for, reason, count, clients)
+            block = Block(account, now, now + charge.block_for, charge.reason, count, state.recent_clients(start))
             self._put_block(db, block)
+            self._changed(db)
             state.block = block
             payload = json.dumps(block.as_dict())
             db.executemany(
                 "INSERT INTO outbox (kind, recipient, payload, created, due) VALUES ('block', ?, ?, ?, ?)",
-                [(recipient, payload, now, now) for recipient in notify],
+                [(recipient, payload, now, now) for recipient in charge.notify],
             )
             return Admission(Outcome.NEWLY_BLOCKED, count, block)
 
         return self._run(work, write=True)
 
-    def _load(self, db: sqlite3.Connection, account: str, now: float, window: float) -> _Window:
-        """Read an account's window and block into memory."""
-        row = db.execute(
-            "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ?", (account,)
-        ).fetchone()
-        times = db.execute(
-            "SELECT at FROM sends WHERE account = ? AND at > ? ORDER BY at", (account, now - window)
-        ).fetchall()
-        if len(self._windows) >= CACHE_ACCOUNTS:
-            self._windows.clear()
-        state = _Window(deque(at for (at,) in times), None if row is None else _block(row), window)
-        self._windows[account] = state
-        return state
+    def _load(self, db: sqlite3.Connection, start: float) -> dict[str, _Window]:
+        """Read every account's window since ``start``, and every block, into memory."""
+        windows: dict[str, _Window] = {}
+        for account, at, client in db.execute(
+            "SELECT account, at, client FROM sends WHERE at > ? ORDER BY at", (start,)
+        ):
+            state = windows.get(account)
+            if state is None:
+                state = windows[account] = _Window()
+            state.add(at, client)
+        for row in db.execute("SELECT account, since, until, reason, count, clients, by FROM blocks"):
+            state = windows.get(row[0])
+            if state is None:
+                state = windows[row[0]] = _Window()
+            state.block = _block(row)
+        (self._last_row,) = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM sends").fetchone()
+        self._epoch = self._read_epoch(db)
+        self._covered = start
+        self._windows = windows
+        return windows
+
+    def _catch_up(self, db: sqlite3.Connection) -> None:
+        """After another connection wrote: add the rows it appended, or load again if it changed more."""
+        assert self._windows is not None
+        if self._read_epoch(db) != self._epoch:
+            self._windows = None
+            return
+        windows = self._windows
+        for row_id, account, at, client in db.execute(
+            "SELECT rowid, account, at, client FROM sends WHERE rowid > ? ORDER BY rowid", (self._last_row,)
+        ):
+            state = windows.get(account)
+            if state is None:
+                state = windows[account] = _Window()
+            state.add(at, client)
+            self._last_row = row_id
+
+    @staticmethod
+    def _read_epoch(db: sqlite3.Connection) -> str:
+        row = db.execute("SELECT value FROM marks WHERE name = ?", (EPOCH,)).fetchone()
+        return "" if row is None else str(row[0])
+
+    def _changed(self, db: sqlite3.Connection) -> None:
+        """Tell the other connections' copies that sends or blocks changed beyond appends."""
+        before = self._read_epoch(db)
+        after = str(int(before or 0) + 1)
+        db.execute("INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (EPOCH, after))
+        if self._windows is not None and before == self._epoch:
+            self._epoch = after  # our own change: our copy is changed alike
+        else:
+            self._windows = None
 
     @staticmethod
     def _put_block(db: sqlite3.Connection, block: Block) -> None:
@@ -407,13 +483,37 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.give_back`."""
 
         def work(db: sqlite3.Connection) -> int:
-            self._windows.pop(account, None)
-            cursor = db.execute(
-                "DELETE FROM sends WHERE account = ? AND instance = ?", (account, instance)
-            )
-            return cursor.rowcount
+            first = self._instances.pop((account, instance), None)
+            since = self._covered if first is None else first
+            if math.isinf(since):
+                count = db.execute(
+                    "DELETE FROM sends WHERE account = ? AND instance = ?", (account, instance)
+                ).rowcount
+            else:
+                # The time index narrows the search to the transaction's own minutes.
+                count = db.execute(
+                    "DELETE FROM sends WHERE at >= ? AND account = ? AND instance = ?", (since, account, instance)
+                ).rowcount
+            if count:
+                self._changed(db)
+                self._reread(db, account, since)
+            return count
 
         return self._run(work, write=True)
+
+    def _reread(self, db: sqlite3.Connection, account: str, since: float) -> None:
+        """Read an account's recipients since ``since`` again from the file (some were removed)."""
+        windows = self._windows
+        state = None if windows is None else windows.get(account)
+        if state is None:
+            return
+        sends = state.sends
+        while sends and sends[-1] >= since:
+            sends.pop()
+        for at, client in db.execute(
+            "SELECT at, client FROM sends WHERE at >= ? AND account = ? ORDER BY at", (since, account)
+        ):
+            state.add(at, client)
 
     def usage(self, account: str, *, now: float, window: float) -> Deferred[int]:
         """See :meth:`policyd.store.Store.usage`."""
@@ -467,8 +567,10 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.block`."""
 
         def work(db: sqlite3.Connection) -> Block:
-            self._windows.pop(block.account, None)
             self._put_block(db, block)
+            self._changed(db)
+            if self._windows is not None:
+                self._windows.setdefault(block.account, _Window()).block = block
             return block
 
         return self._run(work, write=True)
@@ -481,9 +583,11 @@ class SQLiteStore:
                 "SELECT account, since, until, reason, count, clients, by FROM blocks WHERE account = ? AND until > ?",
                 (account, now),
             ).fetchone()
-            self._windows.pop(account, None)
             db.execute("DELETE FROM blocks WHERE account = ?", (account,))
             db.execute("DELETE FROM sends WHERE account = ?", (account,))
+            self._changed(db)
+            if self._windows is not None:
+                self._windows.pop(account, None)
             return None if row is None else _block(row)
 
         return self._run(work, write=True)
@@ -612,12 +716,18 @@ class SQLiteStore:
         """See :meth:`policyd.store.Store.prune`."""
 
         def work(db: sqlite3.Connection) -> int:
-            removed = db.execute("DELETE FROM sends WHERE at <= ?", (now - window,)).rowcount
+            start = now - window
+            removed = db.execute("DELETE FROM sends WHERE at <= ?", (start,)).rowcount
             db.execute("DELETE FROM blocks WHERE until <= ?", (now,))
-            for account in [a for a, w in self._windows.items() if w.block is None and (
-                not w.sends or w.sends[-1] <= now - window
-            )]:
-                del self._windows[account]  # idle accounts leave memory
+            windows = self._windows
+            if windows is not None:
+                self._covered = max(self._covered, start)
+                for account in [a for a, w in windows.items() if w.block is None and (
+                    not w.sends or w.sends[-1] <= start
+                )]:
+                    del windows[account]  # idle accounts leave memory
+            for key in [k for k, at in self._instances.items() if at <= start]:
+                del self._instances[key]
             return removed
 
         return self._run(work, write=True)
