@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 
 from policyd.config import Limits
 from policyd.netlists import NetworkSet
@@ -262,3 +264,79 @@ def test_large_request_after_an_empty_line_split_across_reads() -> None:
     protocol.dataReceived(big[9000:])
     assert not transport.disconnecting
     assert transport.value() == b"action=OK x@y.z\n\n"
+
+
+def test_attributes_are_found_by_whole_name() -> None:
+    """A request read off the wire finds each attribute by its whole name; the last of a repeated name wins."""
+    text = "reverse_client_name=rev.example\nclient_name=host.example\nsender=a=b@c\nname=x\nname=y\nempty="
+    request = Request.from_lines(text)
+    assert request.get("client_name") == "host.example"
+    assert request.get("reverse_client_name") == "rev.example"
+    assert request.get("sender") == "a=b@c"
+    assert request.get("name") == "y"
+    assert request.get("empty", "default") == ""
+    assert request.get("recipient") == ""
+    assert request.get("recipient", "none") == "none"
+    assert request.get("e") == ""  # a suffix of another name is not that name
+    assert request.attributes == {
+        "reverse_client_name": "rev.example", "client_name": "host.example", "sender": "a=b@c", "name": "y", "empty": "",
+    }
+
+
+class SocketTransport(FileDescriptor):
+    """A Twisted transport over one end of a socket pair, driven by a memory reactor."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(MemoryReactor())
+        self.socket = sock
+        self.connected = True
+
+    def writeSomeData(self, data: bytes) -> int:
+        return self.socket.send(data)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 10040)
+
+
+def test_replies_go_straight_to_the_socket_and_the_rest_waits_in_the_transport() -> None:
+    """A reply that fits is in the socket at once; what does not fit waits in the transport, in order."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    try:
+        protocol = PolicyFactory(Recorder(), Limits(max_pending=100_000), NetworkSet([])).buildProtocol(
+            UNIXAddress(None)
+        )
+        assert protocol is not None
+        transport = SocketTransport(ours)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(encode(rcpt(recipient="first@x")))
+        assert theirs.recv(100) == b"action=OK first@x\n\n"
+        assert not transport.dataBuffer and not transport._tempDataBuffer
+        # Fill the socket: later replies queue in the transport, never overtaking.
+        many = b"".join(encode(rcpt(recipient=f"r{n}@x")) for n in range(20_000))
+        protocol.dataReceived(many)
+        queued = len(transport.dataBuffer) + sum(map(len, transport._tempDataBuffer))
+        assert queued > 0
+        received = b""
+        while True:
+            try:
+                chunk = theirs.recv(1 << 20)
+            except BlockingIOError:
+                break
+            received += chunk
+        transport.doWrite()
+        while True:
+            try:
+                received += theirs.recv(1 << 20)
+            except BlockingIOError:
+                break
+        replies = received.split(b"\n\n")[:-1]
+        assert replies[0] == b"action=OK r0@x"
+        assert replies == [f"action=OK r{n}@x".encode() for n in range(len(replies))]
+    finally:
+        ours.close()
+        theirs.close()
