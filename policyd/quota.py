@@ -108,9 +108,10 @@ class OutboundQuota:
         self._refreshing = False
         #: When each account was last noted in the store as authenticating.
         self._noted: dict[str, float] = {}
-        #: Per connection: the (account, instance) whose recipients are counted
-        #: but whose END-OF-MESSAGE has not been seen (give-back only).
-        self.open: dict[object, tuple[str, str]] = {}
+        #: Per connection: the account and instance whose recipients are counted
+        #: but whose END-OF-MESSAGE has not been seen, and when its first
+        #: recipient was (give-back only).
+        self.open: dict[object, tuple[str, str, float]] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -210,7 +211,7 @@ class OutboundQuota:
             return self._local(account, now)
         instance = request.get("instance")
         if self.give_back:
-            self._track(request.session, account, instance)
+            self._track(request.session, account, instance, now)
         limit = self.limit_of(account, now)
         reason = self._reasons.get(limit)
         if reason is None:
@@ -313,11 +314,13 @@ class OutboundQuota:
 
     # --- give-back of unfinished transactions ---------------------------
 
-    def _track(self, session: object, account: str, instance: str) -> None:
+    def _track(self, session: object, account: str, instance: str, now: float) -> None:
         previous = self.open.get(session)
-        if previous is not None and previous != (account, instance):
+        if previous is not None:
+            if previous[:2] == (account, instance):
+                return
             self._give_back(*previous)
-        self.open[session] = (account, instance)
+        self.open[session] = (account, instance, now)
 
     def connection_closed(self, session: object) -> None:
         """A policy connection ended: give back its unfinished transaction."""
@@ -325,7 +328,7 @@ class OutboundQuota:
         if previous is not None:
             self._give_back(*previous)
 
-    def _give_back(self, account: str, instance: str) -> None:
+    def _give_back(self, account: str, instance: str, since: float) -> None:
         def done(count: int) -> None:
             if count:
                 log.info("gave back %d recipients of unfinished transaction %s of %s", count, instance, account)
@@ -333,7 +336,7 @@ class OutboundQuota:
         def failed(failure: Failure) -> None:
             log.error("could not give back transaction %s of %s: %s", instance, account, failure.getErrorMessage())
 
-        self.store.give_back(account, instance).addCallbacks(done, failed)
+        self.store.give_back(account, instance, since).addCallbacks(done, failed)
 
     def forget(self, account: str) -> None:
         """Drop what this process remembers of an account (after an unblock)."""

@@ -33,8 +33,8 @@ DRAIN_BOUND = 10.0
 #: Longest wait, after the drain, for replies to leave before connections are cut.
 CLOSE_BOUND = 2.0
 
-#: How often old counts are pruned from the store.
-PRUNE_EVERY = 60.0
+#: How often old counts are pruned from the store: often, so each time is short.
+PRUNE_EVERY = 10.0
 
 #: How often the store-backed gauges (blocks, outbox) are read for /metrics.
 GAUGES_EVERY = 5.0

@@ -226,3 +226,22 @@ async def test_block_lists_the_most_recent_clients(tmp_path: Path) -> None:
     assert blocked.outcome is Outcome.NEWLY_BLOCKED
     assert blocked.block.clients == tuple(f"192.0.2.{n}" for n in range(total - 2, total - 2 - MAX_BLOCK_CLIENTS, -1))
     await server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_works_in_batches_until_nothing_old_is_left(tmp_path: Path) -> None:
+    """More old rows than one batch are all pruned, a batch per reactor turn; the window stays."""
+    from policyd.store.sqlite import PRUNE_BATCH
+
+    server = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
+    old = 2 * PRUNE_BATCH + 7
+    server.db.executemany(
+        "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, '', '')",
+        [(f"user{n % 10}", T0 - HOUR - n, ) for n in range(old)],
+    )
+    await admit(server, now=T0, limit=10)
+    assert await server.prune(now=T0, window=HOUR) == old
+    (left,) = server.db.execute("SELECT COUNT(*) FROM sends").fetchone()
+    assert left == 1
+    assert (await admit(server, now=T0, limit=10)).count == 2
+    await server.close()

@@ -221,8 +221,12 @@ class Store(Protocol):
         exactly one notification to each, even across a crash.
         """
 
-    def give_back(self, account: str, instance: str) -> Deferred[int]:
-        """Uncount the recipients of one transaction; returns how many."""
+    def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
+        """Uncount the recipients of one transaction; returns how many.
+
+        :param since: when its first recipient was counted, when known: a
+            store may look only at what it counted from then on.
+        """
 
     def usage(self, account: str, *, now: float, window: float) -> Deferred[int]:
         """Recipients counted for ``account`` in the window ending at ``now``."""

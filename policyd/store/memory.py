@@ -86,7 +86,7 @@ class MemoryStore:
             self.outbox[notice.id] = _Queued(notice, now)
         return succeed(Admission(Outcome.NEWLY_BLOCKED, len(sends), block))
 
-    def give_back(self, account: str, instance: str) -> Deferred[int]:
+    def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
         """See :meth:`policyd.store.Store.give_back`."""
         sends = self.sends.get(account, deque())
         kept = deque(s for s in sends if s[1] != instance)

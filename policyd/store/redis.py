@@ -572,7 +572,7 @@ class RedisStore:
 
         return self._call(work, "admit")
 
-    def give_back(self, account: str, instance: str) -> Deferred[int]:
+    def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
         """See :meth:`policyd.store.Store.give_back`."""
 
         async def work() -> int:

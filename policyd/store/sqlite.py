@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorThreads, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
@@ -197,6 +197,8 @@ class _Window:
 
 #: ``marks`` name of the counter bumped by every change to sends and blocks that is not an append.
 EPOCH = "sends-epoch"
+#: Old rows deleted per statement when pruning: about a millisecond of work.
+PRUNE_BATCH = 500
 #: Seconds between two checkpoints of the log, in a thread (server only).
 CHECKPOINT_EVERY = 1.0
 
@@ -231,8 +233,6 @@ class SQLiteStore:
         self._version = -1
         self._epoch = ""
         self._last_row = 0
-        #: When each recent transaction (account, instance) counted its first recipient.
-        self._instances: dict[tuple[str, str], float] = {}
         self._checkpointing = False
         self._checkpointer: LoopingCall | None = None
         try:
@@ -397,7 +397,6 @@ class SQLiteStore:
                     or self._last_row
                 )
                 state.add(now, client)
-                self._instances.setdefault((account, charge.instance), now)
                 return Admission(Outcome.ALLOWED, count + 1)
             block = Block(account, now, now + charge.block_for, charge.reason, count, state.recent_clients(start))
             self._put_block(db, block)
@@ -479,24 +478,23 @@ class SQLiteStore:
             ),
         )
 
-    def give_back(self, account: str, instance: str) -> Deferred[int]:
+    def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
         """See :meth:`policyd.store.Store.give_back`."""
 
         def work(db: sqlite3.Connection) -> int:
-            first = self._instances.pop((account, instance), None)
-            since = self._covered if first is None else first
-            if math.isinf(since):
+            first = since if since is not None else self._covered
+            if math.isinf(first):
                 count = db.execute(
                     "DELETE FROM sends WHERE account = ? AND instance = ?", (account, instance)
                 ).rowcount
             else:
                 # The time index narrows the search to the transaction's own minutes.
                 count = db.execute(
-                    "DELETE FROM sends WHERE at >= ? AND account = ? AND instance = ?", (since, account, instance)
+                    "DELETE FROM sends WHERE at >= ? AND account = ? AND instance = ?", (first, account, instance)
                 ).rowcount
             if count:
                 self._changed(db)
-                self._reread(db, account, since)
+                self._reread(db, account, first)
             return count
 
         return self._run(work, write=True)
@@ -713,24 +711,39 @@ class SQLiteStore:
         return self._run(work)
 
     def prune(self, *, now: float, window: float) -> Deferred[int]:
-        """See :meth:`policyd.store.Store.prune`."""
+        """See :meth:`policyd.store.Store.prune`.
 
-        def work(db: sqlite3.Connection) -> int:
-            start = now - window
-            removed = db.execute("DELETE FROM sends WHERE at <= ?", (start,)).rowcount
+        Old counts go PRUNE_BATCH rows at a time, each batch in its own
+        turn of the reactor, so a long backlog never holds replies back.
+        """
+        return Deferred.fromCoroutine(self._prune(now - window, now))
+
+    async def _prune(self, start: float, now: float) -> int:
+        def batch(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "DELETE FROM sends WHERE rowid IN (SELECT rowid FROM sends WHERE at <= ? ORDER BY at LIMIT ?)",
+                (start, PRUNE_BATCH),
+            ).rowcount
+
+        def rest(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM blocks WHERE until <= ?", (now,))
             windows = self._windows
             if windows is not None:
                 self._covered = max(self._covered, start)
-                for account in [a for a, w in windows.items() if w.block is None and (
-                    not w.sends or w.sends[-1] <= start
-                )]:
+                idle = [a for a, w in windows.items() if w.block is None and (not w.sends or w.sends[-1] <= start)]
+                for account in idle:
                     del windows[account]  # idle accounts leave memory
-            for key in [k for k, at in self._instances.items() if at <= start]:
-                del self._instances[key]
-            return removed
 
-        return self._run(work, write=True)
+        removed = 0
+        while True:
+            count = await self._run(batch, write=True)
+            removed += count
+            if count < PRUNE_BATCH:
+                break
+            if self.reactor is not None:
+                await deferLater(self.reactor, 0, lambda: None)
+        await self._run(rest, write=True)
+        return removed
 
     def quarantine(self, entry: Quarantined, message: bytes) -> Deferred[Quarantined]:
         """See :meth:`policyd.store.Store.quarantine`."""
