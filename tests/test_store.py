@@ -29,6 +29,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
         sqlite.close()
 
 
+async def a_moment() -> None:
+    """Long enough for a server's store to write its counts and look at other processes' writes."""
+    from twisted.internet.task import deferLater
+
+    from policyd.store.sqlite import WRITE_EVERY
+
+    await deferLater(reactor, 3 * WRITE_EVERY, lambda: None)
+
+
 @pytest_twisted.ensureDeferred
 async def test_sqlite_state_survives_reopening(tmp_path: Path) -> None:
     """Counts and blocks are still there after the store is closed and reopened."""
@@ -85,16 +94,63 @@ async def test_sqlite_error_becomes_store_error(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_grouped_writes_fire_after_commit(tmp_path: Path) -> None:
-    """Writes of one reactor turn share a commit; another connection sees them once they fire."""
+async def test_server_counts_at_once_and_writes_them_together(tmp_path: Path) -> None:
+    """A server answers a count at once; the counts of WRITE_EVERY share a commit, then others see them."""
+    from twisted.internet.task import deferLater
+
+    from policyd.store.sqlite import WRITE_EVERY
+
     path = str(tmp_path / "state.db")
     grouped = SQLiteStore(path, reactor=reactor)
-    pending = [grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r")) for _ in range(5)]
-    assert not any(d.called for d in pending)
-    results = [await d for d in pending]
-    assert [r.count for r in results] == [1, 2, 3, 4, 5]
     other = SQLiteStore(path)
+    answers = [grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r")) for _ in range(5)]
+    assert all(d.called for d in answers)
+    assert [(await d).count for d in answers] == [1, 2, 3, 4, 5]
+    assert await other.usage("alice", now=T0, window=HOUR) == 0  # not written yet
+    await deferLater(reactor, WRITE_EVERY * 5, lambda: None)
     assert await other.usage("alice", now=T0, window=HOUR) == 5
+    assert await grouped.usage("alice", now=T0, window=HOUR) == 5
+    await other.close()
+    await grouped.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_other_writes_fire_after_their_commit(tmp_path: Path) -> None:
+    """A block (and a new block from admit) fires only once committed, with the counts before it."""
+    path = str(tmp_path / "state.db")
+    grouped = SQLiteStore(path, reactor=reactor)
+    for _ in range(2):
+        await grouped.admit(Charge("alice", T0, HOUR, 2, 60, "r"))
+    blocking = grouped.admit(Charge("alice", T0, HOUR, 2, 60, "r"))
+    assert not blocking.called
+    assert (await blocking).outcome is Outcome.NEWLY_BLOCKED
+    other = SQLiteStore(path)
+    assert await other.usage("alice", now=T0, window=HOUR) == 2
+    assert (await other.block_of("alice", now=T0)) is not None
+    await other.close()
+    await grouped.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_counts_that_cannot_be_written_are_kept_and_written_later(tmp_path: Path) -> None:
+    """While another process holds the file's write lock, counts stay in memory and go in afterwards."""
+    import sqlite3
+
+    from twisted.internet.task import deferLater
+
+    path = str(tmp_path / "state.db")
+    grouped = SQLiteStore(path, reactor=reactor, busy_timeout=0.05)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    for _ in range(3):
+        assert (await grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r"))).outcome is Outcome.ALLOWED
+    await deferLater(reactor, 0.3, lambda: None)  # a write or two failed meanwhile
+    assert (await grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r"))).count == 4
+    locker.execute("ROLLBACK")
+    locker.close()
+    await deferLater(reactor, 0.3, lambda: None)
+    other = SQLiteStore(path)
+    assert await other.usage("alice", now=T0, window=HOUR) == 4
     await other.close()
     await grouped.close()
 
@@ -102,14 +158,18 @@ async def test_grouped_writes_fire_after_commit(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_grouped_failure_fails_the_whole_group(tmp_path: Path) -> None:
     """A failing write rolls back its group: every write in it fails, none is half-counted."""
-    grouped = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
-    first = grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r"))
-    grouped.db.execute("DROP TABLE sends")  # inside the open group: the next write fails
-    second = grouped.admit(Charge("bob", T0, HOUR, 10, 60, "r"))
+    path = str(tmp_path / "state.db")
+    grouped = SQLiteStore(path, reactor=reactor)
+    first = grouped.block(Block("alice", T0, T0 + 60, "by hand", 0, ()))
+    grouped.db.execute("DROP TABLE marks")  # inside the open group: the next write fails
+    second = grouped.block(Block("bob", T0, T0 + 60, "by hand", 0, ()))
     for pending in (first, second):
         with pytest.raises(StoreError):
             await pending
     await grouped.close()
+    again = SQLiteStore(path)
+    assert await again.blocks(now=T0) == []
+    await again.close()
 
 
 def test_root_hands_new_files_to_the_state_directory_owner(tmp_path: Path) -> None:
@@ -137,8 +197,11 @@ async def test_windows_in_memory_follow_other_writers(tmp_path: Path) -> None:
         await admit(server)
     assert (await admit(server)).outcome is Outcome.BLOCKED
     await admin.unblock("alice", now=T0)
+    await a_moment()
     assert (await admit(server)).count == 1
+    await a_moment()  # the server writes its count
     assert (await admit(admin)).count == 2  # the other process counts on top
+    await a_moment()
     assert (await admit(server)).count == 3  # ... and the server sees it
     blocked = await admit(server)
     assert blocked.outcome is Outcome.NEWLY_BLOCKED and blocked.count == 3
@@ -168,16 +231,22 @@ async def test_windows_in_memory_follow_another_process_changes(tmp_path: Path) 
     path = str(tmp_path / "state.db")
     server, other = SQLiteStore(path, reactor=reactor), SQLiteStore(path)
     await admit(server, limit=10, instance="s1")
+    await a_moment()
     await admit(other, limit=10, instance="o1")
     await admit(other, limit=10, instance="o1")
+    await a_moment()
     assert (await admit(server, limit=10, instance="s2")).count == 4
+    await a_moment()
     assert await other.give_back("alice", "o1") == 2
+    await a_moment()
     assert (await admit(server, limit=10, instance="s3")).count == 3
     await other.block(Block("alice", T0, T0 + 60, "by hand", 0, ()))
+    await a_moment()
     assert (await admit(server, limit=10)).outcome is Outcome.BLOCKED
     for _ in range(3):
         await admit(other, "bob", limit=3)
     assert (await admit(other, "bob", limit=3)).outcome is Outcome.NEWLY_BLOCKED
+    await a_moment()
     assert (await admit(server, "bob", limit=3)).outcome is Outcome.BLOCKED
     await server.close()
     await other.close()

@@ -1,28 +1,29 @@
 """The embedded store: one SQLite file in WAL mode, for a single mail host.
 
 Statements run on the reactor thread: each is an indexed look-up or a
-single-row write, a few microseconds, less than handing work to a thread
-pool and back (see the README's figures).  What costs is the commit (the
-write of the log pages), so a server groups them: every write made during
-one turn of the reactor shares one transaction, committed on the next turn,
-and only then do their Deferreds fire, so no reply goes out before its count
-is in the log.  WAL with ``synchronous=NORMAL`` makes a commit a write
-without an fsync; a server moves the checkpoints, which do sync, to a
-thread, so no reply waits for the disk.
+short write, a few microseconds, less than handing work to a thread pool
+and back (see the README's figures).  What costs is the commit (the write
+of the log pages), so a server writes counted recipients together: it
+answers at once from its copy in memory and writes the counts of each
+WRITE_EVERY seconds in one transaction (a crash loses at most those; a
+failed write keeps them in memory and tries again).  Every other write of
+one reactor turn shares one transaction, committed on the next turn, and
+only then do their Deferreds fire.  WAL with ``synchronous=NORMAL`` makes a
+commit a write without an fsync; a server moves the checkpoints, which do
+sync, to a thread, so no reply waits for the disk.  Admin commands (no
+reactor) run each operation in a transaction of its own, under the write
+lock taken by ``BEGIN IMMEDIATE`` before reading.
 
-A server also keeps every account's window (the times of its recipients
-in the last window, and its block) in memory, so a decision reads nothing
-and writes one row.  The copy follows other processes on the same file (an
-admin command, another server) without re-reading everything:
-``PRAGMA data_version``, read once per transaction under the write lock,
-tells that another connection wrote; rows it appended to ``sends`` are then
-read by rowid, and a change that is not an append (an unblock, a block, a
-give-back) bumps the ``sends`` epoch in ``marks``, which makes every copy
-load again.  ``sends`` is therefore indexed by time only: an index by
-account would put each insert on another page of the file and cost each
-decision more than the rest of it.  ``BEGIN IMMEDIATE`` takes the write
-lock before reading, so several processes on one file never count past
-the limit.
+A server keeps every account's window (the times of its recipients in the
+last window, their clients, and its block) in memory, so a decision reads
+nothing.  The copy follows other processes on the same file (an admin
+command, another server) within WRITE_EVERY seconds without re-reading
+everything: ``PRAGMA data_version`` tells that another connection wrote;
+rows it appended to ``sends`` are then read by rowid, and a change that is
+not an append (an unblock, a block, a give-back) bumps the ``sends`` epoch
+in ``marks``, which makes every copy load again.  ``sends`` is therefore
+indexed by time only: an index by account put each insert on another page
+of the file and cost each decision more than the rest of it.
 """
 
 from __future__ import annotations
@@ -197,6 +198,12 @@ class _Window:
 
 #: ``marks`` name of the counter bumped by every change to sends and blocks that is not an append.
 EPOCH = "sends-epoch"
+#: Seconds a server holds counted recipients in memory before writing them
+#: together: a commit per recipient cost more than the decision.  A crash
+#: (not a stop) loses at most these last seconds of counts.
+WRITE_EVERY = 0.01
+#: Counted recipients held while the file cannot be written; older ones beyond are dropped.
+MAX_HELD_ROWS = 100_000
 #: Old rows deleted per statement when pruning: about a millisecond of work.
 PRUNE_BATCH = 500
 #: Seconds between two checkpoints of the log, in a thread (server only).
@@ -233,6 +240,13 @@ class SQLiteStore:
         self._version = -1
         self._epoch = ""
         self._last_row = 0
+        #: When a server last looked for other connections' writes (reactor time).
+        self._followed = -math.inf
+        #: Counted recipients not written yet (a server writes them every WRITE_EVERY).
+        self._rows: list[tuple[str, float, str, str]] = []
+        #: Rows written in the open transaction (kept for a retry if it fails).
+        self._written: list[tuple[str, float, str, str]] = []
+        self._commit_call: Any = None
         self._checkpointing = False
         self._checkpointer: LoopingCall | None = None
         try:
@@ -294,8 +308,11 @@ class SQLiteStore:
 
     def _run(self, work: Callable[[sqlite3.Connection], T], write: bool = False) -> Deferred[T]:
         """Run ``work`` in a transaction and wrap its result in a Deferred."""
-        if write and self.reactor is not None:
-            return self._grouped(work)
+        if self.reactor is not None:
+            if write:
+                return self._grouped(work)
+            if self._rows:
+                self._commit()  # a read sees every count made before it
         db = self.db
         try:
             if write:
@@ -314,46 +331,99 @@ class SQLiteStore:
         return succeed(result)
 
     def _grouped(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
-        """Run a write in the group transaction; fire when it is committed."""
-        assert self.reactor is not None
+        """Run a write in the group transaction; fire when it is committed (on the next turn)."""
         db = self.db
         try:
             if not db.in_transaction:
                 self._begin(db)
-                self.reactor.callLater(0, self._commit)
+            self._write_rows(db)
             result = work(db)
         except sqlite3.Error as error:
             # The whole group is rolled back: every write in it fails alike,
             # so the caller's fallback applies and nothing is half-counted.
             self._fail_group(error)
             return fail(StoreError(f"SQLite store {self.path}: {error}"))
+        self._schedule(0)
         waiting: Deferred[T] = Deferred()
         self._group.append((waiting, result))
         return waiting
 
+    def _schedule(self, delay: float) -> None:
+        """Commit within ``delay`` seconds."""
+        assert self.reactor is not None
+        call = self._commit_call
+        if call is None or not call.active():
+            self._commit_call = self.reactor.callLater(delay, self._commit)
+        elif call.getTime() > self.reactor.seconds() + delay:
+            call.reset(delay)
+
     def _begin(self, db: sqlite3.Connection) -> None:
         """Take the write lock; bring the windows in memory up to date if another connection wrote."""
         db.execute("BEGIN IMMEDIATE")
+        self._follow(db)
+
+    def _follow(self, db: sqlite3.Connection) -> None:
+        """Bring the windows in memory up to date if another connection wrote."""
         (version,) = db.execute("PRAGMA data_version").fetchone()
         if version != self._version:
             self._version = version
             if self._windows is not None:
                 self._catch_up(db)
 
+    def _keep_up(self) -> None:
+        """A server looks for other connections' writes at most every WRITE_EVERY seconds."""
+        assert self.reactor is not None
+        now = self.reactor.seconds()
+        if now - self._followed >= WRITE_EVERY or now < self._followed:
+            self._followed = now
+            self._follow(self.db)
+
+    def _write_rows(self, db: sqlite3.Connection) -> None:
+        """Write the counted recipients still held in memory, in the open transaction."""
+        rows = self._rows
+        if rows:
+            self._rows = []
+            try:
+                db.executemany("INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)", rows)
+            except sqlite3.Error:
+                self._rows = rows + self._rows
+                raise
+            self._written += rows
+            (self._last_row,) = db.execute("SELECT MAX(rowid) FROM sends").fetchone()
+
     def _commit(self) -> None:
+        """Write held counts and commit the group; fire the group's writes."""
+        if self._commit_call is not None and self._commit_call.active():
+            self._commit_call.cancel()
+        self._commit_call = None
         group, self._group = self._group, []
+        db = self.db
         try:
-            if self.db.in_transaction:
-                self.db.execute("COMMIT")
+            if self._rows and not db.in_transaction:
+                self._begin(db)
+            self._write_rows(db)
+            if db.in_transaction:
+                db.execute("COMMIT")
         except sqlite3.Error as error:
             self._group = group
             self._fail_group(error)
             return
+        finally:
+            self._written = []
         for waiting, result in group:
             waiting.callback(result)
 
     def _fail_group(self, error: sqlite3.Error) -> None:
         group, self._group = self._group, []
+        # Counts written in this group are kept in memory and written again.
+        self._rows = self._written + self._rows
+        self._written = []
+        if len(self._rows) > MAX_HELD_ROWS:
+            log.error("SQLite store %s: dropping %d held counts", self.path, len(self._rows) - MAX_HELD_ROWS)
+            del self._rows[: len(self._rows) - MAX_HELD_ROWS]
+        if self._rows:
+            log.error("SQLite store %s: %d counts not written yet, trying again: %s", self.path, len(self._rows), error)
+            self._schedule(WRITE_EVERY)
         self._windows = None  # they may hold what the rollback undid
         try:
             if self.db.in_transaction:
@@ -364,52 +434,85 @@ class SQLiteStore:
             waiting.errback(StoreError(f"SQLite store {self.path}: {error}"))
 
     def admit(self, charge: Charge) -> Deferred[Admission]:
-        """See :meth:`policyd.store.Store.admit`."""
-        account, now, window, limit = charge.account, charge.now, charge.window, charge.limit
+        """See :meth:`policyd.store.Store.admit`.
 
-        def work(db: sqlite3.Connection) -> Admission:
-            start = now - window
-            windows = self._windows
-            if windows is None or start < self._covered:
-                windows = self._load(db, start)
-            else:
-                self._covered = start
-            state = windows.get(account)
-            if state is None:
-                state = windows[account] = _Window()
-            block = state.block
-            if block is not None:
-                if block.until > now:
-                    return Admission(Outcome.BLOCKED, block.count, block)
-                db.execute("DELETE FROM blocks WHERE account = ?", (account,))
-                state.block = None
-            sends = state.sends
-            while sends and sends[0] <= start:
-                sends.popleft()
-            count = len(sends)
-            if count < limit:
-                client = charge.client
-                self._last_row = (
-                    db.execute(
-                        "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)",
-                        (account, now, charge.instance, client),
-                    ).lastrowid
-                    or self._last_row
-                )
-                state.add(now, client)
-                return Admission(Outcome.ALLOWED, count + 1)
-            block = Block(account, now, now + charge.block_for, charge.reason, count, state.recent_clients(start))
-            self._put_block(db, block)
-            self._changed(db)
-            state.block = block
-            payload = json.dumps(block.as_dict())
-            db.executemany(
-                "INSERT INTO outbox (kind, recipient, payload, created, due) VALUES ('block', ?, ?, ?, ?)",
-                [(recipient, payload, now, now) for recipient in charge.notify],
+        A server decides from its copy in memory and answers at once; the
+        counted recipient is written with the others of the next WRITE_EVERY
+        seconds.  A new block waits for its commit, like every other write.
+        Admin commands (no reactor) count in a transaction of their own.
+        """
+        if self.reactor is None:
+            return self._run(lambda db: self._admit_now(db, charge), write=True)
+        db = self.db
+        try:
+            self._keep_up()
+            admission, row = self._count(db, charge)
+        except sqlite3.Error as error:
+            return fail(StoreError(f"SQLite store {self.path}: {error}"))
+        if row is not None:
+            self._rows.append(row)
+            if self._commit_call is None:
+                self._schedule(WRITE_EVERY)
+            return succeed(admission)
+        if admission.outcome is Outcome.NEWLY_BLOCKED:
+            assert admission.block is not None
+            block = admission.block
+            return self._grouped(lambda db: self._save_block(db, block, charge.notify, admission))
+        return succeed(admission)
+
+    def _admit_now(self, db: sqlite3.Connection, charge: Charge) -> Admission:
+        admission, row = self._count(db, charge)
+        if row is not None:
+            self._last_row = (
+                db.execute("INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)", row).lastrowid
+                or self._last_row
             )
-            return Admission(Outcome.NEWLY_BLOCKED, count, block)
+        elif admission.outcome is Outcome.NEWLY_BLOCKED:
+            assert admission.block is not None
+            self._save_block(db, admission.block, charge.notify, admission)
+        return admission
 
-        return self._run(work, write=True)
+    def _count(self, db: sqlite3.Connection, charge: Charge) -> tuple[Admission, tuple[str, float, str, str] | None]:
+        """Decide one recipient from the windows in memory; the row to write when it is counted."""
+        account, now = charge.account, charge.now
+        start = now - charge.window
+        windows = self._windows
+        if windows is None or start < self._covered:
+            windows = self._load(db, start)
+        else:
+            self._covered = start
+        state = windows.get(account)
+        if state is None:
+            state = windows[account] = _Window()
+        block = state.block
+        if block is not None:
+            if block.until > now:
+                return Admission(Outcome.BLOCKED, block.count, block), None
+            state.block = None  # its row goes when the store is pruned
+        sends = state.sends
+        while sends and sends[0] <= start:
+            sends.popleft()
+        count = len(sends)
+        if count < charge.limit:
+            client = charge.client
+            state.add(now, client)
+            return Admission(Outcome.ALLOWED, count + 1), (account, now, charge.instance, client)
+        block = Block(account, now, now + charge.block_for, charge.reason, count, state.recent_clients(start))
+        state.block = block
+        return Admission(Outcome.NEWLY_BLOCKED, count, block), None
+
+    def _save_block(
+        self, db: sqlite3.Connection, block: Block, notify: Sequence[str], admission: Admission
+    ) -> Admission:
+        """Write a new block and its notices (one step: one block, one notice per address)."""
+        self._put_block(db, block)
+        self._changed(db)
+        payload = json.dumps(block.as_dict())
+        db.executemany(
+            "INSERT INTO outbox (kind, recipient, payload, created, due) VALUES ('block', ?, ?, ?, ?)",
+            [(recipient, payload, block.since, block.since) for recipient in notify],
+        )
+        return admission
 
     def _load(self, db: sqlite3.Connection, start: float) -> dict[str, _Window]:
         """Read every account's window since ``start``, and every block, into memory."""
@@ -426,6 +529,9 @@ class SQLiteStore:
             if state is None:
                 state = windows[row[0]] = _Window()
             state.block = _block(row)
+        for account, at, _, client in self._rows:  # counted, not written yet
+            if at > start:
+                windows.setdefault(account, _Window()).add(at, client)
         (self._last_row,) = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM sends").fetchone()
         self._epoch = self._read_epoch(db)
         self._covered = start
@@ -539,6 +645,16 @@ class SQLiteStore:
 
     def block_of(self, account: str, *, now: float) -> Deferred[Block | None]:
         """See :meth:`policyd.store.Store.block_of`."""
+        if self.reactor is not None and self._windows is not None:
+            # A server answers from its copy, as it does for admit.
+            try:
+                self._keep_up()
+            except sqlite3.Error as error:
+                return fail(StoreError(f"SQLite store {self.path}: {error}"))
+            if self._windows is not None:
+                state = self._windows.get(account)
+                block = None if state is None else state.block
+                return succeed(block if block is not None and block.until > now else None)
 
         def work(db: sqlite3.Connection) -> Block | None:
             row = db.execute(
