@@ -343,6 +343,12 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
         what = "Postfix msg/s cost of policy + milter (%)" if full else \
             "Postfix msg/s cost of the policy check alone (%) [no milter yet]"
         check(what, cost, cost < 15, "< 15 %")
+        own = with_policyd.get("cpu_ms_per_msg", {})
+        postfix_ms = alone.get("server_cpu_ms_per_msg")
+        if postfix_ms:
+            ours = own.get("policyd serve", 0.0) + (own.get("policyd milter", 0.0) if full else 0.0)
+            share = round(100 * ours / postfix_ms, 1)
+            check("CPU of policy + milter per message vs Postfix's own (%)", share, share < 15, "< 15 %")
     return checks
 
 
@@ -396,16 +402,25 @@ def table(report: dict[str, Any]) -> str:
                       f"SMTP clients (AUTH, {s['per_session']} per session, 1 external recipient), "
                       f"median of {s['rounds']} batches; Postfix, policyd and the milter on CPU "
                       f"{SERVER_CPU}, clients and sink on CPU {GENERATOR_CPU}"]
-        header = (f"{'configuration':36} {'msg/s':>7} {'refused':>8} {'errors':>7} {'lost':>5} "
-                  f"{'milter warnings':>15}")
+        header = (f"{'configuration':36} {'msg/s':>7} {'CPU 0 ms/msg':>12} {'serve ms':>8} "
+                  f"{'milter ms':>9} {'refused':>8} {'errors':>7} {'lost':>5} {'milter warnings':>15}")
         lines += [header, "-" * len(header)]
         for row in postfix:
             if "unavailable" in row:
                 lines.append(f"{row['target']:36} unavailable: {row['unavailable'][:80]}")
                 continue
-            lines.append(f"{row['target']:36} {fmt(row['msg_per_s'], 7, 1)} {fmt(row['refused'], 8)} "
+            own = row.get("cpu_ms_per_msg", {})
+            serve = own.get("policyd serve") if "policy" in row["target"] else None
+            milter_ms = own.get("policyd milter") if "milter" in row["target"] else None
+            lines.append(f"{row['target']:36} {fmt(row['msg_per_s'], 7, 1)} "
+                         f"{fmt(row.get('server_cpu_ms_per_msg'), 12, 3)} {fmt(serve, 8, 3)} "
+                         f"{fmt(milter_ms, 9, 3)} {fmt(row['refused'], 8)} "
                          f"{fmt(row['errors'], 7)} {fmt(row['lost'], 5)} "
                          f"{fmt(row['milter_warnings'], 15)}")
+    if postfix:
+        lines += ["", "CPU 0 ms/msg: busy time of the CPU that runs Postfix (and policyd) per delivered "
+                  "message; serve ms, milter ms: CPU time of policyd serve and policyd milter per "
+                  "message"]
     lines += ["", "req/s: one request outstanding per connection, as Postfix sends them; piped: "
               f"{a['depth']} outstanding ('no': the target answers only the first of pipelined "
               "requests); cpu: the target's CPU use; wait: time it was runnable but waited for its "
@@ -516,15 +531,19 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
     port, milter_port = free_port(), free_port()
     config = policyd_config(directory, port, f"sqlite:///{directory}/state.db", milter_port)
 
+    watched: dict[str, int] = {}
+
     @contextlib.contextmanager
     def policy_server() -> Iterator[int]:
-        with process([POLICYD, "serve", "-c", str(config)], port, directory / "policyd.log"):
+        with process([POLICYD, "serve", "-c", str(config)], port, directory / "policyd.log") as pid:
+            watched["policyd serve"] = pid
             yield port
 
     @contextlib.contextmanager
     def milter_server() -> Iterator[str]:
         with process([POLICYD, "milter", "-c", str(config)], milter_port,
-                     directory / "milter.log"):
+                     directory / "milter.log") as pid:
+            watched["policyd milter"] = pid
             yield f"inet:127.0.0.1:{milter_port}"
 
     print(f"  postfix: {args.rounds} batches of {args.messages} messages per configuration",
@@ -533,7 +552,7 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
         return bench_postfix.measure(policy_server, messages=args.messages,
                                      clients=args.smtp_clients, rounds=args.rounds,
                                      milter=milter_server if milter else None,
-                                     server_cpu=SERVER_CPU)
+                                     server_cpu=SERVER_CPU, watched=watched)
     except (AssertionError, OSError) as error:
         return [{"target": "postfix", "unavailable": str(error)[:2000]}]
 

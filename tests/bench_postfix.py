@@ -88,8 +88,35 @@ def _client(mta: PostfixInstance, login: str, count: int, per_session: int, tag:
             sent += 1
 
 
-def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str) -> dict[str, Any]:
-    """Submit one batch and wait until the sink has every accepted message."""
+def cpu_busy(cpu: int) -> float:
+    """Seconds CPU ``cpu`` has spent busy (not idle, not waiting for I/O) since boot."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            ticks = [int(v) for v in line.split()[1:]]
+            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        text = Path(f"/proc/{pid}/stat").read_text()
+        fields = text[text.rfind(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str,
+          server_cpu: int = 0, watched: dict[str, int] | None = None) -> dict[str, Any]:
+    """Submit one batch and wait until the sink has every accepted message.
+
+    Besides msg/s it reports the CPU time per delivered message spent on the
+    server CPU (Postfix and whatever runs beside it) and by each ``watched``
+    process (name: pid), so a cost shows even where msg/s is noisy.
+    """
+    watched = watched or {}
+    busy_before = cpu_busy(server_cpu)
+    processes_before = {name: process_cpu(pid) for name, pid in watched.items()}
     before = len(setup.sink.snapshot())
     outcome: dict[str, Any] = {"accepted": 0, "refused": 0, "errors": 0}
     lock = threading.Lock()
@@ -110,6 +137,9 @@ def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str)
     left = max(1.0, BATCH_TIMEOUT - submitted)
     delivered = len(setup.sink.wait_for(lambda d: len(d) >= expected, timeout=left)) - before
     elapsed = time.perf_counter() - started
+    per_message = 1000 / max(1, delivered)
+    cpu_ms = {name: round((process_cpu(pid) - processes_before[name]) * per_message, 3)
+              for name, pid in watched.items()}
     return {
         "messages": messages,
         "accepted": outcome["accepted"],
@@ -122,6 +152,8 @@ def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str)
         "msg_per_s": round(delivered / elapsed, 1) if elapsed > 0 else 0.0,
         # Clients and sink share one CPU (and the GIL): near 1.0, they were the limit.
         "client_cpu": round((time.process_time() - cpu_before) / elapsed, 2) if elapsed > 0 else 0.0,
+        "server_cpu_ms_per_msg": round((cpu_busy(server_cpu) - busy_before) * per_message, 3),
+        "cpu_ms_per_msg": cpu_ms,
         **({"example": outcome["example"]} if "example" in outcome else {}),
     }
 
@@ -144,6 +176,10 @@ def summary(setup: Setup) -> dict[str, Any]:
         "milter_warnings": len(milter_warnings),
         **({"milter_warning": milter_warnings[0][-300:]} if milter_warnings else {}),
         "msg_per_s": round(statistics.median(rates), 1) if rates else 0.0,
+        "server_cpu_ms_per_msg": round(statistics.median(
+            b["server_cpu_ms_per_msg"] for b in setup.batches), 3) if rates else 0.0,
+        "cpu_ms_per_msg": {name: round(statistics.median(b["cpu_ms_per_msg"][name] for b in setup.batches), 3)
+                           for name in (setup.batches[0]["cpu_ms_per_msg"] if setup.batches else {})},
         "msg_per_s_runs": rates,
         **total,
         "batches": setup.batches,
@@ -153,13 +189,15 @@ def summary(setup: Setup) -> dict[str, Any]:
 def measure(policy_server: Callable[[], AbstractContextManager[int]], *, messages: int = 1000,
             clients: int = 10, per_session: int = 10, rounds: int = 3,
             milter: Callable[[], AbstractContextManager[str]] | None = None,
-            server_cpu: int = 0) -> list[dict[str, Any]]:
+            server_cpu: int = 0, watched: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """msg/s for Postfix alone, with the policy check, and (given ``milter``) with the milter too.
 
     :param policy_server: starts ``policyd serve`` (pinned to ``server_cpu``);
         yields its port.
     :param milter: starts ``policyd milter``; yields the ``smtpd_milters``
         value.  None when there is no milter to measure.
+    :param watched: processes (name: pid, filled in as they start) whose CPU
+        time per message each batch reports.
     """
     users = {f"sender{i}@example.org": PASSWORD for i in range(clients)}
     roots: list[Path] = []
@@ -188,7 +226,7 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
             for number in range(rounds):
                 for setup in setups:
                     setup.batches.append(batch(setup, messages, clients, per_session,
-                                               f"r{number}"))
+                                               f"r{number}", server_cpu, watched))
             summaries = [summary(setup) for setup in setups]
         finally:
             stack.close()
