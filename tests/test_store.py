@@ -314,3 +314,16 @@ async def test_prune_works_in_batches_until_nothing_old_is_left(tmp_path: Path) 
     assert left == 1
     assert (await admit(server, now=T0, limit=10)).count == 2
     await server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_writes_the_counts_held_in_memory(tmp_path: Path) -> None:
+    """A server's store that is closed (a stop) writes the counts it was holding."""
+    path = str(tmp_path / "state.db")
+    grouped = SQLiteStore(path, reactor=reactor)
+    for _ in range(3):
+        await grouped.admit(Charge("alice", T0, HOUR, 10, 60, "r"))
+    await grouped.close()
+    again = SQLiteStore(path)
+    assert await again.usage("alice", now=T0, window=HOUR) == 3
+    await again.close()

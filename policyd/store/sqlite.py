@@ -1025,6 +1025,10 @@ class SQLiteStore:
         if self._checkpointer is not None and self._checkpointer.running:
             self._checkpointer.stop()
         self._commit()
+        if self._commit_call is not None and self._commit_call.active():
+            self._commit_call.cancel()
+        if self._rows:
+            log.error("SQLite store %s: %d counts could not be written before closing", self.path, len(self._rows))
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
