@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import bench_load, bench_peers, bench_postfix
-from tests.servers import POLICYD, free_port, wait_for_port
+from tests.servers import POLICYD, cpu_seconds, free_port, wait_for_port
 
 SERVER_CPU = 0
 GENERATOR_CPU = 1
@@ -111,15 +111,6 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process (all its threads) used so far."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        text = Path(f"/proc/{pid}/stat").read_text()
-        fields = text[text.rfind(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
 
 
 def runqueue_wait(pid: int) -> float:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.postfix import PostfixInstance
+from tests.servers import cpu_seconds
 from tests.smtp_sink import SmtpSink
 
 PASSWORD = "bench-secret"
@@ -97,15 +98,6 @@ def cpu_busy(cpu: int) -> float:
     return 0.0
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process so far (0 when it is gone)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        text = Path(f"/proc/{pid}/stat").read_text()
-        fields = text[text.rfind(")") + 2:].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return 0.0
-
-
 def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str,
           server_cpu: int = 0, watched: dict[str, int] | None = None) -> dict[str, Any]:
     """Submit one batch and wait until the sink has every accepted message.
@@ -116,7 +108,7 @@ def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str,
     """
     watched = watched or {}
     busy_before = cpu_busy(server_cpu)
-    processes_before = {name: process_cpu(pid) for name, pid in watched.items()}
+    processes_before = {name: cpu_seconds(pid) for name, pid in watched.items()}
     before = len(setup.sink.snapshot())
     outcome: dict[str, Any] = {"accepted": 0, "refused": 0, "errors": 0}
     lock = threading.Lock()
@@ -138,7 +130,7 @@ def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str,
     delivered = len(setup.sink.wait_for(lambda d: len(d) >= expected, timeout=left)) - before
     elapsed = time.perf_counter() - started
     per_message = 1000 / max(1, delivered)
-    cpu_ms = {name: round((process_cpu(pid) - processes_before[name]) * per_message, 3)
+    cpu_ms = {name: round((cpu_seconds(pid) - processes_before[name]) * per_message, 3)
               for name, pid in watched.items()}
     return {
         "messages": messages,

@@ -102,3 +102,13 @@ def ask(port: int, attributes: dict[str, str], timeout: float = 10.0) -> str:
     text = reply.decode()
     assert text.startswith("action="), f"malformed reply {text!r}"
     return text[len("action=") :].strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process (all its threads) has used; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0

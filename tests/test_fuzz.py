@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 
 from policyd.testing import encode, rcpt
-from tests.servers import PolicydServer, ask, free_port
+from tests.servers import PolicydServer, ask, cpu_seconds, free_port
 
 SEED = int(os.environ.get("POLICYD_FUZZ_SEED", "20261125"))
 
@@ -77,13 +77,6 @@ def rss(pid: int) -> tuple[int, int]:
             name, _, value = line.partition(":")
             fields[name] = value.split()
     return int(fields["VmRSS"][0]) * 1024, int(fields["VmHWM"][0]) * 1024
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.fixture
