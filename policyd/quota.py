@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +23,8 @@ from policyd.texts import Texts
 
 log = logging.getLogger("policyd.quota")
 
+T = TypeVar("T")
+
 #: Seconds between reloads of approved exemptions: an approval applies within this.
 EXEMPTION_REFRESH = 2.0
 #: Seconds between two notes that an account authenticated.
@@ -31,6 +34,28 @@ ON_ERROR = {
     "dunno": DUNNO,
     "defer_if_permit": Action("DEFER_IF_PERMIT", "4.3.0 Sending policy temporarily unavailable"),
 }
+
+
+def settled(deferred: Deferred[T]) -> T | Failure | None:
+    """The result of a Deferred that has fired, taken out of it; None while it waits.
+
+    A Deferred still waiting (on another one it was chained to) keeps its
+    result for the callbacks added after this.
+    """
+    seen: list[T | Failure] = []
+    waiting = False
+
+    def take(result: T | Failure) -> T | Failure | None:
+        if waiting:
+            return result
+        seen.append(result)
+        return None
+
+    deferred.addBoth(take)
+    if seen:
+        return seen[0]
+    waiting = True
+    return None
 
 
 class FallbackLimiter:
@@ -231,7 +256,15 @@ class OutboundQuota:
                 self._recipients(account),
             )
         )
-        if not admitted.called and not self._bounded:
+        if admitted.called:
+            # The store answered at once (memory, a SQLite server's copy):
+            # decide now rather than through three more callbacks.
+            result = settled(admitted)
+            if result is not None:
+                if isinstance(result, Failure):
+                    return self._store_failed(result, account, now, limit)
+                return self._admitted(result, account, now, limit)
+        elif not self._bounded:
             admitted.addTimeout(self.deadline, self.clock)
         admitted.addCallbacks(
             self._admitted,

@@ -304,3 +304,27 @@ def test_reload_applies_a_new_limit() -> None:
     send(svc, 5)
     svc.configure(make_config(BASE.replace("limit: 5", "limit: 7")))
     assert send(svc, 3) == ["DUNNO", "DUNNO", "REJECT"]
+
+
+def test_settled_takes_a_fired_result_and_leaves_a_waiting_one() -> None:
+    """A fired Deferred gives its result (or failure, then handled) at once; a waiting one keeps it."""
+    from twisted.internet.defer import succeed
+    from twisted.python.failure import Failure
+
+    from policyd.quota import settled
+
+    assert settled(succeed(3)) == 3
+    failed = settled(fail(ValueError("broken")))
+    assert isinstance(failed, Failure) and failed.check(ValueError)
+    waiting: Deferred[int] = Deferred()
+    assert settled(waiting) is None
+    later: list[int] = []
+    waiting.addCallback(later.append)
+    waiting.callback(5)
+    assert later == [5]
+    inner: Deferred[int] = Deferred()
+    outer: Deferred[int] = succeed(0).addCallback(lambda _: inner)
+    assert settled(outer) is None  # fired, but waits on another
+    outer.addCallback(later.append)
+    inner.callback(7)
+    assert later == [5, 7]
