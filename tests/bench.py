@@ -401,7 +401,8 @@ def table(report: dict[str, Any]) -> str:
                 lines.append(f"{row['target']:36} unavailable: {row['unavailable'][:80]}")
                 continue
             own = row.get("cpu_ms_per_msg", {})
-            serve = own.get("policyd serve") if "policy" in row["target"] else None
+            serve = own.get("twisted floor") if "floor" in row["target"] else \
+                own.get("policyd serve") if "policyd policy" in row["target"] else None
             milter_ms = own.get("policyd milter") if "milter" in row["target"] else None
             lines.append(f"{row['target']:36} {fmt(row['msg_per_s'], 7, 1)} "
                          f"{fmt(row.get('server_cpu_ms_per_msg'), 12, 3)} {fmt(serve, 8, 3)} "
@@ -410,8 +411,8 @@ def table(report: dict[str, Any]) -> str:
                          f"{fmt(row['milter_warnings'], 15)}")
     if postfix:
         lines += ["", "CPU 0 ms/msg: busy time of the CPU that runs Postfix (and policyd) per delivered "
-                  "message; serve ms, milter ms: CPU time of policyd serve and policyd milter per "
-                  "message"]
+                  "message; serve ms, milter ms: CPU time of the policy server (policyd serve, or "
+                  "the raw Twisted responder) and of policyd milter per message"]
     lines += ["", "req/s: one request outstanding per connection, as Postfix sends them; piped: "
               f"{a['depth']} outstanding ('no': the target answers only the first of pipelined "
               "requests); cpu: the target's CPU use; wait: time it was runnable but waited for its "
@@ -531,6 +532,14 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
             yield port
 
     @contextlib.contextmanager
+    def floor_server() -> Iterator[int]:
+        floor_port = free_port()
+        with process([sys.executable, "-c", FLOOR, str(floor_port)], floor_port,
+                     directory / "floor.log") as pid:
+            watched["twisted floor"] = pid
+            yield floor_port
+
+    @contextlib.contextmanager
     def milter_server() -> Iterator[str]:
         with process([POLICYD, "milter", "-c", str(config)], milter_port,
                      directory / "milter.log") as pid:
@@ -543,7 +552,7 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
         return bench_postfix.measure(policy_server, messages=args.messages,
                                      clients=args.smtp_clients, rounds=args.rounds,
                                      milter=milter_server if milter else None,
-                                     server_cpu=SERVER_CPU, watched=watched)
+                                     floor=floor_server, server_cpu=SERVER_CPU, watched=watched)
     except (AssertionError, OSError) as error:
         return [{"target": "postfix", "unavailable": str(error)[:2000]}]
 

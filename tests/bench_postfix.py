@@ -181,6 +181,7 @@ def summary(setup: Setup) -> dict[str, Any]:
 def measure(policy_server: Callable[[], AbstractContextManager[int]], *, messages: int = 1000,
             clients: int = 10, per_session: int = 10, rounds: int = 3,
             milter: Callable[[], AbstractContextManager[str]] | None = None,
+            floor: Callable[[], AbstractContextManager[int]] | None = None,
             server_cpu: int = 0, watched: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """msg/s for Postfix alone, with the policy check, and (given ``milter``) with the milter too.
 
@@ -188,6 +189,9 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
         yields its port.
     :param milter: starts ``policyd milter``; yields the ``smtpd_milters``
         value.  None when there is no milter to measure.
+    :param floor: starts the raw Twisted responder that answers DUNNO to
+        every policy request; yields its port.  With it, a configuration
+        shows what any Twisted policy server costs Postfix.
     :param watched: processes (name: pid, filled in as they start) whose CPU
         time per message each batch reports.
     """
@@ -210,6 +214,8 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
 
         try:
             postfix("postfix alone")
+            if floor is not None:
+                postfix("postfix + twisted floor as policy", policy_port=stack.enter_context(floor()))
             port = stack.enter_context(policy_server())
             postfix("postfix + policyd policy", policy_port=port)
             if milter is not None:
