@@ -88,6 +88,9 @@ SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
 #: Longest wait for in-flight messages at shutdown.
 DRAIN_BOUND = 10.0
 
+#: Reasons worked out for a spam score (kept with held mail, see :meth:`Score.summary`).
+SUMMARY_REASONS = 8
+
 
 def model_path(config: Config) -> Path:
     """Where ``policyd train`` writes the model and the milter and ``policyd score`` read it."""
@@ -204,21 +207,36 @@ class ContentScorer:
         headers: Sequence[tuple[str, str]] | None = None,
         explain: int = 8,
     ) -> Score:
-        """The score of a message (its first ``max_bytes``).
+        """The score of a message as bytes (its first ``max_bytes``).
 
         :param client: the SMTP client address, which a trusted header must name.
-        :param headers: the headers as the MTA gave them (else parsed from ``raw``).
+        :param headers: the headers as the MTA gave them (else those of ``raw``).
         :param explain: how many reasons to give.
         """
-        message = content.parse(raw[: self.max_bytes])
-        features = content.extract(message)
-        if headers is None:
-            headers = [(name, str(value)) for name, value in message.items()]
+        found, body = content.split_message(raw[: self.max_bytes])
+        return self.score_message(found if headers is None else headers, body, client, explain)
+
+    def score_message(
+        self,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        client: str | None = None,
+        explain: int = 8,
+        explain_at: float | None = None,
+    ) -> Score:
+        """The score of a message as the milter has it: header fields, then the body (its first ``max_bytes``).
+
+        :param client: the SMTP client address, which a trusted header must name.
+        :param explain: how many reasons to give.
+        :param explain_at: give reasons only to a score this high (None: always);
+            the milter only needs them for the mail it may quarantine.
+        """
+        features = content.message_features(headers, body[: self.max_bytes])
         network, network_reasons = self.network_points(headers, client)
-        points = self.model.points(features)
-        reasons = tuple(self.model.explain(features, explain)) if explain else ()
+        threshold = None if explain_at is None else explain_at - network
+        points, reasons = self.model.assess(features, explain, threshold)
         return Score(
-            round(points + network, 3), round(points, 3), network, network_reasons, reasons, features.subject
+            round(points + network, 3), round(points, 3), network, network_reasons, tuple(reasons), features.subject
         )
 
 
@@ -357,8 +375,10 @@ class SpamFilter:
             log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
                      message.client_address or "-")
             return Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED
-        raw = message.raw(self.config.content.max_body)
-        score: Score = await self.run_cpu(self.scorer.score, raw, message.client_address, message.headers)
+        body = message.body(self.config.content.max_body)
+        # Reasons are only kept with held mail, so only spam needs them.
+        work = (message.headers, body, message.client_address, SUMMARY_REASONS, self.config.content.tag_at)
+        score: Score = await self.run_cpu(self.scorer.score_message, *work)
         spam = score.points >= self.config.content.tag_at
         changes = header_changes(message.headers, score if spam else None, self.config)
         held: list[str] = []

@@ -44,6 +44,11 @@ class WordModel(Model):
     def explain(self, features: content.Features, top: int = 10) -> list[Reason]:
         return [Reason("viagra", 10.0)] if "viagra" in features.text else [Reason("meeting", -5.0)]
 
+    def assess(
+        self, features: content.Features, top: int = 10, explain_at: float | None = None
+    ) -> tuple[float, list[Reason]]:
+        return self.points(features), self.explain(features, top)
+
 
 class Site:
     """A milter filter on a memory store, driven by a fake MTA."""
