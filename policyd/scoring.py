@@ -85,8 +85,21 @@ EXPIRE_EVERY = 600.0
 #: Headers a sender may not set: ours, replaced on every message.
 SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
 
+_DIGEST = DIGEST_HEADER.lower()
+
+# Headers removed from every message, by their lower-case names.
+_REMOVED = {name.lower(): name for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER)}
+
 #: Longest wait for in-flight messages at shutdown.
 DRAIN_BOUND = 10.0
+
+#: Messages up to this size (header fields and kept body) are scored on the
+#: reactor thread: typical mail takes a fraction of a millisecond there, less
+#: than the hop to the thread pool and back costs under load (a thread
+#: wake-up, GIL hand-overs, a wake-up of the reactor).  Larger ones go to the
+#: thread pool, so a big message never holds up the other connections for
+#: long.
+INLINE_BYTES = 64 * 1024
 
 #: Reasons worked out for a spam score (kept with held mail, see :meth:`Score.summary`).
 SUMMARY_REASONS = 8
@@ -263,11 +276,15 @@ def header_changes(
 
     :param score: None for a message that is not tagged.
     """
+    counts = dict.fromkeys(_REMOVED, 0)
+    for name, _ in headers:
+        lower = name.lower()
+        if lower in counts:
+            counts[lower] += 1
     changes: list[Modification] = []
-    for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER):
-        count = sum(1 for h, _ in headers if h.lower() == name.lower())
+    for lower, count in counts.items():
         # From the last to the first, so each index still means what it meant.
-        changes += [change_header(name, "", index) for index in range(count, 0, -1)]
+        changes += [change_header(_REMOVED[lower], "", index) for index in range(count, 0, -1)]
     if score is None:
         return changes
     subjects = [v for h, v in headers if h.lower() == "subject"]
@@ -344,6 +361,8 @@ class SpamFilter:
     :param run_cpu: how scoring is run (:func:`in_thread` in the server).
     :param preferences: resolves each recipient's choice (own, provisioned,
         default); made from ``config`` and ``store`` when not given.
+    :param inline_bytes: messages up to this size are scored at once, on
+        the calling (reactor) thread; larger ones through ``run_cpu``.
     """
 
     def __init__(
@@ -354,36 +373,57 @@ class SpamFilter:
         scorer: ContentScorer,
         run_cpu: Callable[..., Deferred[Any]] = inline,
         preferences: Preferences | None = None,
+        inline_bytes: int = INLINE_BYTES,
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.scorer = scorer
         self.run_cpu = run_cpu
+        self.inline_bytes = inline_bytes
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
-        """Decide one message (the :data:`policyd.milter.Filter` interface)."""
-        return Deferred.fromCoroutine(self.decide(message))
+        """Decide one message (the :data:`policyd.milter.Filter` interface): score, tag, apply each choice.
 
-    async def decide(self, message: MilterMessage) -> Verdict:
-        """Score, tag, and apply each recipient's choice."""
+        A message up to ``inline_bytes`` is scored at once, and unless it is
+        spam for someone who may have chosen the quarantine, the returned
+        Deferred already has the verdict: most mail never waits.
+        """
         started = time.monotonic()
         if self._our_digest(message):
             # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
             changes = header_changes(message.headers, None, self.config)
             log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
                      message.client_address or "-")
-            return Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED
+            return succeed(Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED)
         body = message.body(self.config.content.max_body)
         # Reasons are only kept with held mail, so only spam needs them.
         work = (message.headers, body, message.client_address, SUMMARY_REASONS, self.config.content.tag_at)
-        score: Score = await self.run_cpu(self.scorer.score_message, *work)
+        if message.header_bytes + len(body) <= self.inline_bytes:
+            return self._scored(message, self.scorer.score_message(*work), started)
+        scored: Deferred[Score] = self.run_cpu(self.scorer.score_message, *work)
+        return scored.addCallback(lambda score: self._scored(message, score, started))
+
+    def _scored(self, message: MilterMessage, score: Score, started: float) -> Deferred[Verdict]:
+        """The verdict for a scored message, once the quarantine took what it holds."""
         spam = score.points >= self.config.content.tag_at
         changes = header_changes(message.headers, score if spam else None, self.config)
-        held: list[str] = []
         if spam and message.recipients:
-            held = await self._hold(message, score, changes)
+            return Deferred.fromCoroutine(self._spam(message, score, changes, started))
+        return succeed(self._verdict(message, score, changes, [], started))
+
+    async def _spam(
+        self, message: MilterMessage, score: Score, changes: list[Modification], started: float
+    ) -> Verdict:
+        held = await self._hold(message, score, changes)
+        return self._verdict(message, score, changes, held, started)
+
+    def _verdict(
+        self, message: MilterMessage, score: Score, changes: list[Modification], held: list[str], started: float
+    ) -> Verdict:
+        """Header changes and removed recipients, or a discard when every recipient's copy is held; logged."""
+        spam = score.points >= self.config.content.tag_at
         outcome = "spam" if spam else "ham"
         if held and len(held) == len(message.recipients):
             verdict = Verdict((), DISCARD)
@@ -409,14 +449,12 @@ class SpamFilter:
         secret = self.scorer.secret
         if secret is None or not message.recipients:
             return False
-        wanted = {normalise_address(r) for r in message.recipients}
+        digests = [value for name, value in message.headers if name.lower() == _DIGEST]
+        if not digests:
+            return False
         now = self.clock.seconds()
-        named = {
-            digest_for(value, secret, now)
-            for name, value in message.headers
-            if name.lower() == DIGEST_HEADER.lower()
-        }
-        return wanted <= named
+        named = {digest_for(value, secret, now) for value in digests}
+        return {normalise_address(r) for r in message.recipients} <= named
 
     async def _hold(self, message: MilterMessage, score: Score, changes: list[Modification]) -> list[str]:
         """Hold the message for the recipients who chose the quarantine; returns them (as the MTA gave them)."""
