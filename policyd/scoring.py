@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 
 from policyd import config as configuration
-from policyd import content
+from policyd import content, logs
 from policyd.classifier import Model, ModelError, Reason
 from policyd.config import Config
 from policyd.errors import PolicydError
@@ -432,15 +432,11 @@ class SpamFilter:
             verdict = Verdict(tuple(changes) + tuple(delete_recipient(r) for r in held), ACCEPT)
             if held:
                 outcome = f"spam, held for {len(held)} of {len(message.recipients)} recipients"
-        log.info(
-            "milter %s client=%s score=%.2f content=%.2f network=%g %s latency=%.1fms",
-            message.queue_id or "-",
-            message.client_address or "-",
-            score.points,
-            score.content,
-            score.network,
-            outcome,
-            (time.monotonic() - started) * 1000,
+        logs.decisions.info(
+            log,
+            f"milter {message.queue_id or '-'} client={message.client_address or '-'} score={score.points:.2f} "
+            f"content={score.content:.2f} network={score.network:g} {outcome} "
+            f"latency={(time.monotonic() - started) * 1000:.1f}ms",
         )
         return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
 
@@ -545,7 +541,8 @@ class MilterServer:
             on_error=TEMPFAIL if config.content.on_error == "tempfail" else ACCEPT,
         )
         self.port: IListeningPort | None = None
-        self._loops = [LoopingCall(self.check_model), LoopingCall(self.expire)]
+        # Verdict lines are buffered (logs.decisions): pushed out every FLUSH_EVERY.
+        self._loops = [LoopingCall(self.check_model), LoopingCall(self.expire), LoopingCall(logs.flush)]
         for loop in self._loops:
             loop.clock = reactor
 
@@ -566,6 +563,7 @@ class MilterServer:
             raise PolicydError(f"listen.milter: cannot listen on {self.config.listen.milter}: {error}") from None
         self._loops[0].start(MODEL_CHECK, now=False)
         self._loops[1].start(EXPIRE_EVERY, now=True)
+        self._loops[2].start(logs.FLUSH_EVERY, now=False)
         log.info(
             "policyd milter listening on %s (model %s, tag_at %g, spam default %s)",
             self.config.listen.milter,
@@ -636,6 +634,7 @@ class MilterServer:
             connection.transport.loseConnection()
         yield DeferredList([self.store.close()], consumeErrors=True)
         log.info("policyd milter stopped")
+        logs.flush()
 
 
 def run(path: str | None) -> None:
