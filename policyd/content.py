@@ -132,9 +132,9 @@ _TAG_NAME = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]*)")
 _SPACE = re.compile(r"\s+")
 _PATH = re.compile(r"[/?#\\]")
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
-# The domain of an address.  Starting at the "@" (the local part is only
+# The domain of an address.  Starting with the "@" (the local part is only
 # looked behind) lets the search jump from one "@" to the next.
-_EMAIL = re.compile(r"(?<=[\w.+\-])@([\w\-]+(?:\.[\w\-]+)+)")
+_EMAIL = re.compile(r"@(?<=[\w.+\-]@)([\w\-]+(?:\.[\w\-]+)+)")
 # A header field's name (printable ASCII but the colon), then its colon;
 # like Postfix, blanks before the colon are allowed.
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
@@ -237,16 +237,33 @@ def html_to_text(markup: str) -> tuple[str, list[str], list[str]]:
     return html.unescape(text), links, tags
 
 
-def _payload_text(part: email.message.Message) -> str:
+def _payload_text(part: email.message.Message, charset: str | None) -> str:
     """The decoded text of a leaf part, whatever its encoding and charset claim."""
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
-    charset = part.get_content_charset() or "utf-8"
     try:
-        return payload.decode(charset, "replace")
+        return payload.decode(charset or "utf-8", "replace")
     except (LookupError, UnicodeError):
         return payload.decode("latin-1")
+
+
+# Parsing a header's parameters is the slow part of reading a part: these
+# skip it when the parameter cannot be there (the answer is the same).
+
+
+def _filename(part: email.message.Message) -> str | None:
+    """``part.get_filename()``."""
+    if "content-disposition" not in part and "name" not in str(part.get("content-type", "")).lower():
+        return None
+    return part.get_filename()
+
+
+def _charset(part: email.message.Message) -> str | None:
+    """``part.get_content_charset()``."""
+    if "charset" not in str(part.get("content-type", "")).lower():
+        return None
+    return part.get_content_charset()
 
 
 @functools.cache
@@ -399,7 +416,8 @@ def message_features(
         prefix = WORD_HEADERS.get(lower)
         if prefix is None:
             continue
-        text = decode_header(value)[:2000]
+        # Words need no tidy blanks: only the Subject (kept for people) and encoded values are decoded.
+        text = (decode_header(value) if lower == "subject" or "=?" in value else value)[:2000]
         if lower == "subject":
             subject = subject or text
             if text.isupper() and len(text) > 8:
@@ -425,12 +443,12 @@ def message_features(
         add(f"part:{ctype}")
         if part.is_multipart():
             continue
-        filename = part.get_filename()
+        filename = _filename(part)
         if filename:
             name = decode_header(str(filename)).lower()
             extension = name.rsplit(".", 1)[-1] if "." in name else "none"
             add(f"attachment:{extension[:10]}")
-        charset = part.get_content_charset()
+        charset = _charset(part)
         if charset:
             add(f"charset:{charset[:30]}")
         encoding = str(part.get("content-transfer-encoding", "")).lower().strip()
@@ -438,10 +456,10 @@ def message_features(
             add(f"encoding:{encoding[:20]}")
         if ctype == "text/plain" and not filename:
             kinds.add("plain")
-            texts.append(_payload_text(part))
+            texts.append(_payload_text(part, charset))
         elif ctype == "text/html" and not filename:
             kinds.add("html")
-            text, links, tags = html_to_text(_payload_text(part))
+            text, links, tags = html_to_text(_payload_text(part, charset))
             texts.append(text)
             urls.extend(links)
             tokens.extend(f"html:{tag}" for tag in dict.fromkeys(tags))
