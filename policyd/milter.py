@@ -157,6 +157,8 @@ MAX_RECIPIENTS = 10_000
 FILTER_TIMEOUT = 120.0
 
 _HEADER = struct.Struct(">IB")
+# Each command byte as bytes, made once.
+_COMMANDS = [bytes([code]) for code in range(256)]
 
 
 def packet(command: bytes, data: bytes = b"") -> bytes:
@@ -453,14 +455,15 @@ class MilterProtocol(Protocol):
         # packet is consumed before it is handled.
         try:
             while not self._busy and not self._closing and len(self._buffer) - self._start >= 5:
-                length, command = _HEADER.unpack_from(self._buffer, self._start)
+                start = self._start
+                length, command = _HEADER.unpack_from(self._buffer, start)
                 if length < 1 or length > MAX_PACKET:
                     raise ProtocolError(f"packet of {length} bytes (at most {MAX_PACKET})")
-                if len(self._buffer) - self._start < 4 + length:
+                end = start + 4 + length
+                if len(self._buffer) < end:
                     break
-                payload = self._buffer[self._start + 5 : self._start + 4 + length]
-                self._start += 4 + length
-                self._handle(bytes([command]), payload)
+                self._start = end
+                self._handle(_COMMANDS[command], self._buffer[start + 5 : end])
             if self._closing:
                 return
             if not self._busy and len(self._buffer) - self._start >= 4:
