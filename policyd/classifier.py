@@ -20,7 +20,8 @@ binary feature space, trained online.
   even odds, +5 is 32 to 1 for spam, -5 is 32 to 1 for ham.  Points add to the network points of the reputation
   header and are compared with ``content.tag_at``.
 
-Scoring is a few numpy operations: hundreds of messages a second per core.
+Scoring is a handful of numpy operations on the whole vector (no loop over
+features in Python): a fraction of a millisecond for typical mail.
 A model file is a compressed ``.npz`` (weights in float16, a few MB).
 """
 
@@ -62,41 +63,72 @@ NGRAMS = (NGRAM,)
 PASSES = 6
 RATE = 16.0
 
-Indices = npt.NDArray[np.int64]
-#: A message's features kept for training: int32 halves the memory of 30,000 messages.
-Stored = npt.NDArray[np.int32]
+#: Feature indices of a message (at most 2**32 weights).
+Indices = npt.NDArray[np.uint32]
+#: A message's features kept for training (the same type: 4 bytes an index).
+Stored = Indices
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN32 = np.uint32(0x9E3779B1)
 
 
 def hash_tokens(tokens: Sequence[str], bits: int = BITS) -> Indices:
     """Feature indices of tokens (CRC-32, stable across processes and versions)."""
-    mask = (1 << bits) - 1
-    return np.fromiter(
-        (zlib.crc32(t.encode("utf-8", "surrogatepass")) & mask for t in tokens), dtype=np.int64, count=len(tokens)
-    )
+    try:
+        encoded = list(map(str.encode, tokens))
+    except UnicodeEncodeError:
+        # Header bytes that were not UTF-8 come as surrogate escapes.
+        encoded = [t.encode("utf-8", "surrogatepass") for t in tokens]
+    hashes = np.fromiter(map(zlib.crc32, encoded), dtype=np.uint32, count=len(encoded))
+    hashes &= np.uint32((1 << bits) - 1)
+    return hashes
 
 
 def hash_ngrams(text: str, n: int = NGRAM, bits: int = BITS) -> Indices:
-    """Feature indices of the byte n-grams of ``text`` (n at most 8)."""
-    data = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    """Feature indices of the byte n-grams of ``text`` (n at most 8).
+
+    Fibonacci hashing: an n-gram read as an integer, times the golden ratio;
+    the top bits of the product mix every byte.  4-grams, the ones used,
+    are read as 32-bit integers and multiplied modulo 2**32, in three
+    operations on the whole text.
+    """
+    data = text.encode("utf-8", "surrogatepass")
     if len(data) < n:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint32)
     windows = len(data) - n + 1
-    grams = np.zeros(windows, dtype=np.uint64)
+    if n == 4:
+        grams: npt.NDArray[np.uint32] = np.ndarray((windows,), dtype="<u4", buffer=data, strides=(1,)) + np.uint32(n)
+        grams *= _GOLDEN32
+        grams >>= np.uint32(32 - bits)
+        return grams
+    octets = np.frombuffer(data, dtype=np.uint8)
+    wide = np.zeros(windows, dtype=np.uint64)
     for i in range(n):
-        grams |= data[i : i + windows].astype(np.uint64) << np.uint64(8 * i)
-    # Fibonacci hashing: the top bits of a multiplication mix every byte.
-    mixed = (grams + np.uint64(n)) * _GOLDEN
-    return (mixed >> np.uint64(64 - bits)).astype(np.int64)
+        wide |= octets[i : i + windows].astype(np.uint64) << np.uint64(8 * i)
+    wide += np.uint64(n)
+    wide *= _GOLDEN
+    wide >>= np.uint64(64 - bits)
+    return wide.astype(np.uint32)
+
+
+def distinct(indices: Indices) -> Indices:
+    """The sorted distinct values of ``indices`` (numpy's unique, without its overhead on small arrays)."""
+    ordered = np.sort(indices)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
 
 
 def vectorize(features: Features, bits: int = BITS) -> Indices:
     """The sorted, distinct feature indices of a message (its binary vector)."""
-    indices = np.concatenate(
-        [hash_tokens(features.tokens, bits)] + [hash_ngrams(features.text, n, bits) for n in NGRAMS]
-    )
-    return np.unique(indices)
+    return _vector(hash_tokens(features.tokens, bits), features, bits)
+
+
+def _vector(tokens: Indices, features: Features, bits: int) -> Indices:
+    return distinct(np.concatenate([tokens] + [hash_ngrams(features.text, n, bits) for n in NGRAMS]))
 
 
 def _sigmoid(margin: float) -> float:
@@ -154,7 +186,7 @@ class Model:
 
     # --- scoring ------------------------------------------------------------
 
-    def margin(self, indices: Indices | Stored) -> float:
+    def margin(self, indices: Indices) -> float:
         """The raw linear score of a vector."""
         if not len(indices):
             return self.bias
@@ -168,30 +200,42 @@ class Model:
         """Points for a raw margin."""
         return self.scale * margin + self.offset
 
+    def assess(self, features: Features, top: int = 10, explain_at: float | None = None) -> tuple[float, list[Reason]]:
+        """Points of a message and, as :meth:`explain` gives them, the ``top`` reasons (features hashed once).
+
+        :param explain_at: give reasons only when the points reach this (None: always).
+        """
+        tokens = hash_tokens(features.tokens, self.bits)
+        indices = _vector(tokens, features, self.bits)
+        points = self.to_points(self.margin(indices))
+        if not top or (explain_at is not None and points < explain_at):
+            return points, []
+        return points, self._reasons(features, tokens, indices, top)
+
     def explain(self, features: Features, top: int = 10) -> list[Reason]:
         """The tokens that weigh most in this message's score, strongest first.
 
         Character n-grams are summed into one reason (``text n-grams``):
         single n-grams mean nothing to people.
         """
-        indices = vectorize(features, self.bits)
+        tokens = hash_tokens(features.tokens, self.bits)
+        return self._reasons(features, tokens, _vector(tokens, features, self.bits), top)
+
+    def _reasons(self, features: Features, tokens: Indices, indices: Indices, top: int) -> list[Reason]:
         if not len(indices):
             return []
         norm = self.scale / math.sqrt(len(indices))
-        seen: set[int] = set()
-        reasons: list[Reason] = []
-        token_total = 0.0
-        for token, index in zip(features.tokens, hash_tokens(features.tokens, self.bits), strict=True):
-            if int(index) in seen:
-                continue
-            seen.add(int(index))
-            points = float(self.weights[index]) * norm
-            token_total += points
-            reasons.append(Reason(token, points))
-        total = float(self.weights[indices].sum()) * norm
-        reasons.append(Reason("text n-grams", total - token_total))
-        reasons.sort(key=lambda r: -abs(r.points))
-        return reasons[:top]
+        # Only the first token with a given index counts: the vector is binary.
+        _, first = np.unique(tokens, return_index=True)
+        first.sort()
+        points = self.weights[tokens[first]].astype(np.float64) * norm
+        text_points = float(self.weights[indices].sum()) * norm - float(points.sum())
+        # Strongest first, equal ones in token order, the n-grams after the tokens.
+        strength = np.append(points, text_points)
+        strongest = np.argsort(-np.abs(strength), kind="stable")[:top].tolist()
+        names = [features.tokens[p] for p in first.tolist()] + ["text n-grams"]
+        values = strength.tolist()
+        return [Reason(names[i], values[i]) for i in strongest]
 
     # --- files --------------------------------------------------------------
 
@@ -342,7 +386,7 @@ def train(
     vectors: list[Stored] = []
     labels: list[int] = []
     for features, spam in examples:
-        vectors.append(vectorize(features, bits).astype(np.int32))
+        vectors.append(vectorize(features, bits))
         labels.append(1 if spam else 0)
         if progress is not None and len(labels) % 1000 == 0:
             progress(len(labels))

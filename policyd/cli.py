@@ -768,9 +768,9 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
         sys.stdout.buffer.write(message)
         sys.stdout.buffer.flush()
         return
-    parsed = content.parse(message)
+    headers, _ = content.split_message(message)
     if as_json:
-        print_json(entry.as_dict() | {"headers": [[n, content.decode_header(str(v))] for n, v in parsed.items()]})
+        print_json(entry.as_dict() | {"headers": [[n, content.decode_header(v)] for n, v in headers]})
         return
     print_table(
         ["FIELD", "VALUE"],
@@ -788,9 +788,9 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
         ],
     )
     click.echo("")
-    for name, value in parsed.items():
-        click.echo(f"{name}: {content.decode_header(str(value))[:200]}")
-    text = content.extract(parsed).text
+    for name, value in headers:
+        click.echo(f"{name}: {content.decode_header(value)[:200]}")
+    text = content.extract(message).text
     click.echo("")
     click.echo(text[:800])
 

@@ -110,14 +110,37 @@ class DecisionLog:
             )
         else:
             subject, client, reason = _printable(subject), _printable(client), _printable(reason)
-            second = int(now)
-            if second != self._second:
-                self._second = second
-                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
             line = (
-                f"{self._stamp} INFO policyd.decision: {check} {subject or '-'} client={client or '-'} "
+                f"{self._stamp_of(now)} INFO policyd.decision: {check} {subject or '-'} client={client or '-'} "
                 f"state={state or '-'} action={action!r} reason={reason!r} latency={latency_ms:.2f}ms"
             )
+        self._write(line)
+
+    def info(self, logger: logging.Logger, message: str) -> None:
+        """One info line of another hot path (the milter's verdicts), written the same cheap way.
+
+        Before :func:`setup` (tests, commands) it goes through ``logger``.
+        """
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        if self.stream is None:
+            logger.info("%s", message)
+            return
+        now = time.time()
+        if self.json:
+            fields = {"time": round(now, 6), "level": "info", "logger": logger.name, "message": message}
+            self._write(json.dumps(fields, separators=(",", ":")))
+        else:
+            self._write(f"{self._stamp_of(now)} INFO {logger.name}: {_printable(message)}")
+
+    def _stamp_of(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+        return self._stamp
+
+    def _write(self, line: str) -> None:
         try:
             self.stream.write(line + "\n")
         except (OSError, ValueError):

@@ -13,7 +13,8 @@ actions it allows, the protocol steps it can skip); :class:`MilterProtocol`
 answers with version 6, only the actions it uses (add and change headers,
 delete recipients), and asks the MTA to skip the steps it does not need
 (HELO, DATA, unknown commands, end of headers) and not to wait for a reply
-where it has nothing to say (connect, MAIL, RCPT, each header).  Then, per
+where it has nothing to say (connect, MAIL, RCPT, each header, each body
+chunk): with Postfix, the only reply per message is the verdict.  Then, per
 SMTP connection: macros, connect, MAIL, RCPT..., headers, body chunks,
 end-of-message; ``SMFIC_ABORT`` ends a message early, ``SMFIC_QUIT`` the
 connection, and ``SMFIC_QUIT_NC`` ends the SMTP session but keeps the
@@ -26,9 +27,9 @@ Bounds, so a broken or hostile MTA connection cannot hurt the others:
   connection, with a log line naming the peer;
 - headers beyond :data:`MAX_HEADERS` bytes are not kept;
 - the body is kept in memory up to ``memory_limit`` bytes and in a
-  temporary file beyond (:class:`tempfile.SpooledTemporaryFile`), up to
-  ``keep_limit`` bytes; past that it is not kept (and the MTA is asked to
-  skip the rest of it when it allows).
+  temporary file beyond, up to ``keep_limit`` bytes; past that it is not
+  kept (an MTA that waits for a reply to each chunk is asked to skip the
+  rest of it when it allows).
 
 When the filter fails or takes longer than ``filter_timeout``, the message
 is accepted unchanged (``on_error``), so mail always flows; Postfix's own
@@ -46,9 +47,8 @@ from typing import IO, Any
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from policyd.connections import ConnectionTracking, describe_peer
@@ -157,6 +157,8 @@ MAX_RECIPIENTS = 10_000
 FILTER_TIMEOUT = 120.0
 
 _HEADER = struct.Struct(">IB")
+# Each command byte as bytes, made once.
+_COMMANDS = [bytes([code]) for code in range(256)]
 
 
 def packet(command: bytes, data: bytes = b"") -> bytes:
@@ -269,7 +271,9 @@ class MilterMessage:
         self.client_address = ""
         self.helo = ""
         self.macros: dict[str, str] = {}
-        self._body: IO[bytes] | None = None
+        # The body: chunks in memory while it fits in memory_limit, else a temporary file.
+        self._chunks: list[bytes] = []
+        self._spool: IO[bytes] | None = None
         self.new_message()
 
     def new_message(self) -> None:
@@ -285,9 +289,15 @@ class MilterMessage:
 
     def close(self) -> None:
         """Drop the body (and its temporary file)."""
-        if self._body is not None:
-            self._body.close()
-            self._body = None
+        self._chunks = []
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    @property
+    def spooled(self) -> bool:
+        """Whether the body went to a temporary file (it outgrew ``memory_limit``)."""
+        return self._spool is not None
 
     @property
     def queue_id(self) -> str:
@@ -309,10 +319,15 @@ class MilterMessage:
         room = self.keep_limit - self.kept
         if room <= 0:
             return False
-        if self._body is None:
-            self._body = tempfile.SpooledTemporaryFile(max_size=self.memory_limit)
         piece = chunk[:room]
-        self._body.write(piece)
+        if self._spool is None and self.kept + len(piece) > self.memory_limit:
+            self._spool = tempfile.TemporaryFile()
+            self._spool.writelines(self._chunks)
+            self._chunks = []
+        if self._spool is None:
+            self._chunks.append(piece)
+        else:
+            self._spool.write(piece)
         self.kept += len(piece)
         return self.kept < self.keep_limit
 
@@ -323,10 +338,13 @@ class MilterMessage:
 
     def body(self, limit: int | None = None) -> bytes:
         """The kept body, or its first ``limit`` bytes."""
-        if self._body is None:
-            return b""
-        self._body.seek(0)
-        return self._body.read(-1 if limit is None else limit)
+        if self._spool is not None:
+            self._spool.seek(0)
+            return self._spool.read(-1 if limit is None else limit)
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        data = self._chunks[0] if self._chunks else b""
+        return data if limit is None else data[:limit]
 
     def header_block(self) -> bytes:
         """The headers as a message has them (CRLF line ends), blank line included."""
@@ -344,7 +362,7 @@ class MilterMessage:
 Filter = Callable[[MilterMessage], "Deferred[Verdict]"]
 
 
-class MilterProtocol(Protocol, TimeoutMixin):
+class MilterProtocol(Protocol):
     """One MTA connection (one Postfix ``smtpd`` process talking to us).
 
     :param filter: called at end-of-message; fires with the verdict.
@@ -383,25 +401,37 @@ class MilterProtocol(Protocol, TimeoutMixin):
         self._start = 0
         self._busy = False
         self._closing = False
-
-    def callLater(self, period: float, func: Callable[..., object]) -> Any:
-        """TimeoutMixin's timer, on the injected clock."""
-        return self.clock.callLater(period, func)
+        self._heard = 0.0
+        self._idle_timer: IDelayedCall | None = None
 
     # --- connection -----------------------------------------------------------
 
     def connectionMade(self) -> None:
         """Start the idle timer."""
         self.peer = describe_peer(self.transport.getPeer())
-        self.setTimeout(self.idle_timeout)
+        self._heard = self.clock.seconds()
+        self._idle_timer = self.clock.callLater(self.idle_timeout, self._check_idle)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         """Forget everything (a message cut off mid-way is simply dropped)."""
         self._closing = True
-        self.setTimeout(None)
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
         self.message.close()
         if self.factory is not None:
             self.factory.closed(self)
+
+    def _check_idle(self) -> None:
+        # Input only notes the time; the timer looks when it fires, and waits
+        # again for the rest if something came meanwhile.  Moving the timer
+        # at every read cost more than reading the packet.
+        silent = self.clock.seconds() - self._heard
+        if silent < self.idle_timeout:
+            self._idle_timer = self.clock.callLater(self.idle_timeout - silent, self._check_idle)
+            return
+        self._idle_timer = None
+        self.timeoutConnection()
 
     def timeoutConnection(self) -> None:
         """Drop an MTA connection that went silent."""
@@ -415,7 +445,7 @@ class MilterProtocol(Protocol, TimeoutMixin):
         """Split packets and handle them in order (waiting while the filter works)."""
         if self._closing:
             return
-        self.resetTimeout()
+        self._heard = self.clock.seconds()
         self._buffer += data
         self._process()
 
@@ -425,14 +455,15 @@ class MilterProtocol(Protocol, TimeoutMixin):
         # packet is consumed before it is handled.
         try:
             while not self._busy and not self._closing and len(self._buffer) - self._start >= 5:
-                length, command = _HEADER.unpack_from(self._buffer, self._start)
+                start = self._start
+                length, command = _HEADER.unpack_from(self._buffer, start)
                 if length < 1 or length > MAX_PACKET:
                     raise ProtocolError(f"packet of {length} bytes (at most {MAX_PACKET})")
-                if len(self._buffer) - self._start < 4 + length:
+                end = start + 4 + length
+                if len(self._buffer) < end:
                     break
-                payload = self._buffer[self._start + 5 : self._start + 4 + length]
-                self._start += 4 + length
-                self._handle(bytes([command]), payload)
+                self._start = end
+                self._handle(_COMMANDS[command], self._buffer[start + 5 : end])
             if self._closing:
                 return
             if not self._busy and len(self._buffer) - self._start >= 4:
@@ -466,17 +497,28 @@ class MilterProtocol(Protocol, TimeoutMixin):
             self._send(packet(reply))
 
     def _handle(self, command: bytes, data: bytes) -> None:
-        if command == OPTNEG:
-            self._negotiate(data)
-            return
-        if not self.version:
-            raise ProtocolError(f"command {command!r} before option negotiation")
-        if command == MACRO:
+        # The commands of every message first: macros, headers, body.
+        if command == MACRO and self.version:
             if not data:
                 raise ProtocolError("empty macro packet")
             values = nul_strings(data[1:])
             for name, value in zip(values[::2], values[1::2], strict=False):
                 self.message.macros[text(name).strip("{}")] = text(value)
+        elif command == HEADER and self.version:
+            strings = nul_strings(data)
+            if len(strings) < 1:
+                raise ProtocolError("header packet without a name")
+            self.message.add_header(text(strings[0]), text(strings[1]) if len(strings) > 1 else "")
+            self._reply(SMFIP_NR_HDR)
+        elif command == BODY and self.version:
+            wants_more = self.message.add_body(data)
+            if not self.steps & SMFIP_NR_BODY:
+                skip = not wants_more and self.steps & SMFIP_SKIP
+                self._send(packet(SKIP if skip else CONTINUE))
+        elif command == OPTNEG:
+            self._negotiate(data)
+        elif not self.version:
+            raise ProtocolError(f"command {command!r} before option negotiation")
         elif command == CONNECT:
             self._connect(data)
             self._reply(SMFIP_NR_CONN)
@@ -496,19 +538,8 @@ class MilterProtocol(Protocol, TimeoutMixin):
             self._reply(SMFIP_NR_RCPT)
         elif command == DATA:
             self._reply(SMFIP_NR_DATA)
-        elif command == HEADER:
-            strings = nul_strings(data)
-            if len(strings) < 1:
-                raise ProtocolError("header packet without a name")
-            self.message.add_header(text(strings[0]), text(strings[1]) if len(strings) > 1 else "")
-            self._reply(SMFIP_NR_HDR)
         elif command == EOH:
             self._reply(SMFIP_NR_EOH)
-        elif command == BODY:
-            wants_more = self.message.add_body(data)
-            if not self.steps & SMFIP_NR_BODY:
-                skip = not wants_more and self.steps & SMFIP_SKIP
-                self._send(packet(SKIP if skip else CONTINUE))
         elif command == BODYEOB:
             if data:
                 self.message.add_body(data)
@@ -542,11 +573,11 @@ class MilterProtocol(Protocol, TimeoutMixin):
                 self.peer,
                 missing,
             )
-        wanted = SKIPPED_STEPS | NO_REPLY_STEPS
-        if not steps & SMFIP_SKIP:
-            # Without SKIP every body chunk would need a reply for nothing.
-            wanted |= SMFIP_NR_BODY
-        else:
+        # No reply to body chunks: a reply per chunk is a round trip per
+        # message.  Only an MTA that cannot do without them gets one, with
+        # SKIP once the body is past keep_limit.
+        wanted = SKIPPED_STEPS | NO_REPLY_STEPS | SMFIP_NR_BODY
+        if not steps & SMFIP_NR_BODY:
             wanted |= SMFIP_SKIP
         self.steps = steps & wanted
         self._send(packet(OPTNEG, struct.pack(">III", self.version, self.actions, self.steps)))
@@ -563,9 +594,9 @@ class MilterProtocol(Protocol, TimeoutMixin):
 
     def _end_of_message(self) -> None:
         self._busy = True
-        message = self.message
-        decided = maybeDeferred(self.filter, message)
-        decided.addTimeout(self.filter_timeout, self.clock)
+        decided = maybeDeferred(self.filter, self.message)
+        if not decided.called:
+            decided.addTimeout(self.filter_timeout, self.clock)
         decided.addCallbacks(self._decided, self._failed)
 
     def _decided(self, verdict: Verdict) -> None:

@@ -38,7 +38,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall
 
 from policyd import config as configuration
-from policyd import content
+from policyd import content, logs
 from policyd.classifier import Model, ModelError, Reason
 from policyd.config import Config
 from policyd.errors import PolicydError
@@ -85,8 +85,24 @@ EXPIRE_EVERY = 600.0
 #: Headers a sender may not set: ours, replaced on every message.
 SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
 
+_DIGEST = DIGEST_HEADER.lower()
+
+# Headers removed from every message, by their lower-case names.
+_REMOVED = {name.lower(): name for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER)}
+
 #: Longest wait for in-flight messages at shutdown.
 DRAIN_BOUND = 10.0
+
+#: Messages up to this size (header fields and kept body) are scored on the
+#: reactor thread: typical mail takes a fraction of a millisecond there, less
+#: than the hop to the thread pool and back costs under load (a thread
+#: wake-up, GIL hand-overs, a wake-up of the reactor).  Larger ones go to the
+#: thread pool, so a big message never holds up the other connections for
+#: long.
+INLINE_BYTES = 64 * 1024
+
+#: Reasons worked out for a spam score (kept with held mail, see :meth:`Score.summary`).
+SUMMARY_REASONS = 8
 
 
 def model_path(config: Config) -> Path:
@@ -204,21 +220,36 @@ class ContentScorer:
         headers: Sequence[tuple[str, str]] | None = None,
         explain: int = 8,
     ) -> Score:
-        """The score of a message (its first ``max_bytes``).
+        """The score of a message as bytes (its first ``max_bytes``).
 
         :param client: the SMTP client address, which a trusted header must name.
-        :param headers: the headers as the MTA gave them (else parsed from ``raw``).
+        :param headers: the headers as the MTA gave them (else those of ``raw``).
         :param explain: how many reasons to give.
         """
-        message = content.parse(raw[: self.max_bytes])
-        features = content.extract(message)
-        if headers is None:
-            headers = [(name, str(value)) for name, value in message.items()]
+        found, body = content.split_message(raw[: self.max_bytes])
+        return self.score_message(found if headers is None else headers, body, client, explain)
+
+    def score_message(
+        self,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        client: str | None = None,
+        explain: int = 8,
+        explain_at: float | None = None,
+    ) -> Score:
+        """The score of a message as the milter has it: header fields, then the body (its first ``max_bytes``).
+
+        :param client: the SMTP client address, which a trusted header must name.
+        :param explain: how many reasons to give.
+        :param explain_at: give reasons only to a score this high (None: always);
+            the milter only needs them for the mail it may quarantine.
+        """
+        features = content.message_features(headers, body[: self.max_bytes])
         network, network_reasons = self.network_points(headers, client)
-        points = self.model.points(features)
-        reasons = tuple(self.model.explain(features, explain)) if explain else ()
+        threshold = None if explain_at is None else explain_at - network
+        points, reasons = self.model.assess(features, explain, threshold)
         return Score(
-            round(points + network, 3), round(points, 3), network, network_reasons, reasons, features.subject
+            round(points + network, 3), round(points, 3), network, network_reasons, tuple(reasons), features.subject
         )
 
 
@@ -245,11 +276,15 @@ def header_changes(
 
     :param score: None for a message that is not tagged.
     """
+    counts = dict.fromkeys(_REMOVED, 0)
+    for name, _ in headers:
+        lower = name.lower()
+        if lower in counts:
+            counts[lower] += 1
     changes: list[Modification] = []
-    for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER):
-        count = sum(1 for h, _ in headers if h.lower() == name.lower())
+    for lower, count in counts.items():
         # From the last to the first, so each index still means what it meant.
-        changes += [change_header(name, "", index) for index in range(count, 0, -1)]
+        changes += [change_header(_REMOVED[lower], "", index) for index in range(count, 0, -1)]
     if score is None:
         return changes
     subjects = [v for h, v in headers if h.lower() == "subject"]
@@ -326,6 +361,8 @@ class SpamFilter:
     :param run_cpu: how scoring is run (:func:`in_thread` in the server).
     :param preferences: resolves each recipient's choice (own, provisioned,
         default); made from ``config`` and ``store`` when not given.
+    :param inline_bytes: messages up to this size are scored at once, on
+        the calling (reactor) thread; larger ones through ``run_cpu``.
     """
 
     def __init__(
@@ -336,34 +373,57 @@ class SpamFilter:
         scorer: ContentScorer,
         run_cpu: Callable[..., Deferred[Any]] = inline,
         preferences: Preferences | None = None,
+        inline_bytes: int = INLINE_BYTES,
     ) -> None:
         self.config = config
         self.store = store
         self.clock = clock
         self.scorer = scorer
         self.run_cpu = run_cpu
+        self.inline_bytes = inline_bytes
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
-        """Decide one message (the :data:`policyd.milter.Filter` interface)."""
-        return Deferred.fromCoroutine(self.decide(message))
+        """Decide one message (the :data:`policyd.milter.Filter` interface): score, tag, apply each choice.
 
-    async def decide(self, message: MilterMessage) -> Verdict:
-        """Score, tag, and apply each recipient's choice."""
+        A message up to ``inline_bytes`` is scored at once, and unless it is
+        spam for someone who may have chosen the quarantine, the returned
+        Deferred already has the verdict: most mail never waits.
+        """
         started = time.monotonic()
         if self._our_digest(message):
             # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
             changes = header_changes(message.headers, None, self.config)
             log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
                      message.client_address or "-")
-            return Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED
-        raw = message.raw(self.config.content.max_body)
-        score: Score = await self.run_cpu(self.scorer.score, raw, message.client_address, message.headers)
+            return succeed(Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED)
+        body = message.body(self.config.content.max_body)
+        # Reasons are only kept with held mail, so only spam needs them.
+        work = (message.headers, body, message.client_address, SUMMARY_REASONS, self.config.content.tag_at)
+        if message.header_bytes + len(body) <= self.inline_bytes:
+            return self._scored(message, self.scorer.score_message(*work), started)
+        scored: Deferred[Score] = self.run_cpu(self.scorer.score_message, *work)
+        return scored.addCallback(lambda score: self._scored(message, score, started))
+
+    def _scored(self, message: MilterMessage, score: Score, started: float) -> Deferred[Verdict]:
+        """The verdict for a scored message, once the quarantine took what it holds."""
         spam = score.points >= self.config.content.tag_at
         changes = header_changes(message.headers, score if spam else None, self.config)
-        held: list[str] = []
         if spam and message.recipients:
-            held = await self._hold(message, score, changes)
+            return Deferred.fromCoroutine(self._spam(message, score, changes, started))
+        return succeed(self._verdict(message, score, changes, [], started))
+
+    async def _spam(
+        self, message: MilterMessage, score: Score, changes: list[Modification], started: float
+    ) -> Verdict:
+        held = await self._hold(message, score, changes)
+        return self._verdict(message, score, changes, held, started)
+
+    def _verdict(
+        self, message: MilterMessage, score: Score, changes: list[Modification], held: list[str], started: float
+    ) -> Verdict:
+        """Header changes and removed recipients, or a discard when every recipient's copy is held; logged."""
+        spam = score.points >= self.config.content.tag_at
         outcome = "spam" if spam else "ham"
         if held and len(held) == len(message.recipients):
             verdict = Verdict((), DISCARD)
@@ -372,15 +432,11 @@ class SpamFilter:
             verdict = Verdict(tuple(changes) + tuple(delete_recipient(r) for r in held), ACCEPT)
             if held:
                 outcome = f"spam, held for {len(held)} of {len(message.recipients)} recipients"
-        log.info(
-            "milter %s client=%s score=%.2f content=%.2f network=%g %s latency=%.1fms",
-            message.queue_id or "-",
-            message.client_address or "-",
-            score.points,
-            score.content,
-            score.network,
-            outcome,
-            (time.monotonic() - started) * 1000,
+        logs.decisions.info(
+            log,
+            f"milter {message.queue_id or '-'} client={message.client_address or '-'} score={score.points:.2f} "
+            f"content={score.content:.2f} network={score.network:g} {outcome} "
+            f"latency={(time.monotonic() - started) * 1000:.1f}ms",
         )
         return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
 
@@ -389,14 +445,12 @@ class SpamFilter:
         secret = self.scorer.secret
         if secret is None or not message.recipients:
             return False
-        wanted = {normalise_address(r) for r in message.recipients}
+        digests = [value for name, value in message.headers if name.lower() == _DIGEST]
+        if not digests:
+            return False
         now = self.clock.seconds()
-        named = {
-            digest_for(value, secret, now)
-            for name, value in message.headers
-            if name.lower() == DIGEST_HEADER.lower()
-        }
-        return wanted <= named
+        named = {digest_for(value, secret, now) for value in digests}
+        return {normalise_address(r) for r in message.recipients} <= named
 
     async def _hold(self, message: MilterMessage, score: Score, changes: list[Modification]) -> list[str]:
         """Hold the message for the recipients who chose the quarantine; returns them (as the MTA gave them)."""
@@ -487,7 +541,8 @@ class MilterServer:
             on_error=TEMPFAIL if config.content.on_error == "tempfail" else ACCEPT,
         )
         self.port: IListeningPort | None = None
-        self._loops = [LoopingCall(self.check_model), LoopingCall(self.expire)]
+        # Verdict lines are buffered (logs.decisions): pushed out every FLUSH_EVERY.
+        self._loops = [LoopingCall(self.check_model), LoopingCall(self.expire), LoopingCall(logs.flush)]
         for loop in self._loops:
             loop.clock = reactor
 
@@ -508,6 +563,7 @@ class MilterServer:
             raise PolicydError(f"listen.milter: cannot listen on {self.config.listen.milter}: {error}") from None
         self._loops[0].start(MODEL_CHECK, now=False)
         self._loops[1].start(EXPIRE_EVERY, now=True)
+        self._loops[2].start(logs.FLUSH_EVERY, now=False)
         log.info(
             "policyd milter listening on %s (model %s, tag_at %g, spam default %s)",
             self.config.listen.milter,
@@ -578,6 +634,7 @@ class MilterServer:
             connection.transport.loseConnection()
         yield DeferredList([self.store.close()], consumeErrors=True)
         log.info("policyd milter stopped")
+        logs.flush()
 
 
 def run(path: str | None) -> None:

@@ -134,3 +134,21 @@ def test_shipped_model_loads_and_scores() -> None:
         b"> Did you try with the latest version of the library?\n"
     )
     assert shipped.points(spam) > shipped.points(ham)
+
+
+def test_assess_is_points_and_explain_in_one(model: Model) -> None:
+    """assess gives the points and the reasons of points() and explain(); below explain_at, no reasons."""
+    features = content.extract(mail(["gratuit", "casino", "cadeau", "meeting"] * 3, "GAGNEZ", "promo.example.biz"))
+    points, reasons = model.assess(features, 5)
+    assert points == pytest.approx(model.points(features))
+    assert reasons == model.explain(features, 5)
+    assert model.assess(features, 5, explain_at=points + 1) == (points, [])
+    assert model.assess(features, 0) == (points, [])
+
+
+def test_explain_counts_a_shared_index_once(model: Model) -> None:
+    """Reasons add up to the content points (less the offset): each feature index counts once."""
+    features = content.extract(mail(SPAM_WORDS + HAM_WORDS, "notes", "promo.example.biz"))
+    reasons = model.explain(features, top=len(features.tokens) + 1)
+    assert sum(r.points for r in reasons) == pytest.approx(model.points(features) - model.offset - model.scale * model.bias)
+    assert reasons[-1].points == min((r.points for r in reasons), key=abs)

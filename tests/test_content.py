@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import mailbox
+import random
+import time
 from email.message import EmailMessage
 from pathlib import Path
+
+import pytest
 
 from policyd import content
 
@@ -152,3 +156,116 @@ def test_base64_text_part() -> None:
         + body + "\r\n"
     ).encode()
     assert {"offre", "spéciale", "speciale", "réservée"} <= set(content.extract(raw).tokens)
+
+
+# --- the milter's way in: header fields and body, without the email parser for one part ---------
+
+
+def single_part_messages() -> list[tuple[str, bytes]]:
+    """Single-part messages of every common kind, as files have them (LF line ends)."""
+    qp = "Caf=C3=A9 cr=C3=A8me, offre sp=C3=A9ciale =\n(suite) pour vous\n"
+    html = "<html><body><p>Cliquez <a href='https://promo.example.biz/go'>ICI</a> &eacute;t&eacute;</p></body></html>"
+    return [
+        ("no content-type", b"From: a@example.net\nSubject: hi\n\nPlain words, plain text. Don't forget.\n"),
+        ("text/plain utf-8 8bit", "Subject: Réunion\nContent-Type: text/plain; charset=utf-8\n"
+         "Content-Transfer-Encoding: 8bit\n\nRésumé de la réunion, été 2026.\n".encode()),
+        ("quoted-printable", f"Subject: x\nContent-Type: text/plain;\n charset=\"UTF-8\"\n"
+         f"Content-Transfer-Encoding: quoted-printable\n\n{qp}".encode()),
+        ("base64 html", b"Subject: x\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: base64\n\n"
+         + base64.encodebytes(html.encode())),
+        ("latin-1", b"Subject: x\nContent-Type: text/plain; charset=iso-8859-1\n\nR\xe9sum\xe9 \xe9t\xe9\n"),
+        ("unknown charset", b"Subject: x\nContent-Type: text/plain; charset=no-such-charset\n\nbody text\n"),
+        ("attachment only", b"Subject: x\nContent-Type: application/pdf; name=\"facture.pdf\"\n"
+         b"Content-Disposition: attachment; filename=\"facture.pdf\"\nContent-Transfer-Encoding: base64\n\n"
+         b"JVBERi0xLjQK\n"),
+        ("8-bit header", "Subject: gagné\nContent-Type: text/plain; name=\"résumé.txt\"\n\nmot\n".encode()),
+        ("bad content-type", b"Subject: x\nContent-Type: garbage\n\nstill text\n"),
+        ("image", b"Subject: x\nContent-Type: image/gif\nContent-Transfer-Encoding: base64\n\nR0lGODlhAQABAAAAACw=\n"),
+        ("uuencode", b"Subject: x\nContent-Type: text/plain\nContent-Transfer-Encoding: x-uuencode\n\n"
+         b"begin 644 a.txt\n#86)C\n`\nend\n"),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "raw"), single_part_messages(), ids=[k for k, _ in single_part_messages()])
+def test_single_part_without_the_email_parser_gives_the_same_features(kind: str, raw: bytes) -> None:
+    """A single part read directly gives exactly what the email parser's walk gives."""
+    headers, body = content.split_message(raw)
+    fast = content.message_features(headers, body)
+    assert fast == content.message_features(headers, body, mime_parser=True)
+    assert fast == content.extract(raw)
+
+
+def test_random_single_part_messages_agree_with_the_email_parser() -> None:
+    """Seeded random bodies, encodings and charsets: the direct way and the email parser agree."""
+    pick = random.Random(20261125)
+    pieces = ["word", "Mot", "été", "l'offre", "e-mail", "v1.2", "http://x.example/a", "<b>gras</b>", "=3D", "\t",
+              "  ", "\r\n", "\n", ".", "---", "€", "\udcff", "ÉTÉ", "FREE!!!", "a", "_", "é" * 40]
+    for _ in range(300):
+        text = "".join(pick.choice(pieces) for _ in range(pick.randint(0, 60)))
+        ctype = pick.choice(["", "text/plain", "text/html", "text/plain; charset=iso-8859-1",
+                             "text/plain; charset=utf-8", "application/octet-stream; name=x.exe", "text"])
+        encoding = pick.choice(["", "7bit", "8bit", "quoted-printable", "base64"])
+        data = text.encode("utf-8", "surrogateescape")
+        if encoding == "base64":
+            data = base64.encodebytes(data)
+        headers = [("Subject", "x")]
+        if ctype:
+            headers.append(("Content-Type", ctype))
+        if encoding:
+            headers.append(("Content-Transfer-Encoding", encoding))
+        fast = content.message_features(headers, data)
+        assert fast == content.message_features(headers, data, mime_parser=True), (headers, data)
+
+
+def test_the_milter_and_training_see_the_same_features() -> None:
+    """Header fields as Postfix sends them (no space after the colon, folds as LF) and a CRLF body
+    give the features the file of the same message gives."""
+    raw = french_html()
+    headers, body = content.split_message(raw)
+    as_postfix = [(name, value.replace("\r\n", "\n")) for name, value in headers]
+    assert content.message_features(as_postfix, body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")) == \
+        content.extract(raw)
+
+
+def test_split_message_reads_headers_as_postfix_does() -> None:
+    """One space after the colon goes, folds join with LF, blanks before the colon are allowed, a line that
+    is no header starts the body, an mbox From line is skipped, LF and CRLF alike."""
+    raw = (b"From sender@example.net Tue Aug  6 11:51:02 2002\r\n"
+           b"Subject:  two spaces\r\nTo: a@example.org,\r\n\tb@example.org\r\nX-Odd :value\r\n"
+           b"not a header line\r\nbody line\r\n")
+    headers, body = content.split_message(raw)
+    assert headers == [("Subject", " two spaces"), ("To", "a@example.org,\n\tb@example.org"), ("X-Odd", "value")]
+    assert body == b"not a header line\r\nbody line\r\n"
+    assert content.split_message(b"Subject: x\n\nbody\n") == ([("Subject", "x")], b"body\n")
+    assert content.split_message(b"Subject: x") == ([("Subject", "x")], b"")
+    assert content.split_message(b"\nonly a body\n") == ([], b"only a body\n")
+    assert content.split_message(b"Subject: caf\xc3\xa9 \xff\n\n")[0] == [("Subject", "café \udcff")]
+
+
+def test_ascii_and_unicode_word_patterns_agree() -> None:
+    """ASCII text takes a narrower pattern; on ASCII text it finds what the Unicode one finds."""
+    pick = random.Random(7)
+    alphabet = "ab1Z '.-_,\n@/"
+    for _ in range(3000):
+        text = "".join(pick.choice(alphabet) for _ in range(pick.randint(0, 50))).lower()
+        assert content.words(text) == [w for w in content._WORD.findall(text) if len(w) <= content.MAX_WORD]
+    assert content.words("Don't e-mail v1.2 x a-b l’offre " + "x" * 31) == ["don't", "e-mail", "v1.2", "a-b", "l’offre"]
+
+
+def test_hostile_markup_and_structure_take_linear_time() -> None:
+    """Thousands of unclosed comments, scripts and tags, or of nested parts, are read in a blink, not seconds."""
+    for markup in ("<" * 60_000, "<!--" * 15_000, "<script " * 7_500, "<sTyle" * 10_000):
+        started = time.process_time()
+        content.html_to_text(markup)
+        assert time.process_time() - started < 1.0, markup[:10]
+    nested = b"".join(b"--b%d\nContent-Type: multipart/mixed; boundary=b%d\n\n" % (n, n + 1) for n in range(5000))
+    started = time.process_time()
+    features = content.extract(b"Content-Type: multipart/mixed; boundary=b0\n\n" + nested)
+    assert time.process_time() - started < 2.0
+    assert "meta:too-many-parts" in features.tokens
+
+
+def test_hidden_markup_is_dropped_like_a_browser_does() -> None:
+    """A comment, script or style left open hides the rest; a lone '<' is text; case does not matter."""
+    text, _, _ = content.html_to_text("a < b <B>bold</b><SCRIPT type=x>x()</Script >shown<!-- open forever <p>hidden")
+    assert text.split() == ["a", "<", "b", "bold", "shown"]

@@ -185,3 +185,33 @@ def test_component_levels_are_validated() -> None:
 
     with pytest.raises(ConfigError, match="log.components: quota: must be one of"):
         make_config("log:\n  components:\n    quota: loud\n")
+
+
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_hot_path_info_lines_look_like_every_other_line(format: str) -> None:
+    """decisions.info writes the milter's verdict lines cheaply, in the configured shape, at its level."""
+    import io
+    import logging
+
+    from policyd import logs
+    from tests.conftest import make_config
+
+    stream = io.StringIO()
+    logs.setup(make_config(f"log:\n  format: {format}\n").log, stream=stream)
+    milter_log = logging.getLogger("policyd.milter")
+    try:
+        logs.decisions.info(milter_log, "milter 4XyZ1 client=192.0.2.7 score=-2.50 ham\u2028")
+        milter_log.setLevel(logging.WARNING)
+        logs.decisions.info(milter_log, "not written")
+        lines = [line for line in stream.getvalue().split("\n") if "policyd.milter" in line]
+        assert len(lines) == 1
+        if format == "json":
+            line = json.loads(lines[0])
+            assert line["logger"] == "policyd.milter" and line["level"] == "info"
+            assert line["message"].startswith("milter 4XyZ1 client=192.0.2.7")
+        else:
+            assert re.fullmatch(TIMESTAMP + r" INFO policyd\.milter: milter 4XyZ1 client=192\.0\.2\.7 score=-2\.50 "
+                                r"ham\\x\{2028\}", lines[0]), lines[0]
+    finally:
+        milter_log.setLevel(logging.NOTSET)
+        logs.setup(make_config("").log, stream=io.StringIO())

@@ -78,7 +78,7 @@ def started(filter: Recorder, **options: object) -> FakeMTA:
 
 
 def test_negotiation_asks_only_what_it_needs() -> None:
-    """Version 6; add/change headers and delete recipients; skips HELO/DATA/EOH; no replies to envelope steps."""
+    """Version 6; add/change headers and delete recipients; skips HELO/DATA/EOH; no replies but the verdict."""
     _, protocol = make()
     mta = FakeMTA(protocol)
     reply = mta.negotiate()
@@ -88,11 +88,21 @@ def test_negotiation_asks_only_what_it_needs() -> None:
     assert actions == milter.SMFIF_ADDHDRS | milter.SMFIF_CHGHDRS | milter.SMFIF_DELRCPT
     for flag in (milter.SMFIP_NOHELO, milter.SMFIP_NODATA, milter.SMFIP_NOEOH, milter.SMFIP_NOUNKNOWN,
                  milter.SMFIP_NR_CONN, milter.SMFIP_NR_MAIL, milter.SMFIP_NR_RCPT, milter.SMFIP_NR_HDR,
-                 milter.SMFIP_SKIP):
+                 milter.SMFIP_NR_BODY):
         assert steps & flag, hex(flag)
     for flag in (milter.SMFIP_NOCONNECT, milter.SMFIP_NOMAIL, milter.SMFIP_NORCPT, milter.SMFIP_NOHDRS,
-                 milter.SMFIP_NOBODY, milter.SMFIP_NR_BODY):
+                 milter.SMFIP_NOBODY, milter.SMFIP_SKIP):
         assert not steps & flag, hex(flag)
+
+
+def test_a_whole_message_gets_one_reply() -> None:
+    """With Postfix's offer, MAIL, RCPT, headers and body chunks go unanswered: the verdict is the only reply."""
+    mta = started(Recorder())
+    assert mta.mail("a@example.net") == []
+    assert mta.rcpt("b@example.org") == []
+    assert mta.header("Subject", "x") == []
+    assert mta.body(b"x" * 200_000) == []
+    assert [r.command for r in mta.end()] == [b"a"]
 
 
 def test_an_old_mta_gets_replies_to_every_step() -> None:
@@ -183,10 +193,28 @@ def test_several_messages_and_abort_on_one_connection() -> None:
     assert filter.seen[1]["body"] == b""
 
 
-def test_body_beyond_the_keep_limit_is_skipped_and_not_kept() -> None:
-    """Past keep_limit the milter answers SKIP and keeps nothing more: memory stays bounded."""
+def test_body_beyond_the_keep_limit_is_not_kept() -> None:
+    """Past keep_limit nothing more of the body is kept: memory stays bounded."""
     filter = Recorder()
     mta = started(filter, memory_limit=1024, keep_limit=100_000)
+    mta.mail("a@example.net")
+    mta.rcpt("b@example.org")
+    assert mta.body(b"x" * 300_000) == []
+    mta.end()
+    seen = filter.seen[-1]
+    assert seen["body_size"] == 300_000
+    assert len(seen["body"]) == 100_000  # type: ignore[arg-type]
+    assert seen["complete"] is False
+
+
+def test_an_mta_that_answers_each_chunk_is_told_to_skip_past_the_keep_limit() -> None:
+    """Without no-reply for body chunks, past keep_limit the milter answers SKIP (when the MTA offers it)."""
+    filter = Recorder()
+    _, protocol = make(filter, memory_limit=1024, keep_limit=100_000)
+    mta = FakeMTA(protocol, steps=0x1FFFFF & ~milter.SMFIP_NR_BODY)
+    mta.negotiate()
+    mta.connect()
+    assert mta.steps & milter.SMFIP_SKIP and not mta.steps & milter.SMFIP_NR_BODY
     mta.mail("a@example.net")
     mta.rcpt("b@example.org")
     replies = mta.body(b"x" * 300_000)
@@ -201,13 +229,16 @@ def test_body_beyond_the_keep_limit_is_skipped_and_not_kept() -> None:
 def test_body_is_spooled_to_disk_beyond_the_memory_limit() -> None:
     """The body lives in memory up to memory_limit, then in a temporary file."""
     message = MilterMessage(memory_limit=1000, keep_limit=10_000)
-    message.add_body(b"a" * 900)
-    assert not message._body._rolled  # type: ignore[union-attr]
-    message.add_body(b"b" * 900)
-    assert message._body._rolled  # type: ignore[union-attr]
-    assert message.body() == b"a" * 900 + b"b" * 900
-    assert message.body(1000) == b"a" * 900 + b"b" * 100
+    message.add_body(b"a" * 500)
+    message.add_body(b"b" * 400)
+    assert not message.spooled
+    assert message.body(600) == b"a" * 500 + b"b" * 100
+    message.add_body(b"c" * 900)
+    assert message.spooled
+    assert message.body() == b"a" * 500 + b"b" * 400 + b"c" * 900
+    assert message.body(1000) == b"a" * 500 + b"b" * 400 + b"c" * 100
     message.close()
+    assert not message.spooled and message.body() == b""
 
 
 def test_end_of_message_may_carry_the_last_chunk() -> None:
@@ -275,12 +306,12 @@ def test_a_client_that_disconnects_mid_message() -> None:
     mta.mail("a@example.net")
     mta.rcpt("b@example.org")
     mta.body(b"x" * 5000)
-    body = protocol.message._body
-    assert body is not None
+    spool = protocol.message._spool
+    assert spool is not None
     mta.send_raw(FakeMTA.packet(b"B", b"half a chunk")[:9])
     protocol.connectionLost()
     assert filter.seen == []
-    assert body.closed
+    assert spool.closed
     assert protocol not in factory.connections
 
 
@@ -372,6 +403,26 @@ def test_idle_connections_are_closed() -> None:
     assert not mta.transport.disconnecting
     clock.advance(2)
     assert mta.transport.disconnecting
+
+
+def test_input_keeps_a_connection_alive() -> None:
+    """Only silence counts: a packet starts the idle time again."""
+    clock = Clock()
+    mta = started(Recorder(), clock=clock, idle_timeout=600.0)
+    clock.advance(500)
+    mta.mail("a@example.net")
+    clock.advance(500)
+    assert not mta.transport.disconnecting
+    clock.advance(101)
+    assert mta.transport.disconnecting
+
+
+def test_a_verdict_given_at_once_sets_no_timer() -> None:
+    """A filter that answers at once costs no filter timeout timer; the idle timer is the only one."""
+    clock = Clock()
+    mta = started(Recorder(), clock=clock)
+    assert [r.command for r in mta.message("a@example.net", ["b@example.org"], HEADERS, b"x")] == [b"a"]
+    assert len(clock.getDelayedCalls()) == 1
 
 
 def test_factory_bounds_connections_and_checks_clients() -> None:

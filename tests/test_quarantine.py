@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from policyd import content
 from policyd.classifier import Model, Reason
 from policyd.errors import PolicydError, UsageError
-from policyd.milter import MilterProtocol, change_header
+from policyd.milter import ACCEPT_UNCHANGED, MilterMessage, MilterProtocol, change_header
 from policyd.quarantine import RELEASE_HEADER, Quarantine, release_header, released_for
 from policyd.reputation import sign_header
 from policyd.scoring import ContentScorer, SpamFilter, apply_changes, tagged_subject
@@ -43,6 +43,11 @@ class WordModel(Model):
 
     def explain(self, features: content.Features, top: int = 10) -> list[Reason]:
         return [Reason("viagra", 10.0)] if "viagra" in features.text else [Reason("meeting", -5.0)]
+
+    def assess(
+        self, features: content.Features, top: int = 10, explain_at: float | None = None
+    ) -> tuple[float, list[Reason]]:
+        return self.points(features), self.explain(features, top)
 
 
 class Site:
@@ -109,6 +114,38 @@ def test_spam_to_an_inbox_and_a_quarantine_recipient() -> None:
     assert parsed["Subject"] == "*{spam}* Buy now" and parsed["X-Spam-Flag"] == "YES"
     assert parsed.get_content().strip() == SPAMMY.decode().strip()
     assert entry.size == len(message)
+
+
+def test_small_messages_are_scored_at_once_large_ones_in_the_thread_pool() -> None:
+    """Up to inline_bytes a message is scored on the calling thread; a larger one goes through run_cpu."""
+    sent: list[int] = []
+
+    def run_cpu(work: Any, *args: Any) -> Deferred[Any]:
+        sent.append(len(args[1]))
+        return succeed(work(*args))
+
+    site = Site()
+    site.filter.run_cpu = run_cpu
+    site.filter.inline_bytes = 10_000
+    assert kinds(site.send(["bob@example.org"], body=HAMMY * 100)) == [b"a"]
+    assert sent == []
+    assert kinds(site.send(["bob@example.org"], body=HAMMY * 500)) == [b"a"]
+    assert sent == [len(HAMMY) * 500]
+    site.filter.inline_bytes = 0
+    assert kinds(site.send(["bob@example.org"], body=SPAMMY))[-1] == b"a"
+    assert sent[-1] == len(SPAMMY)
+
+
+def test_ham_has_its_verdict_on_return() -> None:
+    """A small ham message is decided at once: the Deferred has fired when the filter returns."""
+    site = Site()
+    message = MilterMessage(1 << 20, 1 << 20)
+    message.recipients = ["<bob@example.org>"]
+    message.add_header("Subject", "notes")
+    message.add_body(HAMMY)
+    decided = site.filter(message)
+    assert decided.called
+    assert decided.result == ACCEPT_UNCHANGED
 
 
 def test_default_choice_applies_to_recipients_without_one() -> None:
