@@ -70,6 +70,9 @@ MAX_TOKENS = 8000
 #: Words of the body that also give word pairs.
 PAIRED_WORDS = 400
 
+#: Longest word kept: longer runs are identifiers, hashes and encoded junk.
+MAX_WORD = 30
+
 #: Body characters whose letters decide ``meta:body-shouting``.
 SHOUTING_CHARS = 5000
 
@@ -114,8 +117,6 @@ PART_HEADERS = ("content-type", "content-transfer-encoding", "content-dispositio
 # are faster still.
 _WORD = re.compile(r"[^\W_]{2,}+(?:['’.\-][^\W_]++)*+|[^\W_](?:['’.\-][^\W_]++)++")
 _ASCII_WORD = re.compile(r"[a-z0-9]{2,}+(?:['.\-][a-z0-9]++)*+|[a-z0-9](?:['.\-][a-z0-9]++)++")
-#: Longest word kept: longer runs are identifiers, hashes and encoded junk.
-MAX_WORD = 30
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+")
 # Applied to lower-cased markup: a case-insensitive search would be several times slower.
 _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
@@ -192,7 +193,9 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     while position < size:
         newline = raw.find(b"\n", position)
         end = size if newline < 0 else newline
-        line = raw[position : end - 1] if end > position and raw[end - 1] == 13 else raw[position:end]
+        line = raw[position:end]
+        if line.endswith(b"\r"):
+            line = line[:-1]
         if not line:
             position = end + 1
             break

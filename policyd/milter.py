@@ -401,6 +401,7 @@ class MilterProtocol(Protocol):
         self._start = 0
         self._busy = False
         self._closing = False
+        self._processing = False
         self._heard = 0.0
         self._idle_timer: IDelayedCall | None = None
 
@@ -450,9 +451,20 @@ class MilterProtocol(Protocol):
         self._process()
 
     def _process(self) -> None:
-        # Re-entrant: a filter that answers at once ends in _finish, which
-        # calls this again; so the read position lives on self, and every
-        # packet is consumed before it is handled.
+        # A filter that answers at once ends in _finish, which calls this
+        # again: that call returns at once and the loop below goes on (no
+        # recursion, however many messages one read holds).  The read
+        # position lives on self, and every packet is consumed before it is
+        # handled.
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._take_packets()
+        finally:
+            self._processing = False
+
+    def _take_packets(self) -> None:
         try:
             while not self._busy and not self._closing and len(self._buffer) - self._start >= 5:
                 start = self._start

@@ -458,3 +458,14 @@ def test_drained_waits_for_messages_being_scored() -> None:
     assert not drained.called
     filter.pending[0].callback(milter.ACCEPT_UNCHANGED)
     assert drained.called
+
+
+def test_many_messages_in_one_read_are_answered_without_recursion() -> None:
+    """Thousands of whole messages in one read, each decided at once, are answered in order."""
+    filter = Recorder()
+    mta = started(filter)
+    one = b"".join([FakeMTA.packet(b"M", b"<a@example.net>\0"), FakeMTA.packet(b"R", b"<b@example.org>\0"),
+                    FakeMTA.packet(b"L", b"Subject\0x\0"), FakeMTA.packet(b"B", b"x"), FakeMTA.packet(b"E")])
+    mta.send_raw(one * 3000)
+    assert [r.command for r in mta.replies()] == [b"a"] * 3000
+    assert len(filter.seen) == 3000 and not mta.closed
