@@ -160,9 +160,11 @@ class OutboundQuota:
         self.blocked_word = "REJECT" if outbound.blocked_action == "reject" else "DEFER"
         self.blocked_code = "5.7.1" if outbound.blocked_action == "reject" else "4.7.1"
 
-    def identity(self, request: Request) -> str:
-        """The account a request is charged to: SASL login, else (trusted clients) the sender."""
-        login = request.get("sasl_username")
+    def identity(self, request: Request, login: str) -> str:
+        """The account a request is charged to: SASL login, else (trusted clients) the sender.
+
+        :param login: the request's ``sasl_username`` (read once by the caller).
+        """
         if login:
             return login.lower()
         if self.trusted and request.get("client_address") in self.trusted:
@@ -216,10 +218,7 @@ class OutboundQuota:
         """
         state = request.get("protocol_state").upper()
         login = request.get("sasl_username")
-        if login:
-            account = login.lower()
-        else:
-            account = self.identity(request)
+        account = self.identity(request, login)
         if state != "RCPT":
             if self.give_back and state == "END-OF-MESSAGE":
                 self.open.pop(request.session, None)
@@ -228,9 +227,8 @@ class OutboundQuota:
             return Verdict(DUNNO, self.name, "-", "no account")
         domain = domain_of(request.get("recipient"))
         now = self.clock.seconds()
-        if now >= self._next_refresh:
-            self._refresh(now)
-        if login and now - self._noted.get(account, -NOTE_EVERY) >= NOTE_EVERY:
+        self._refresh(now)
+        if login:
             self._note(account, now)
         if domain is None or domain in self.local_domains:
             return self._local(account, now)

@@ -196,6 +196,16 @@ class _Window:
         return tuple(c for _, c in ordered[:MAX_BLOCK_CLIENTS])
 
 
+def _window(windows: dict[str, _Window], account: str) -> _Window:
+    """An account's window in ``windows``, made empty if it has none yet."""
+    state = windows.get(account)
+    if state is None:
+        state = windows[account] = _Window()
+    return state
+
+
+#: One counted recipient, as a server writes it.
+_INSERT_SEND = "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)"
 #: ``marks`` name of the counter bumped by every change to sends and blocks that is not an append.
 EPOCH = "sends-epoch"
 #: Seconds a server holds counted recipients in memory before writing them
@@ -384,7 +394,7 @@ class SQLiteStore:
         if rows:
             self._rows = []
             try:
-                db.executemany("INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)", rows)
+                db.executemany(_INSERT_SEND, rows)
             except sqlite3.Error:
                 self._rows = rows + self._rows
                 raise
@@ -464,7 +474,7 @@ class SQLiteStore:
         admission, row = self._count(db, charge)
         if row is not None:
             self._last_row = (
-                db.execute("INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)", row).lastrowid
+                db.execute(_INSERT_SEND, row).lastrowid
                 or self._last_row
             )
         elif admission.outcome is Outcome.NEWLY_BLOCKED:
@@ -481,9 +491,7 @@ class SQLiteStore:
             windows = self._load(db, start)
         else:
             self._covered = start
-        state = windows.get(account)
-        if state is None:
-            state = windows[account] = _Window()
+        state = _window(windows, account)
         block = state.block
         if block is not None:
             if block.until > now:
@@ -520,18 +528,12 @@ class SQLiteStore:
         for account, at, client in db.execute(
             "SELECT account, at, client FROM sends WHERE at > ? ORDER BY at", (start,)
         ):
-            state = windows.get(account)
-            if state is None:
-                state = windows[account] = _Window()
-            state.add(at, client)
+            _window(windows, account).add(at, client)
         for row in db.execute("SELECT account, since, until, reason, count, clients, by FROM blocks"):
-            state = windows.get(row[0])
-            if state is None:
-                state = windows[row[0]] = _Window()
-            state.block = _block(row)
+            _window(windows, row[0]).block = _block(row)
         for account, at, _, client in self._rows:  # counted, not written yet
             if at > start:
-                windows.setdefault(account, _Window()).add(at, client)
+                _window(windows, account).add(at, client)
         (self._last_row,) = db.execute("SELECT COALESCE(MAX(rowid), 0) FROM sends").fetchone()
         self._epoch = self._read_epoch(db)
         self._covered = start
@@ -548,10 +550,7 @@ class SQLiteStore:
         for row_id, account, at, client in db.execute(
             "SELECT rowid, account, at, client FROM sends WHERE rowid > ? ORDER BY rowid", (self._last_row,)
         ):
-            state = windows.get(account)
-            if state is None:
-                state = windows[account] = _Window()
-            state.add(at, client)
+            _window(windows, account).add(at, client)
             self._last_row = row_id
 
     @staticmethod
@@ -684,7 +683,7 @@ class SQLiteStore:
             self._put_block(db, block)
             self._changed(db)
             if self._windows is not None:
-                self._windows.setdefault(block.account, _Window()).block = block
+                _window(self._windows, block.account).block = block
             return block
 
         return self._run(work, write=True)
