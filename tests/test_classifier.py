@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mailbox
 import random
 from pathlib import Path
 
@@ -37,6 +38,20 @@ def corpus(seed: int = 7, each: int = 40) -> list[tuple[bytes, bool]]:
         found.append((mail(ham, f"notes {n}"), False))
         found.append((mail(spam, f"GAGNEZ {n}", url="promo.example.biz"), True))
     return found
+
+
+def training_mail(directory: Path, seed: int = 5, each: int = 60) -> tuple[Path, Path]:
+    """The corpus written for ``policyd train``: ham in an mbox, spam as a folder of files."""
+    ham, spam = directory / "ham.mbox", directory / "spam"
+    box = mailbox.mbox(ham)
+    spam.mkdir()
+    for n, (raw, is_spam) in enumerate(corpus(seed=seed, each=each)):
+        if is_spam:
+            (spam / f"{n}.eml").write_bytes(raw)
+        else:
+            box.add(raw)
+    box.close()
+    return ham, spam
 
 
 @pytest.fixture(scope="module")

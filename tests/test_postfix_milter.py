@@ -9,7 +9,6 @@ to Postfix's inbound port like any Internet client.
 from __future__ import annotations
 
 import json
-import mailbox
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from tests.postfix import (
 )
 from tests.servers import POLICYD, free_port, policyd, wait_for_port
 from tests.smtp_sink import Delivery
-from tests.test_classifier import HAM_WORDS, SPAM_WORDS, corpus
+from tests.test_classifier import HAM_WORDS, SPAM_WORDS, training_mail
 
 pytestmark = pytest.mark.integration
 
@@ -104,15 +103,7 @@ def site(
 ) -> Iterator[tuple[Milter, PostfixInstance, SmtpSink]]:
     """A trained milter behind a real Postfix; the milter must exit 0 on SIGTERM at the end."""
     milter = Milter(tmp_path)
-    ham, spam = tmp_path / "ham.mbox", tmp_path / "spam"
-    box = mailbox.mbox(ham)
-    spam.mkdir()
-    for n, (raw, is_spam) in enumerate(corpus(seed=5, each=60)):
-        if is_spam:
-            (spam / f"{n}.eml").write_bytes(raw)
-        else:
-            box.add(raw)
-    box.close()
+    ham, spam = training_mail(tmp_path)
     milter.cli("train", "--ham", str(ham), "--spam", str(spam))
     milter.start()
     mta = postfix_factory(

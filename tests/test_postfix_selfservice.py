@@ -17,7 +17,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import mailbox
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ from tests.browser import chromium, press
 from tests.postfix import PostfixInstance, SmtpSink
 from tests.servers import PolicydServer, free_port, policyd, wait_for_port
 from tests.smtp_sink import Delivery
-from tests.test_classifier import corpus
+from tests.test_classifier import training_mail
 from tests.test_postfix_milter import SPAM_BODY, SPAM_SUBJECT
 
 pytestmark = pytest.mark.integration
@@ -130,15 +129,7 @@ def site(
     ports = {"policy": free_port(), "milter": free_port(), "http": free_port()}
     config = tmp_path / "policyd.yaml"
     write_config(config, tmp_path, ports, inbound=25)
-    ham, spam = tmp_path / "ham.mbox", tmp_path / "spam"
-    box = mailbox.mbox(ham)
-    spam.mkdir()
-    for n, (raw, is_spam) in enumerate(corpus(seed=5, each=60)):
-        if is_spam:
-            (spam / f"{n}.eml").write_bytes(raw)
-        else:
-            box.add(raw)
-    box.close()
+    ham, spam = training_mail(tmp_path)
     trained = policyd("train", "--ham", str(ham), "--spam", str(spam), "-c", str(config))
     assert trained.returncode == 0, trained.stderr
     mta = postfix_factory(milters=f"inet:127.0.0.1:{ports['milter']}")
