@@ -34,6 +34,10 @@ from tests.servers import cpu_seconds
 from tests.smtp_sink import SmtpSink
 
 PASSWORD = "bench-secret"
+#: Names of the configurations the requirements compare.
+FLOOR_POLICY_ROW = "postfix + twisted floor as policy"
+FLOOR_MILTER_ROW = "postfix + twisted floor as milter"
+FULL_ROW = "postfix + policyd policy + milter"
 #: Longest a batch may take from first connection to last delivery.
 BATCH_TIMEOUT = 120.0
 BODY = "".join(f"Line {n} of a plain message of about two kilobytes, as mail usually is.\n"
@@ -182,6 +186,7 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
             clients: int = 10, per_session: int = 10, rounds: int = 3,
             milter: Callable[[], AbstractContextManager[str]] | None = None,
             floor: Callable[[], AbstractContextManager[int]] | None = None,
+            floor_milter: Callable[[], AbstractContextManager[str]] | None = None,
             server_cpu: int = 0, watched: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """msg/s for Postfix alone, with the policy check, and (given ``milter``) with the milter too.
 
@@ -192,6 +197,10 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
     :param floor: starts the raw Twisted responder that answers DUNNO to
         every policy request; yields its port.  With it, a configuration
         shows what any Twisted policy server costs Postfix.
+    :param floor_milter: starts the raw Twisted milter that accepts every
+        message; yields the ``smtpd_milters`` value.  With it (and no policy
+        server), a configuration shows what any milter on Twisted costs
+        Postfix, its own milter handling included.
     :param watched: processes (name: pid, filled in as they start) whose CPU
         time per message each batch reports.
     """
@@ -215,12 +224,14 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
         try:
             postfix("postfix alone")
             if floor is not None:
-                postfix("postfix + twisted floor as policy", policy_port=stack.enter_context(floor()))
+                postfix(FLOOR_POLICY_ROW, policy_port=stack.enter_context(floor()))
             port = stack.enter_context(policy_server())
             postfix("postfix + policyd policy", policy_port=port)
+            if floor_milter is not None:
+                postfix(FLOOR_MILTER_ROW, milters=stack.enter_context(floor_milter()))
             if milter is not None:
                 milters = stack.enter_context(milter())
-                postfix("postfix + policyd policy + milter", policy_port=port, milters=milters)
+                postfix(FULL_ROW, policy_port=port, milters=milters)
             for number in range(rounds):
                 for setup in setups:
                     setup.batches.append(batch(setup, messages, clients, per_session,
