@@ -157,6 +157,8 @@ MAX_RECIPIENTS = 10_000
 FILTER_TIMEOUT = 120.0
 
 _HEADER = struct.Struct(">IB")
+_MACRO = MACRO[0]
+_STAGE_CONNECT = CONNECT[0]
 # Each command byte as bytes, made once.
 _COMMANDS = [bytes([code]) for code in range(256)]
 
@@ -270,7 +272,10 @@ class MilterMessage:
         self.client_name = ""
         self.client_address = ""
         self.helo = ""
-        self.macros: dict[str, str] = {}
+        # Macro packets as received, the latest of each stage, in the order
+        # they came; read only when a macro is asked for (most never are).
+        self._macro_packets: dict[int, bytes] = {}
+        self._macros: dict[str, str] | None = None
         # The body: chunks in memory while it fits in memory_limit, else a temporary file.
         self._chunks: list[bytes] = []
         self._spool: IO[bytes] | None = None
@@ -298,6 +303,31 @@ class MilterMessage:
     def spooled(self) -> bool:
         """Whether the body went to a temporary file (it outgrew ``memory_limit``)."""
         return self._spool is not None
+
+    def add_macros(self, data: bytes) -> None:
+        """Keep a macro packet (the stage letter, then NUL-terminated names and values)."""
+        stage = data[0]
+        self._macro_packets.pop(stage, None)
+        self._macro_packets[stage] = data
+        self._macros = None
+
+    def new_session(self) -> MilterMessage:
+        """An empty copy for the next SMTP session, with the connect macros that came before it."""
+        fresh = MilterMessage(self.memory_limit, self.keep_limit)
+        if _STAGE_CONNECT in self._macro_packets:
+            fresh._macro_packets[_STAGE_CONNECT] = self._macro_packets[_STAGE_CONNECT]
+        return fresh
+
+    @property
+    def macros(self) -> dict[str, str]:
+        """Every macro received (names without braces: ``i``, ``auth_authen``); the latest value wins."""
+        if self._macros is None:
+            self._macros = {}
+            for data in self._macro_packets.values():
+                values = nul_strings(data[1:])
+                for name, value in zip(values[::2], values[1::2], strict=False):
+                    self._macros[text(name).strip("{}")] = text(value)
+        return self._macros
 
     @property
     def queue_id(self) -> str:
@@ -465,17 +495,27 @@ class MilterProtocol(Protocol):
             self._processing = False
 
     def _take_packets(self) -> None:
+        # Handling a packet never adds to the buffer; only _fail empties it,
+        # and that also closes.  Macro packets, half of all, are kept here.
+        buffer = self._buffer
+        size = len(buffer)
+        start = self._start
         try:
-            while not self._busy and not self._closing and len(self._buffer) - self._start >= 5:
-                start = self._start
-                length, command = _HEADER.unpack_from(self._buffer, start)
+            while size - start >= 5 and not self._busy and not self._closing:
+                length, command = _HEADER.unpack_from(buffer, start)
                 if length < 1 or length > MAX_PACKET:
                     raise ProtocolError(f"packet of {length} bytes (at most {MAX_PACKET})")
                 end = start + 4 + length
-                if len(self._buffer) < end:
+                if size < end:
                     break
                 self._start = end
-                self._handle(_COMMANDS[command], self._buffer[start + 5 : end])
+                if command == _MACRO and self.version:
+                    if length == 1:
+                        raise ProtocolError("empty macro packet")
+                    self.message.add_macros(buffer[start + 5 : end])
+                else:
+                    self._handle(_COMMANDS[command], buffer[start + 5 : end])
+                start = end
             if self._closing:
                 return
             if not self._busy and len(self._buffer) - self._start >= 4:
@@ -509,19 +549,14 @@ class MilterProtocol(Protocol):
             self._send(packet(reply))
 
     def _handle(self, command: bytes, data: bytes) -> None:
-        # The commands of every message first: macros, headers, body.
-        if command == MACRO and self.version:
-            if not data:
-                raise ProtocolError("empty macro packet")
-            values = nul_strings(data[1:])
-            for name, value in zip(values[::2], values[1::2], strict=False):
-                self.message.macros[text(name).strip("{}")] = text(value)
-        elif command == HEADER and self.version:
-            strings = nul_strings(data)
-            if len(strings) < 1:
+        # The commands of every message first: headers, body (macros are taken before).
+        if command == HEADER and self.version:
+            if not data or data == b"\0":
                 raise ProtocolError("header packet without a name")
-            self.message.add_header(text(strings[0]), text(strings[1]) if len(strings) > 1 else "")
-            self._reply(SMFIP_NR_HDR)
+            name, _, rest = data.partition(b"\0")
+            self.message.add_header(text(name), text(rest.partition(b"\0")[0]))
+            if not self.steps & SMFIP_NR_HDR:
+                self._send(packet(CONTINUE))
         elif command == BODY and self.version:
             wants_more = self.message.add_body(data)
             if not self.steps & SMFIP_NR_BODY:
@@ -566,6 +601,7 @@ class MilterProtocol(Protocol):
             self.transport.loseConnection()
         elif command == QUIT_NC:
             # The MTA keeps this socket for its next SMTP session.
+            self.message.close()
             self.message = MilterMessage(self.message.memory_limit, self.message.keep_limit)
         else:
             raise ProtocolError(f"unknown command {command!r}")
@@ -595,7 +631,8 @@ class MilterProtocol(Protocol):
         self._send(packet(OPTNEG, struct.pack(">III", self.version, self.actions, self.steps)))
 
     def _connect(self, data: bytes) -> None:
-        self.message = MilterMessage(self.message.memory_limit, self.message.keep_limit)
+        self.message.close()
+        self.message = self.message.new_session()
         end = data.find(b"\0")
         if end < 0:
             raise ProtocolError("connect packet without a host name")

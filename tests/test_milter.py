@@ -259,6 +259,8 @@ def test_end_of_message_may_carry_the_last_chunk() -> None:
         struct.pack(">I", 0) + b"x",  # a zero length
         struct.pack(">I", MAX_PACKET + 1) + b"B",  # one byte too long, announced before it arrives
         FakeMTA.packet(b"Z", b"what"),  # an unknown command
+        FakeMTA.packet(b"D"),  # a macro packet without its stage
+        FakeMTA.packet(b"L", b"\0"),  # a header without a name
     ],
 )
 def test_bad_packets_close_the_connection(garbage: bytes, caplog: pytest.LogCaptureFixture) -> None:
@@ -379,6 +381,27 @@ def test_a_slow_filter_is_given_up_on() -> None:
     assert mta.message("a@example.net", ["b@example.org"], HEADERS, b"x") == []
     clock.advance(30)
     assert [r.command for r in mta.replies()] == [b"a"]
+
+
+def test_macros_the_latest_value_wins() -> None:
+    """Macros of every stage are kept; a name sent again, in any stage, takes its latest value."""
+    filter = Recorder()
+    mta = started(filter)
+    mta.macros(b"C", daemon_name="inbound", j="mx.example.org")
+    mta.connect()
+    mta.macros(b"M", i="4Q1", auth_authen="alice")
+    mta.mail("a@example.net")
+    mta.macros(b"R", i="4Q1")
+    mta.rcpt("b@example.org")
+    mta.header("Subject", "hello")
+    mta.macros(b"E", i="4Q2")
+    mta.end()
+    message = mta.protocol.message
+    assert filter.seen[-1]["queue_id"] == "4Q2"
+    assert message.macros == {"daemon_name": "inbound", "j": "mx.example.org", "i": "4Q2", "auth_authen": "alice"}
+    mta.macros(b"M", i="4Q3")
+    assert message.queue_id == "4Q3"
+    assert "auth_authen" not in message.macros  # the MAIL stage's macros are this message's now
 
 
 def test_quit_closes_and_quit_nc_keeps_the_socket() -> None:
