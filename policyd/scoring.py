@@ -432,12 +432,13 @@ class SpamFilter:
             verdict = Verdict(tuple(changes) + tuple(delete_recipient(r) for r in held), ACCEPT)
             if held:
                 outcome = f"spam, held for {len(held)} of {len(message.recipients)} recipients"
-        logs.decisions.info(
-            log,
-            f"milter {message.queue_id or '-'} client={message.client_address or '-'} score={score.points:.2f} "
-            f"content={score.content:.2f} network={score.network:g} {outcome} "
-            f"latency={(time.monotonic() - started) * 1000:.1f}ms",
-        )
+        if log.isEnabledFor(logging.INFO):
+            logs.decisions.info(
+                log,
+                f"milter {message.queue_id or '-'} client={message.client_address or '-'} score={score.points:.2f} "
+                f"content={score.content:.2f} network={score.network:g} {outcome} "
+                f"latency={(time.monotonic() - started) * 1000:.1f}ms",
+            )
         return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
 
     def _our_digest(self, message: MilterMessage) -> bool:
