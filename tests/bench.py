@@ -9,6 +9,9 @@ and checks every reply (refused, lost, malformed).  The targets:
   everything: the floor of policyd's stack;
 - ``policyd serve``, outbound quota path, on the memory, SQLite and Redis
   stores (redis-server runs on CPU 1, beside the generator);
+- ``policyd serve``, inbound reputation path: RCPT requests from 1,000
+  unauthenticated clients, scored on a DNSBL (one client in ten listed) and
+  a DNSWL served by twisted.names on CPU 1, and on the heuristics;
 - the peers (tests/bench_peers.py): policyd-rate-limit 1.2.0 (PyPI, its
   own venv, SQLite backend) and postfwd 1.35 ``postfwd1`` (Debian), each
   enforcing the same 5000 recipients per hour per ``sasl_username``.
@@ -19,8 +22,10 @@ connection, as Postfix's ``smtpd`` sends them; ``pipelined`` with
 probed first); and an open-loop run at ``--rate`` offered req/s for the
 latency percentiles.  The targets take turns for ``--rounds`` rounds and
 the table shows medians, because the machine may be shared.  Then
-messages/s through a real Postfix (tests/bench_postfix.py) alone and with
-the policy check (and the milter, when ``policyd milter`` exists).
+messages/s through a real Postfix (tests/bench_postfix.py) alone, with the
+raw Twisted responder as policy server, with the policy check, with a raw
+Twisted milter that accepts everything, and with the policy check and
+``policyd milter``.
 
 Everything is bounded in time and count; results go to stdout as a table,
 and in full to ``bench-results.json``.
@@ -113,8 +118,28 @@ reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1")
 reactor.run()
 '''
 
+#: The DNS server of the reputation run: twisted.names serving the bench's
+#: DNSBL and DNSWL zones (tests/dns_zone.py) on one port, UDP and TCP.
+DNS_ZONE = '''
+import sys
+from twisted.internet import asyncioreactor
+asyncioreactor.install()
+from twisted.internet import reactor
+from tests.bench_load import ACCOUNTS, inbound_client, inbound_listing
+from tests.dns_zone import DnsZoneServer, TestZone
+
+zone = TestZone()
+for n in range(ACCOUNTS):
+    listed = inbound_listing(n)
+    if listed:
+        zone.listed(inbound_client(n), listed)
+DnsZoneServer(zone, reactor).start(int(sys.argv[1]))
+reactor.run()
+'''
+
 #: Names of the rows the requirements of issue 8 compare.
 FLOOR_NAME = "twisted floor (DUNNO)"
+REPUTATION_NAME = "policyd reputation, dns"
 SQLITE_NAME = "policyd quota, sqlite"
 PRL_NAME = "policyd-rate-limit 1.2.0"
 POSTFWD_NAME = "postfwd 1.35 (postfwd1)"
@@ -198,6 +223,22 @@ def policyd_config(directory: Path, port: int, store_url: str, milter_port: int 
     return path
 
 
+def reputation_config(directory: Path, port: int, nameserver: str) -> Path:
+    """A ``policyd serve`` configuration scoring inbound clients on the bench's DNS zones."""
+    path = policyd_config(directory, port, f"sqlite:///{directory}/reputation-{port}.db")
+    path.write_text(
+        path.read_text(encoding="utf-8")
+        + "inbound:\n  tag_at: 5\n  reject_at: 10\n  dnsbl:\n"
+        f"    - zone: {bench_load.BLOCK_ZONE}\n      weight: 6\n"
+        f"    - zone: {bench_load.ALLOW_ZONE}\n      weight: -5\n"
+        "  heuristics:\n    no_reverse_dns: 2\n    reverse_dns_mismatch: 1\n"
+        "    helo_bare_ip: 2\n    helo_not_fqdn: 1\n    helo_claims_us: 5\n"
+        f'dns:\n  nameservers: ["{nameserver}"]\n',
+        encoding="utf-8",
+    )
+    return path
+
+
 def policyd_has_milter() -> bool:
     """Whether this policyd has the ``policyd milter`` command yet."""
     result = subprocess.run([POLICYD, "--help"], capture_output=True, text=True, timeout=60)
@@ -218,6 +259,8 @@ class Target:
     runs: dict[str, list[dict[str, Any]]] = field(
         default_factory=lambda: {"throughput": [], "pipelined": [], "paced": []})
     unavailable: str = ""
+    #: The requests sent (None: the quota run's, authenticated).
+    payloads: list[bytes] | None = None
 
 
 def run_load(target: Target, kind: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -227,11 +270,11 @@ def run_load(target: Target, kind: str, args: argparse.Namespace) -> dict[str, A
     started = time.perf_counter()
     if kind == "paced":
         figures = bench_load.paced(target.port, args.rate, args.connections, args.seconds,
-                                   args.max_requests)
+                                   args.max_requests, target.payloads)
     else:
         depth = 1 if kind == "throughput" else args.depth
         figures = bench_load.throughput(target.port, args.connections, depth, args.seconds,
-                                        args.max_requests)
+                                        args.max_requests, target.payloads)
     wall = time.perf_counter() - started
     figures["server_cpu"] = round((cpu_seconds(target.pid) - cpu_before) / wall, 2)
     figures["generator_cpu"] = round((time.process_time() - own_before) / wall, 2)
@@ -291,10 +334,22 @@ def targets(work: Path, redis_port: int | None) -> list[Target]:
         return lambda port: process([POLICYD, "serve", "-c", str(policyd_config(work, port, url))],
                                     port, work / "policyd.log")
 
+    @contextlib.contextmanager
+    def reputation(port: int) -> Iterator[int]:
+        dns_port = free_port()
+        with process([sys.executable, "-c", DNS_ZONE, str(dns_port)], dns_port, work / "dns.log",
+                     cpu=GENERATOR_CPU):
+            config = reputation_config(work, port, f"127.0.0.1:{dns_port}")
+            with process([POLICYD, "serve", "-c", str(config)], port, work / "policyd.log") as pid:
+                yield pid
+
     found = [
         Target(FLOOR_NAME, floor, "asyncio reactor"),
         Target("policyd quota, memory", policyd("memory://")),
         Target(SQLITE_NAME, policyd(f"sqlite:///{work}/state.db")),
+        Target(REPUTATION_NAME, reputation,
+               f"{bench_load.ACCOUNTS} port-25 clients, 1 in 10 on a DNSBL, twisted.names zone on CPU 1",
+               payloads=bench_load.inbound_requests()),
     ]
     if redis_port is not None:
         found.append(Target("policyd quota, redis", policyd(f"redis://127.0.0.1:{redis_port}/0"),
@@ -524,7 +579,7 @@ def main() -> None:
                 target.port = free_port()
                 try:
                     target.pid = stack.enter_context(target.start(target.port))
-                    target.pipelining = bench_load.pipelining(target.port)
+                    target.pipelining = bench_load.pipelining(target.port, payloads=target.payloads)
                 except (bench_peers.PeerUnavailable, AssertionError, OSError) as error:
                     target.unavailable = str(error)
                 print(f"  {target.name}: " + (f"unavailable ({target.unavailable[:100]})"

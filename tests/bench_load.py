@@ -49,6 +49,32 @@ def requests(accounts: int = ACCOUNTS) -> list[bytes]:
     ]
 
 
+#: The DNSBL and DNSWL zones of the reputation run (served from tests/dns_zone.py).
+BLOCK_ZONE = "bl.bench.test"
+ALLOW_ZONE = "wl.bench.test"
+
+
+def inbound_client(n: int) -> str:
+    """The address of the ``n``-th SMTP client of the reputation run."""
+    return f"172.16.{n // 250}.{n % 250 + 1}"
+
+
+def inbound_listing(n: int) -> str | None:
+    """The zone client ``n`` is listed in: one in ten in the DNSBL, one in twenty in the DNSWL."""
+    return BLOCK_ZONE if n % 10 == 0 else ALLOW_ZONE if n % 20 == 5 else None
+
+
+def inbound_requests(clients: int = ACCOUNTS) -> list[bytes]:
+    """Postfix's full RCPT request from an unauthenticated client (port 25), one per client."""
+    return [
+        encode(rcpt(recipient=f"user{n % 50}@example.org", client_address=inbound_client(n),
+                    client_name=f"mx{n}.bench.test", reverse_client_name=f"mx{n}.bench.test",
+                    helo_name=f"mx{n}.bench.test", sender=f"news{n}@bench.test",
+                    instance=f"{n:x}.{n:08x}.1", server_port="25", policy_context="inbound"))
+        for n in range(clients)
+    ]
+
+
 class Tally:
     """What one run saw: latencies and the verdict on every reply."""
 
@@ -275,11 +301,12 @@ def paced(port: int, rate: float, connections: int = 50, seconds: float = 5.0,
     return asyncio.run(_paced(port, connections, rate, seconds, limit, payloads or requests()))
 
 
-def pipelining(port: int, count: int = 4, timeout: float = 2.0) -> dict[str, Any]:
+def pipelining(port: int, count: int = 4, timeout: float = 2.0,
+               payloads: Sequence[bytes] | None = None) -> dict[str, Any]:
     """Send ``count`` requests in one write on one connection; how many replies come back?"""
 
     async def probe() -> dict[str, Any]:
-        run = _Run(port, 1, count, timeout, count, requests()[:count])
+        run = _Run(port, 1, count, timeout, count, list(payloads or requests())[:count])
         await run.connect()
         peer = run.peers[0]
         assert peer.transport is not None

@@ -146,11 +146,11 @@ class DnsZoneServer:
         self.port = 0
         self._listening: list[Any] = []
 
-    def start(self) -> DnsZoneServer:
-        """Listen; UDP first on a free port, then TCP on the same number."""
+    def start(self, port: int = 0) -> DnsZoneServer:
+        """Listen; UDP first on ``port`` (0: a free one), then TCP on the same number."""
         factory = _ServerFactory(authorities=[self.zone])
-        for _ in range(50):
-            udp = self.reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        for _ in range(1 if port else 50):
+            udp = self.reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
             port = udp.getHost().port
             try:
                 tcp = self.reactor.listenTCP(port, factory, interface="127.0.0.1")
