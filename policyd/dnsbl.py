@@ -23,7 +23,7 @@ import enum
 import ipaddress
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -419,6 +419,18 @@ class DnsblClient:
         return breaker
 
     # --- DNSBL / DNSWL ----------------------------------------------------
+
+    def cached_listings(self, address: IPAddress, zones: Iterable[str]) -> dict[str, ZoneAnswer] | None:
+        """Every zone's cached answer (keyed ``zone:NAME``, as :func:`within` gives them), or None if one is missing."""
+        key = cache_key(address)
+        found = {}
+        for zone in zones:
+            cached = self.cache.get(key, zone.strip(".").lower())
+            if cached is None:
+                return None
+            found[f"zone:{zone}"] = cached
+        self.counters["cache_hits"] += len(found)
+        return found
 
     def listing(self, address: IPAddress, zone: str) -> Deferred[ZoneAnswer]:
         """Whether ``zone`` lists ``address``; never fails."""

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.python.failure import Failure
 
@@ -546,16 +546,23 @@ class NetworkReputation:
         """Decide one request of an unauthenticated client; never fails.
 
         Only RCPT is decided; every other stage gets DUNNO (the header is
-        never added at END-OF-MESSAGE, where Postfix cannot add it).
+        never added at END-OF-MESSAGE, where Postfix cannot add it).  A
+        client whose zone answers are all cached is decided at once, without
+        a Deferred; the others once their look-ups are answered.
         """
         state = request.get("protocol_state").upper()
         client = request.get("client_address")
         if state != "RCPT":
             return Verdict(DUNNO, self.name, client or "-", f"not decided at {state or '?'}")
-        decided = Deferred.fromCoroutine(self._decide(request))
-        return decided.addErrback(self._failed, client)
+        try:
+            decided = self._decide(request)
+        except Exception:
+            return self._failed(Failure(), client)
+        if isinstance(decided, Deferred):
+            return decided.addErrback(self._failed, client)
+        return decided
 
-    async def _decide(self, request: Request) -> Verdict:
+    def _decide(self, request: Request) -> Verdict | Deferred[Verdict]:
         client = request.get("client_address")
         address = parse_address(client)
         if address is None:
@@ -563,14 +570,17 @@ class NetworkReputation:
         if address in self.trusted:
             return Verdict(DUNNO, self.name, str(address), "trusted network")
         attributes = request.attributes
-        assessment = await self.assess(
+        assessed = self._assess(
             address,
             helo=request.get("helo_name"),
             client_name=attributes.get("client_name"),
             reverse_name=attributes.get("reverse_client_name"),
             server_address=request.get("server_address"),
         )
-        return self.verdict(assessment, request.get("instance"))
+        instance = request.get("instance")
+        if isinstance(assessed, Deferred):
+            return assessed.addCallback(self.verdict, instance)
+        return self.verdict(assessed, instance)
 
     def _failed(self, failure: Failure, client: str) -> Verdict:
         log.error("reputation check of %s failed, mail flows: %s", client or "-", failure.getErrorMessage())
@@ -670,16 +680,21 @@ class NetworkReputation:
             if parsed is None:
                 raise ValueError(f"{address!r} is not an IP address")
             address = parsed
-        return Deferred.fromCoroutine(self._assess(address, helo, client_name, reverse_name, server_address))
+        try:
+            assessed = self._assess(address, helo, client_name, reverse_name, server_address)
+        except Exception:
+            return fail()
+        return assessed if isinstance(assessed, Deferred) else succeed(assessed)
 
-    async def _assess(
+    def _assess(
         self,
         address: IPAddress,
         helo: str | None,
         client_name: str | None,
         reverse_name: str | None,
         server_address: str,
-    ) -> Assessment:
+    ) -> Assessment | Deferred[Assessment]:
+        """The assessment at once when it needs no look-up or every answer is cached; else later."""
         for watched in self.lists:
             watched.refresh()
         for watched in self.lists:
@@ -700,17 +715,40 @@ class NetworkReputation:
                 sources.append(Points(key, "heuristic", getattr(heuristics, key), detail))
 
         assert self.dns is not None
-        lookups: dict[str, Deferred[Any]] = {f"zone:{z}": self.dns.listing(address, z) for z in self.zones}
         look_up_names = client_name is None and reverse_name is None
-        if look_up_names and (heuristics.no_reverse_dns or heuristics.reverse_dns_mismatch or self.allow_names):
+        reverse_wanted = look_up_names and bool(
+            heuristics.no_reverse_dns or heuristics.reverse_dns_mismatch or self.allow_names
+        )
+        if not reverse_wanted:
+            cached = self.dns.cached_listings(address, self.zones)
+            if cached is not None:
+                return self._assessed(address, sources, cached, look_up_names, False, client_name, reverse_name)
+        lookups: dict[str, Deferred[Any]] = {f"zone:{z}": self.dns.listing(address, z) for z in self.zones}
+        if reverse_wanted:
             lookups["reverse-dns"] = self.dns.reverse_dns(address)
-        results = await within(self.clock, self.deadline, lookups)
+        answered = within(self.clock, self.deadline, lookups)
+        return answered.addCallback(
+            lambda results: self._assessed(
+                address, sources, results, look_up_names, reverse_wanted, client_name, reverse_name
+            )
+        )
 
+    def _assessed(
+        self,
+        address: IPAddress,
+        sources: list[Points],
+        results: dict[str, Any],
+        look_up_names: bool,
+        reverse_wanted: bool,
+        client_name: str | None,
+        reverse_name: str | None,
+    ) -> Assessment:
+        """The assessment once the look-ups are answered (or the deadline passed)."""
         if look_up_names:
             reverse: ReverseDns = results.get(
                 "reverse-dns", ReverseDns("unknown", detail="no answer within dns.deadline")
             )
-            if "reverse-dns" in lookups:
+            if reverse_wanted:
                 if reverse.verified and (pattern := self.allow_names.match(reverse.verified)):
                     found = Points(reverse.verified, "allowlist", 0.0, f"client name matches {pattern}")
                     return Assessment(address, (found,), allowed_by=reverse.verified)

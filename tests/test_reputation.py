@@ -442,7 +442,7 @@ def test_unexpected_failure_lets_mail_flow(caplog: pytest.LogCaptureFixture) -> 
     def broken(*args: object, **kwargs: object) -> Deferred[Any]:
         raise RuntimeError("boom")
 
-    reputation.assess = broken  # type: ignore[method-assign]
+    reputation._assess = broken  # type: ignore[method-assign]
     with caplog.at_level(logging.ERROR, "policyd.reputation"):
         found = verdict(reputation, client_address="192.0.2.10")
     assert found.action.word == "DUNNO"
@@ -463,6 +463,26 @@ def test_answers_are_cached_for_the_record_ttl() -> None:
     fake.advance(60)
     verdict(reputation, client_address="192.0.2.10")
     assert zone.asked(name) == 2
+
+
+def test_a_client_whose_answers_are_cached_is_decided_without_a_deferred() -> None:
+    """The first RCPT of a client waits for DNS; the next ones are decided at once, the same way."""
+    reputation, fake, zone = checker(ZONE + "  - zone: wl.test\n    weight: -5\n")
+    zone.listed("192.0.2.10", "bl.test", "127.0.0.2")
+    zone.listed("192.0.2.10", "wl.test", "127.0.0.2")
+    attributes = rcpt(client_address="192.0.2.10", helo_name="[192.0.2.10]")
+    first = reputation.check(request(attributes))
+    assert isinstance(first, Deferred)
+    decided: list[Verdict] = []
+    first.addCallback(decided.append)
+    second = reputation.check(request({**attributes, "instance": "next.message"}))
+    assert isinstance(second, Verdict)
+    assert (second.action, second.reason) == (decided[0].action, decided[0].reason)
+    assert second.action.word == "PREPEND" and "bl.test" in second.reason and "wl.test" in second.reason
+    hits = reputation.dns.counters["cache_hits"] if reputation.dns else 0
+    assert hits == 2
+    fake.advance(301)  # past the records' TTL: asked again
+    assert isinstance(reputation.check(request(attributes)), Deferred)
 
 
 def test_not_listed_is_cached_for_cache_ttl() -> None:
