@@ -20,6 +20,7 @@ is an error, never a listing.  NXDOMAIN means "not listed".
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import logging
 from collections import Counter, OrderedDict
@@ -115,6 +116,7 @@ def query_name(address: IPAddress, zone: str) -> str:
     return f"{reversed_labels}.{zone.strip('.')}"
 
 
+@functools.lru_cache(maxsize=4096)
 def cache_key(address: IPAddress) -> str:
     """Answers are shared per IPv4 address and per IPv6 /64."""
     if address.version == 6:

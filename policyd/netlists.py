@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -53,7 +54,22 @@ def parse_address(text: str) -> IPAddress | None:
     """Parse a client address as Postfix writes it (IPv6 without brackets).
 
     An IPv4-mapped IPv6 address is read as the IPv4 address it carries.
+    Recent answers are remembered: the same clients come back for every
+    recipient, and ``ipaddress`` is slow to parse (slower still to refuse a
+    HELO name).  Text too long to be an address is not (so the memory is
+    bounded whatever clients send).
     """
+    if len(text) > _LONGEST_ADDRESS:
+        return None
+    return _parse_address(text)
+
+
+#: Longer than any address Postfix writes (an IPv6 address is at most 45 characters).
+_LONGEST_ADDRESS = 100
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_address(text: str) -> IPAddress | None:
     try:
         address = ipaddress.ip_address(text.strip().strip("[]"))
     except ValueError:

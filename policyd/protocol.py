@@ -14,7 +14,7 @@ import logging
 import re
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 from twisted.internet import interfaces
 from twisted.internet.abstract import FileDescriptor
@@ -79,7 +79,13 @@ class Request:
             attributes = self._attributes = dict(line.split("=", 1) for line in self._text[1:].split("\n"))
         return attributes
 
-    def get(self, name: str, default: str = "") -> str:
+    @overload
+    def get(self, name: str, default: str = "") -> str: ...
+
+    @overload
+    def get(self, name: str, default: None) -> str | None: ...
+
+    def get(self, name: str, default: str | None = "") -> str | None:
         """The value of an attribute, or ``default`` when Postfix did not send it."""
         if self._attributes is not None:
             return self._attributes.get(name, default)

@@ -27,6 +27,7 @@ wrote: see :func:`sign_header` and :func:`verify_header`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -369,8 +370,14 @@ class TaggedInstances:
 
 def is_fqdn(name: str) -> bool:
     """A fully qualified host name: two labels or more, letters-digits-hyphens, a non-numeric TLD."""
+    return len(name) <= 253 and _is_fqdn(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_fqdn(name: str) -> bool:
+    # Remembered: the same HELO names come back for every recipient.
     labels = name.rstrip(".").lower().split(".")
-    if len(labels) < 2 or len(name) > 253:
+    if len(labels) < 2:
         return False
     if not all(_LABEL.match(label) for label in labels):
         return False
@@ -569,12 +576,11 @@ class NetworkReputation:
             return Verdict(DUNNO, self.name, client or "-", "no usable client address")
         if address in self.trusted:
             return Verdict(DUNNO, self.name, str(address), "trusted network")
-        attributes = request.attributes
         assessed = self._assess(
             address,
             helo=request.get("helo_name"),
-            client_name=attributes.get("client_name"),
-            reverse_name=attributes.get("reverse_client_name"),
+            client_name=request.get("client_name", None),
+            reverse_name=request.get("reverse_client_name", None),
             server_address=request.get("server_address"),
         )
         instance = request.get("instance")

@@ -33,6 +33,7 @@ from policyd.config import Config
 from policyd.dnsbl import cache_key, parse_nameserver, query_name
 from policyd.errors import ConfigError
 from policyd.metrics import Metrics
+from policyd.netlists import parse_address
 from policyd.policy import PolicyService
 from policyd.protocol import Action
 from policyd.reputation import (
@@ -43,6 +44,7 @@ from policyd.reputation import (
     TaggedInstances,
     header_secret_path,
     helo_findings,
+    is_fqdn,
     load_header_secret,
     sign_header,
     verify_header,
@@ -704,6 +706,19 @@ def test_client_name_unknown_without_reverse_name_means_no_reverse_dns() -> None
     reputation.assess("192.0.2.10", client_name="unknown").addCallback(found.append)
     assert [(p.source, p.points) for p in found[0].sources] == [("no_reverse_dns", 2)]
     assert zone.queries == [], "Postfix's names are used, not looked up again"
+
+
+def test_addresses_and_names_are_read_alike_every_time_and_long_text_is_refused() -> None:
+    """Remembered answers are the first answers; text longer than any address or name is neither."""
+    for _ in range(2):
+        assert parse_address("192.0.2.1") == ipaddress.ip_address("192.0.2.1")
+        assert parse_address("[2001:db8::1]") == ipaddress.ip_address("2001:db8::1")
+        assert parse_address("::ffff:192.0.2.9") == ipaddress.ip_address("192.0.2.9")
+        assert parse_address("mail.example.net") is None
+        assert is_fqdn("mail.example.net") and not is_fqdn("mail") and not is_fqdn("mail.123")
+    assert parse_address("1" * 10_000) is None
+    assert parse_address(" " * 200 + "192.0.2.1") is None
+    assert not is_fqdn(("a" * 60 + ".") * 5 + "net")
 
 
 def test_helo_findings_explain_themselves() -> None:
