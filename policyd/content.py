@@ -117,6 +117,9 @@ PART_HEADERS = ("content-type", "content-transfer-encoding", "content-dispositio
 # are faster still.
 _WORD = re.compile(r"[^\W_]{2,}+(?:['’.\-][^\W_]++)*+|[^\W_](?:['’.\-][^\W_]++)++")
 _ASCII_WORD = re.compile(r"[a-z0-9]{2,}+(?:['.\-][a-z0-9]++)*+|[a-z0-9](?:['.\-][a-z0-9]++)++")
+# A word never spans an ASCII character other than a letter, digit or joiner:
+# blanking those and splitting leaves chunks that are mostly one word each.
+_ASCII_NOT_IN_WORDS = {c: " " for c in range(128) if chr(c) not in "abcdefghijklmnopqrstuvwxyz0123456789'.-"}
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+")
 # Applied to lower-cased markup: a case-insensitive search would be several times slower.
 _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
@@ -279,9 +282,22 @@ def _combining_marks() -> re.Pattern[str]:
 def words(text: str) -> list[str]:
     """Lower-cased words of 2 to :data:`MAX_WORD` characters, in order."""
     lowered = text.lower()
-    found = (_ASCII_WORD if lowered.isascii() else _WORD).findall(lowered)
+    found = _ascii_words(lowered) if lowered.isascii() else _WORD.findall(lowered)
     if len(lowered) > MAX_WORD and found and max(map(len, found)) > MAX_WORD:
         return [word for word in found if len(word) <= MAX_WORD]
+    return found
+
+
+def _ascii_words(lowered: str) -> list[str]:
+    """What ``_ASCII_WORD.findall`` finds, twice as fast: a chunk of letters and digits only is one word."""
+    found: list[str] = []
+    add = found.append
+    for chunk in lowered.translate(_ASCII_NOT_IN_WORDS).split():
+        if chunk.isalnum():
+            if len(chunk) > 1:
+                add(chunk)
+        else:
+            found.extend(_ASCII_WORD.findall(chunk))
     return found
 
 

@@ -250,6 +250,11 @@ def test_ascii_and_unicode_word_patterns_agree() -> None:
         text = "".join(pick.choice(alphabet) for _ in range(pick.randint(0, 50))).lower()
         assert content.words(text) == [w for w in content._WORD.findall(text) if len(w) <= content.MAX_WORD]
     assert content.words("Don't e-mail v1.2 x a-b l’offre " + "x" * 31) == ["don't", "e-mail", "v1.2", "a-b", "l’offre"]
+    # ASCII words are read by chunks between other characters; every ASCII character takes a turn.
+    ascii = "".join(map(chr, range(128)))
+    for _ in range(3000):
+        text = "".join(pick.choice(ascii if pick.random() < 0.3 else "ab1'.- ") for _ in range(pick.randint(0, 60)))
+        assert content._ascii_words(text) == content._ASCII_WORD.findall(text)
 
 
 def test_hostile_markup_and_structure_take_linear_time() -> None:
