@@ -99,6 +99,19 @@ async def test_concurrent_admits_never_overshoot(store: RedisStore, redis_server
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_bad_key_fails_its_own_recipient_only(store: RedisStore, redis_server: RedisServer) -> None:
+    """Recipients sent together each get their own answer: a window key holding something else fails only its own."""
+    with raw(redis_server) as client:
+        client.set(f"{PREFIX}window:mallory", "not a sorted set")
+    pending = [store.admit(Charge(account, T0, HOUR, 10, 60, "r")) for account in ("alice", "mallory", "bob")]
+    results = await DeferredList(pending, consumeErrors=True)
+    (alice_ok, alice), (mallory_ok, mallory), (bob_ok, bob) = results
+    assert alice_ok and bob_ok and not mallory_ok
+    assert alice.outcome is Outcome.ALLOWED and bob.count == 1
+    assert mallory.check(StoreError) and "admit" in one_line_error(mallory.value)
+
+
+@pytest_twisted.ensureDeferred
 async def test_same_instant_members_stay_distinct(store: RedisStore) -> None:
     """Recipients counted at the very same instant, instance and client are each counted."""
     for _ in range(5):

@@ -80,7 +80,7 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from twisted.internet.defer import Deferred
 
 from policyd.errors import ConfigError, StoreError
@@ -123,6 +123,9 @@ AUDIT_CAP = 100_000
 #: more connections would not answer sooner; operations beyond this many wait
 #: for a free connection (within their deadline) instead of failing.
 CONNECTIONS = 32
+
+#: Most recipients counted in one pipeline.
+ADMIT_BATCH = 256
 
 #: Accounts handled by one prune script: bounds how long one script holds
 #: Redis (which runs scripts one at a time) when many accounts are active.
@@ -492,6 +495,9 @@ class RedisStore:
         self._queue_digest = register(_QUEUE_DIGEST)
         self._claim_release = register(_CLAIM_RELEASE)
 
+        #: Recipients counted this turn, sent together by _send_admits.
+        self._admits: list[tuple[str, list[str], list[Any], Deferred[Admission]]] = []
+
     @staticmethod
     def _url_secrets(url: str) -> list[str]:
         """Passwords in a URL, to keep out of messages."""
@@ -530,47 +536,86 @@ class RedisStore:
     # --- quota ------------------------------------------------------------
 
     def admit(self, charge: Charge) -> Deferred[Admission]:
-        """See :meth:`policyd.store.Store.admit`."""
-        account, now, window, limit = charge.account, charge.now, charge.window, charge.limit
-        block_for, reason, instance, client, notify = (
-            charge.block_for, charge.reason, charge.instance, charge.client, charge.notify
-        )
+        """See :meth:`policyd.store.Store.admit`.
 
-        async def work() -> Admission:
-            reply = await self._admit(
-                keys=[
-                    _window_key(account),
-                    _block_key(account),
-                    _SEQUENCE,
-                    _ACTIVE,
-                    _BLOCKS,
-                    _instance_key(account, instance),
-                    _OUTBOX,
-                    _NOTICE_SEQUENCE,
-                ],
-                args=[
-                    repr(now),
-                    repr(now - window),
-                    limit,
-                    repr(now + block_for),
-                    reason,
-                    instance,
-                    client,
-                    _ms(window),
-                    _ms(block_for),
-                    MAX_BLOCK_CLIENTS,
-                    account,
-                    *notify,
-                ],
-            )
-            if reply[0] == "allowed":
-                return Admission(Outcome.ALLOWED, int(reply[1]))
-            block = _block(account, reply[1:])
-            if reply[0] == "blocked":
-                return Admission(Outcome.BLOCKED, block.count, block)
-            return Admission(Outcome.NEWLY_BLOCKED, block.count, block)
+        Recipients counted in one turn of the event loop go to Redis
+        together, in one pipeline (one round trip, one connection): with one
+        script call per recipient, redis-py's cost per call was the limit.
+        """
+        account = charge.account
+        keys = [
+            _window_key(account),
+            _block_key(account),
+            _SEQUENCE,
+            _ACTIVE,
+            _BLOCKS,
+            _instance_key(account, charge.instance),
+            _OUTBOX,
+            _NOTICE_SEQUENCE,
+        ]
+        args = [
+            repr(charge.now),
+            repr(charge.now - charge.window),
+            charge.limit,
+            repr(charge.now + charge.block_for),
+            charge.reason,
+            charge.instance,
+            charge.client,
+            _ms(charge.window),
+            _ms(charge.block_for),
+            MAX_BLOCK_CLIENTS,
+            account,
+            *charge.notify,
+        ]
+        waiting: Deferred[Admission] = Deferred()
+        self._admits.append((account, keys, args, waiting))
+        if len(self._admits) == 1:
+            asyncio.get_running_loop().call_soon(self._send_admits)
+        return waiting
 
-        return self._call(work, "admit")
+    def _send_admits(self) -> None:
+        """Send the recipients counted since the last turn, at most :data:`ADMIT_BATCH` in one pipeline."""
+        batch, self._admits = self._admits[:ADMIT_BATCH], self._admits[ADMIT_BATCH:]
+        if self._admits:
+            asyncio.get_running_loop().call_soon(self._send_admits)
+        if not batch:
+            return
+
+        def answered(replies: list[Any]) -> None:
+            for (account, _, _, waiting), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    waiting.errback(StoreError(f"Redis store {self.name}: admit: {_one_line(reply, self._secrets)}"))
+                    continue
+                try:
+                    admission = _admission(account, reply)
+                except (ValueError, TypeError, KeyError, IndexError) as error:
+                    waiting.errback(StoreError(
+                        f"Redis store {self.name}: admit: unexpected data ({type(error).__name__}: "
+                        f"{_one_line(error, self._secrets)})"
+                    ))
+                    continue
+                waiting.callback(admission)
+
+        def failed(failure: Any) -> None:
+            for *_, waiting in batch:
+                waiting.errback(failure)
+
+        self._call(lambda: self._pipelined_admits(batch), "admit").addCallbacks(answered, failed)
+
+    async def _pipelined_admits(self, batch: list[tuple[str, list[str], list[Any], Deferred[Admission]]]) -> list[Any]:
+        """Every script call's reply, or its error; the script is loaded once if Redis lost it."""
+        replies = await self._pipeline_admits(batch)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            await self.client.script_load(_ADMIT)
+            replies = await self._pipeline_admits(batch)
+        return replies
+
+    async def _pipeline_admits(self, batch: list[tuple[str, list[str], list[Any], Deferred[Admission]]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        sha = self._admit.sha
+        for _, keys, args, _ in batch:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
 
     def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
         """See :meth:`policyd.store.Store.give_back`."""
@@ -986,6 +1031,16 @@ def _held(text: str) -> Quarantined:
     data = json.loads(text)
     data["reasons"] = tuple(data.get("reasons", ()))
     return Quarantined(**data)
+
+
+def _admission(account: str, reply: Sequence[Any]) -> Admission:
+    """The admit script's reply: allowed and the count, or the block (already there, or new)."""
+    if reply[0] == "allowed":
+        return Admission(Outcome.ALLOWED, int(reply[1]))
+    block = _block(account, reply[1:])
+    if reply[0] == "blocked":
+        return Admission(Outcome.BLOCKED, block.count, block)
+    return Admission(Outcome.NEWLY_BLOCKED, block.count, block)
 
 
 def _block(account: str, fields: Sequence[Any]) -> Block:
