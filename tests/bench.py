@@ -60,13 +60,23 @@ GENERATOR_CPU = 1
 #: Generator CPU use from which a run measured the generator rather than the target.
 GENERATOR_BOUND = 0.9
 
-FLOOR = '''
-import sys
-from twisted.internet import asyncioreactor
-asyncioreactor.install()
-from twisted.internet import reactor, protocol
+def floor_script(protocol_class: str) -> str:
+    """A Python program serving ``protocol_class`` (a class named Floor) on the loopback port in argv[1]."""
+    return (
+        "import struct, sys\n"
+        "from twisted.internet import asyncioreactor\n"
+        "asyncioreactor.install()\n"
+        "from twisted.internet import reactor, protocol\n"
+        f"{protocol_class}\n"
+        "factory = protocol.Factory.forProtocol(Floor)\n"
+        "factory.noisy = False\n"
+        "reactor.listenTCP(int(sys.argv[1]), factory, interface='127.0.0.1')\n"
+        "reactor.run()\n"
+    )
 
-class Dunno(protocol.Protocol):
+
+FLOOR = floor_script('''
+class Floor(protocol.Protocol):
     """Answers DUNNO to every request: the floor of a Twisted policy server."""
     buffer = b""
     def dataReceived(self, data):
@@ -76,23 +86,14 @@ class Dunno(protocol.Protocol):
             self.transport.write(b"action=DUNNO\\n\\n" * count)
             buffer = buffer[buffer.rfind(b"\\n\\n") + 2:]
         self.buffer = buffer
-
-factory = protocol.Factory.forProtocol(Dunno)
-factory.noisy = False
-reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1")
-reactor.run()
-'''
+''')
 
 #: The least a milter on Twisted can do: the same negotiation as ``policyd
 #: milter`` (the verdict is the only reply), then "accept" to every message.
-FLOOR_MILTER = '''
-import struct, sys
-from twisted.internet import asyncioreactor
-asyncioreactor.install()
-from twisted.internet import reactor, protocol
+FLOOR_MILTER = floor_script('''
 from policyd.milter import NO_REPLY_STEPS, SKIPPED_STEPS, SMFIP_NR_BODY, WANTED_ACTIONS
 
-class Accept(protocol.Protocol):
+class Floor(protocol.Protocol):
     """Reads every packet and answers accept at end of message: the floor of a Twisted milter."""
     buffer = b""
     def dataReceived(self, data):
@@ -111,12 +112,7 @@ class Accept(protocol.Protocol):
         if out:
             self.transport.write(b"".join(out))
         self.buffer = buffer[start:]
-
-factory = protocol.Factory.forProtocol(Accept)
-factory.noisy = False
-reactor.listenTCP(int(sys.argv[1]), factory, interface="127.0.0.1")
-reactor.run()
-'''
+''')
 
 #: The DNS server of the reputation run: twisted.names serving the bench's
 #: DNSBL and DNSWL zones (tests/dns_zone.py) on one port, UDP and TCP.
@@ -632,19 +628,19 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
             yield port
 
     @contextlib.contextmanager
-    def floor_server() -> Iterator[int]:
+    def floor(script: str, name: str) -> Iterator[int]:
         floor_port = free_port()
-        with process([sys.executable, "-c", FLOOR, str(floor_port)], floor_port,
-                     directory / "floor.log") as pid:
-            watched["twisted floor"] = pid
+        with process([sys.executable, "-c", script, str(floor_port)], floor_port,
+                     directory / f"{name.replace(' ', '-')}.log") as pid:
+            watched[name] = pid
             yield floor_port
+
+    def floor_server() -> AbstractContextManager[int]:
+        return floor(FLOOR, "twisted floor")
 
     @contextlib.contextmanager
     def floor_milter() -> Iterator[str]:
-        floor_port = free_port()
-        with process([sys.executable, "-c", FLOOR_MILTER, str(floor_port)], floor_port,
-                     directory / "floor-milter.log") as pid:
-            watched["twisted floor milter"] = pid
+        with floor(FLOOR_MILTER, "twisted floor milter") as floor_port:
             yield f"inet:127.0.0.1:{floor_port}"
 
     @contextlib.contextmanager
