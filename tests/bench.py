@@ -393,6 +393,10 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
         checks.append({"requirement": what, "goal": goal, "measured": value,
                        "holds": holds if value is not None else None})
 
+    def info(what: str, value: float | None) -> None:
+        checks.append({"requirement": f"for reference: {what}", "goal": "none", "measured": value,
+                       "holds": None})
+
     if sqlite:
         rps = sqlite["rps"]
         value = ratio(rps, prl["rps"]) if prl else None
@@ -405,9 +409,9 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
         value = ratio(rps, floor["rps"]) if floor else None
         check("sqlite req/s vs twisted floor", value, value is not None and value >= 0.5, ">= 0.5x")
         if floor and floor.get("pipelined_rps") and sqlite.get("pipelined_rps"):
+            # Not a goal: Postfix never pipelines, and the responder's figure is the generator's.
             value = ratio(sqlite["pipelined_rps"], floor["pipelined_rps"])
-            check("sqlite vs twisted floor, pipelined", value, value is not None and value >= 0.5,
-                  ">= 0.5x")
+            info("sqlite vs twisted floor, pipelined", value)
         check("sqlite p99 at the offered rate (ms)", sqlite["paced_p99_ms"],
               sqlite["paced_p99_ms"] <= 2.0, "<= 2 ms")
         bad = sqlite["refused"] + sqlite["lost"] + sqlite["malformed"]
@@ -431,8 +435,7 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
     if alone and floor_milter and alone["msg_per_s"]:
         # Not a goal: what a milter that does nothing costs, Postfix's own milter handling included.
         cost = round(100 * (1 - floor_milter["msg_per_s"] / alone["msg_per_s"]), 1)
-        checks.append({"requirement": "for reference: Postfix msg/s cost of the raw Twisted milter alone (%)",
-                       "goal": "none", "measured": cost, "holds": None})
+        info("Postfix msg/s cost of the raw Twisted milter alone (%)", cost)
     return checks
 
 
