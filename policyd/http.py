@@ -114,19 +114,27 @@ class AdminSite:
         return hmac.compare_digest(self.csrf(int(stamp)), value)
 
 
-def _respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, bytes]]]) -> Any:
-    """Run ``work`` and write (status, content type, body); errors become clean answers."""
+def _respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, bytes]]], page: bool = False) -> Any:
+    """Run ``work`` and write (status, content type, body); errors become clean answers.
+
+    :param page: the answer is a page for people: errors are pages too, not JSON.
+    """
 
     async def run() -> None:
         try:
             status, kind, body = await work()
         except _Handled as error:
-            status, kind, body = error.status, "application/json", _json_error(str(error))
+            status, kind, body = _error(error.status, str(error), page)
         except PolicydError as error:
-            status, kind, body = 400, "application/json", _json_error(str(error))
+            status, kind, body = _error(400, str(error), page)
         except Exception as error:
             log.exception("HTTP %s %s failed", request.method.decode(), request.uri.decode(errors="replace"))
-            status, kind, body = 500, "application/json", _json_error(f"internal error: {type(error).__name__}")
+            if page:
+                # People get a page that says what to do; the log line has the details.
+                status, kind, body = _error(500, "policyd could not do this just now. Please try again in a "
+                                            "few minutes, or ask your administrators.", page)
+            else:
+                status, kind, body = _error(500, f"internal error: {type(error).__name__}", page)
         if request.finished or request._disconnected:
             return
         request.setResponseCode(status)
@@ -140,8 +148,12 @@ def _respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, byte
     return NOT_DONE_YET
 
 
-def _json_error(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
+def _error(status: int, message: str, page: bool) -> tuple[int, str, bytes]:
+    """An error answer: a JSON object ``{"error": …}``, or a page for people."""
+    if not page:
+        return status, "application/json", json.dumps({"error": message}).encode()
+    _, kind, body = _page("Something went wrong", f'<p class="error" role="alert">{html.escape(message)}</p>')
+    return status, kind, body
 
 
 def _json(status: int, data: Any) -> tuple[int, str, bytes]:
@@ -261,7 +273,7 @@ class _RequestForm(Resource):
         self.owner = owner
 
     def render_GET(self, request: Request) -> Any:
-        return _respond(request, lambda: self._show({}, ""))
+        return _respond(request, lambda: self._show({}, ""), page=True)
 
     async def _show(self, values: dict[str, str], error: str) -> tuple[int, str, bytes]:
         fields = "".join(
@@ -285,7 +297,7 @@ class _RequestForm(Resource):
         )
 
     def render_POST(self, request: Request) -> Any:
-        return _respond(request, lambda: self._submit(request))
+        return _respond(request, lambda: self._submit(request), page=True)
 
     async def _submit(self, request: Request) -> tuple[int, str, bytes]:
         values = _form(request)
@@ -334,7 +346,7 @@ class _AdminPage(Resource):
     def render_GET(self, request: Request) -> Any:
         if not self.owner.basic_ok(request):
             return self._challenge(request)
-        return _respond(request, lambda: self._list(""))
+        return _respond(request, lambda: self._list(""), page=True)
 
     async def _list(self, note: str) -> tuple[int, str, bytes]:
         admin = self.owner.admin
@@ -363,7 +375,7 @@ class _AdminPage(Resource):
     def render_POST(self, request: Request) -> Any:
         if not self.owner.basic_ok(request):
             return self._challenge(request)
-        return _respond(request, lambda: self._decide(request))
+        return _respond(request, lambda: self._decide(request), page=True)
 
     async def _decide(self, request: Request) -> tuple[int, str, bytes]:
         values = _form(request)
@@ -393,10 +405,11 @@ class _Api(Resource):
 
     def render(self, request: Request) -> Any:
         if not self.owner.bearer_ok(request):
-            request.setResponseCode(401)
-            request.setHeader("content-type", "application/json")
+            status, kind, body = _error(401, "missing or wrong Bearer token", page=False)
+            request.setResponseCode(status)
+            request.setHeader("content-type", kind)
             request.setHeader("www-authenticate", 'Bearer realm="policyd"')
-            return _json_error("missing or wrong Bearer token")
+            return body
         return _respond(request, lambda: self._route(request))
 
     async def _route(self, request: Request) -> tuple[int, str, bytes]:

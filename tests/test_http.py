@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor as _reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.threads import deferToThread
 
+from policyd.admin import Admin
 from policyd.server import PolicyServer
 from policyd.testing import PolicyClient, rcpt
 from tests.conftest import make_config
@@ -156,6 +158,33 @@ async def test_api_exemption_lifecycle(server: PolicyServer) -> None:
 
 def form_fields(page: str) -> dict[str, str]:
     return dict(re.findall(r'name="(csrf)" value="([^"]+)"', page))
+
+
+@pytest_twisted.ensureDeferred
+@pytest_twisted.ensureDeferred
+async def test_the_pages_show_an_unexpected_failure_as_a_page(
+    server: PolicyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure the form did not expect is a page for people (and a log line), not JSON; the API stays JSON."""
+    status, _, page = await get(f"{base(server)}/exemption")
+    csrf = form_fields(page.decode())["csrf"]
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Admin, "request_exemption", broken)
+    form = urllib.parse.urlencode({
+        "account": "alice@example.org", "organisation": "Sales", "start": "2030-01-10T08:00",
+        "end": "2030-01-10T18:00", "limit": "9000", "reason": "yearly customer mailing", "csrf": csrf,
+    }).encode()
+    status, kind, page = await get(f"{base(server)}/exemption", data=form)
+    assert status == 500 and kind.startswith("text/html")
+    assert b"Something went wrong" in page and b"try again in a few minutes" in page
+    assert b"disk on fire" not in page and b"RuntimeError" not in page
+    status, body = await api(server, "POST", "exemptions", {
+        "account": "alice@example.org", "limit": 10, "from": "now", "until": "+1h", "reason": "gala invitations",
+    })
+    assert status == 500 and body == {"error": "internal error: RuntimeError"}
 
 
 @pytest_twisted.ensureDeferred
