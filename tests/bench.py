@@ -52,7 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from tests import bench_load, bench_peers, bench_postfix
-from tests.bench_postfix import FLOOR_MILTER_ROW, FLOOR_POLICY_ROW, FULL_ROW
+from tests.bench_postfix import (
+    FLOOR_MILTER_ROW,
+    FLOOR_POLICY_ROW,
+    FULL_ROW,
+    INBOUND_ALONE_ROW,
+    INBOUND_FULL_ROW,
+)
 from tests.servers import POLICYD, cpu_seconds, free_port, wait_for_port
 
 SERVER_CPU = 0
@@ -206,33 +212,40 @@ def process(command: list[str], port: int, log: Path, cpu: int = SERVER_CPU) -> 
             child.wait()
 
 
-def policyd_config(directory: Path, port: int, store_url: str, milter_port: int | None = None) -> Path:
-    """A ``policyd serve`` configuration: the outbound quota at 5000/hour, no decision log."""
+def policyd_config(directory: Path, port: int, store_url: str, milter_port: int | None = None,
+                   nameserver: str | None = None) -> Path:
+    """A ``policyd serve`` configuration: the outbound quota at 5000/hour, no decision log.
+
+    With ``nameserver``, inbound clients are scored on the bench's DNSBL and
+    DNSWL (:data:`DNS_ZONE`) and on the heuristics.
+    """
     path = directory / f"policyd-{port}.yaml"
     milter = f'  milter: "tcp:{milter_port}:interface=127.0.0.1"\n' if milter_port else ""
-    path.write_text(
-        f'listen:\n  policy: "tcp:{port}:interface=127.0.0.1"\n{milter}'
-        f'store:\n  url: "{store_url}"\n'
-        "local_domains: [example.org]\noutbound:\n  limit: 5000\nlog:\n  decisions: false\n",
-        encoding="utf-8",
-    )
-    return path
-
-
-def reputation_config(directory: Path, port: int, nameserver: str) -> Path:
-    """A ``policyd serve`` configuration scoring inbound clients on the bench's DNS zones."""
-    path = policyd_config(directory, port, f"sqlite:///{directory}/reputation-{port}.db")
-    path.write_text(
-        path.read_text(encoding="utf-8")
-        + "inbound:\n  tag_at: 5\n  reject_at: 10\n  dnsbl:\n"
+    inbound = (
+        "inbound:\n  tag_at: 5\n  reject_at: 10\n  dnsbl:\n"
         f"    - zone: {bench_load.BLOCK_ZONE}\n      weight: 6\n"
         f"    - zone: {bench_load.ALLOW_ZONE}\n      weight: -5\n"
         "  heuristics:\n    no_reverse_dns: 2\n    reverse_dns_mismatch: 1\n"
         "    helo_bare_ip: 2\n    helo_not_fqdn: 1\n    helo_claims_us: 5\n"
-        f'dns:\n  nameservers: ["{nameserver}"]\n',
+        f'dns:\n  nameservers: ["{nameserver}"]\n'
+    ) if nameserver else ""
+    path.write_text(
+        f'listen:\n  policy: "tcp:{port}:interface=127.0.0.1"\n{milter}'
+        f'store:\n  url: "{store_url}"\n'
+        "local_domains: [example.org]\noutbound:\n  limit: 5000\nlog:\n  decisions: false\n"
+        + inbound,
         encoding="utf-8",
     )
     return path
+
+
+@contextlib.contextmanager
+def dns_zone(directory: Path) -> Iterator[str]:
+    """Serve the bench's zones (:data:`DNS_ZONE`) from CPU 1; yields the ``dns.nameservers`` entry."""
+    dns_port = free_port()
+    with process([sys.executable, "-c", DNS_ZONE, str(dns_port)], dns_port, directory / "dns.log",
+                 cpu=GENERATOR_CPU):
+        yield f"127.0.0.1:{dns_port}"
 
 
 def policyd_has_milter() -> bool:
@@ -332,10 +345,8 @@ def targets(work: Path, redis_port: int | None) -> list[Target]:
 
     @contextlib.contextmanager
     def reputation(port: int) -> Iterator[int]:
-        dns_port = free_port()
-        with process([sys.executable, "-c", DNS_ZONE, str(dns_port)], dns_port, work / "dns.log",
-                     cpu=GENERATOR_CPU):
-            config = reputation_config(work, port, f"127.0.0.1:{dns_port}")
+        with dns_zone(work) as nameserver:
+            config = policyd_config(work, port, f"sqlite:///{work}/reputation.db", nameserver=nameserver)
             with process([POLICYD, "serve", "-c", str(config)], port, work / "policyd.log") as pid:
                 yield pid
 
@@ -436,6 +447,11 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
         # Not a goal: what a milter that does nothing costs, Postfix's own milter handling included.
         cost = round(100 * (1 - floor_milter["msg_per_s"] / alone["msg_per_s"]), 1)
         info("Postfix msg/s cost of the raw Twisted milter alone (%)", cost)
+    inbound_alone = next((p for p in postfix if p["target"] == INBOUND_ALONE_ROW), None)
+    inbound_full = next((p for p in postfix if p["target"] == INBOUND_FULL_ROW), None)
+    if inbound_alone and inbound_full and inbound_alone["msg_per_s"]:
+        cost = round(100 * (1 - inbound_full["msg_per_s"] / inbound_alone["msg_per_s"]), 1)
+        info("port 25 msg/s cost of reputation + milter, as the README configures them (%)", cost)
     return checks
 
 
@@ -486,7 +502,8 @@ def table(report: dict[str, Any]) -> str:
     if postfix:
         s = report["postfix_settings"]
         lines += ["", f"Postfix submission: {s['messages']} messages per batch from {s['clients']} "
-                      f"SMTP clients (AUTH, {s['per_session']} per session, 1 external recipient), "
+                      f"SMTP clients (AUTH, {s['per_session']} per session, 1 external recipient); "
+                      "port 25: the same from outside to our users, no AUTH, the policy check scoring the client; "
                       f"median of {s['rounds']} batches; Postfix, policyd and the milter on CPU "
                       f"{SERVER_CPU}, clients and sink on CPU {GENERATOR_CPU}"]
         header = (f"{'configuration':36} {'msg/s':>7} {'CPU 0 ms/msg':>12} {'serve ms':>8} "
@@ -498,9 +515,9 @@ def table(report: dict[str, Any]) -> str:
                 continue
             own = row.get("cpu_ms_per_msg", {})
             serve = own.get("twisted floor") if row["target"] == FLOOR_POLICY_ROW else \
-                own.get("policyd serve") if "policyd policy" in row["target"] else None
+                own.get("policyd serve") if "+ policyd" in row["target"] else None
             milter_ms = own.get("twisted floor milter") if row["target"] == FLOOR_MILTER_ROW else \
-                own.get("policyd milter") if row["target"] == FULL_ROW else None
+                own.get("policyd milter") if row["target"] in (FULL_ROW, INBOUND_FULL_ROW) else None
             lines.append(f"{row['target']:36} {fmt(row['msg_per_s'], 7, 1)} "
                          f"{fmt(row.get('server_cpu_ms_per_msg'), 12, 3)} {fmt(serve, 8, 3)} "
                          f"{fmt(milter_ms, 9, 3)} {fmt(row['refused'], 8)} "
@@ -620,8 +637,6 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
     directory = work / "postfix-policyd"
     directory.mkdir()
     port, milter_port = free_port(), free_port()
-    config = policyd_config(directory, port, f"sqlite:///{directory}/state.db", milter_port)
-
     watched: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -656,11 +671,13 @@ def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dic
     print(f"  postfix: {args.rounds} batches of {args.messages} messages per configuration",
           flush=True)
     try:
-        return bench_postfix.measure(policy_server, messages=args.messages,
-                                     clients=args.smtp_clients, rounds=args.rounds,
-                                     milter=milter_server if milter else None,
-                                     floor_milter=floor_milter if milter else None,
-                                     floor=floor_server, server_cpu=SERVER_CPU, watched=watched)
+        with dns_zone(directory) as nameserver:
+            config = policyd_config(directory, port, f"sqlite:///{directory}/state.db", milter_port, nameserver)
+            return bench_postfix.measure(policy_server, messages=args.messages,
+                                         clients=args.smtp_clients, rounds=args.rounds,
+                                         milter=milter_server if milter else None,
+                                         floor_milter=floor_milter if milter else None,
+                                         floor=floor_server, server_cpu=SERVER_CPU, watched=watched)
     except (AssertionError, OSError) as error:
         return [{"target": "postfix", "unavailable": str(error)[:2000]}]
 

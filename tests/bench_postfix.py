@@ -38,6 +38,8 @@ PASSWORD = "bench-secret"
 FLOOR_POLICY_ROW = "postfix + twisted floor as policy"
 FLOOR_MILTER_ROW = "postfix + twisted floor as milter"
 FULL_ROW = "postfix + policyd policy + milter"
+INBOUND_ALONE_ROW = "postfix port 25 alone"
+INBOUND_FULL_ROW = "port 25 + policyd policy + milter"
 #: Longest a batch may take from first connection to last delivery.
 BATCH_TIMEOUT = 120.0
 BODY = "".join(f"Line {n} of a plain message of about two kilobytes, as mail usually is.\n"
@@ -63,22 +65,29 @@ class Setup:
     mta: PostfixInstance
     sink: SmtpSink
     batches: list[dict[str, Any]] = field(default_factory=list)
+    #: Mail from the Internet to our users on port 25 (no AUTH), not submission.
+    inbound: bool = False
 
 
 def _client(mta: PostfixInstance, login: str, count: int, per_session: int, tag: str,
-            outcome: dict[str, Any], lock: threading.Lock) -> None:
-    """Submit ``count`` messages as ``login``, ``per_session`` per SMTP session."""
-    message = (f"From: {login}\r\nTo: someone@example.net\r\nSubject: bench {tag}\r\n\r\n"
+            outcome: dict[str, Any], lock: threading.Lock, inbound: bool = False) -> None:
+    """Submit ``count`` messages as ``login``, ``per_session`` per SMTP session.
+
+    ``inbound``: send from outside to our users on port 25 instead, without AUTH.
+    """
+    sender, domain = (f"news.{login}", "example.org") if inbound else (login, "example.net")
+    message = (f"From: {sender}\r\nTo: someone@{domain}\r\nSubject: bench {tag}\r\n\r\n"
                + BODY.replace("\n", "\r\n")).encode()
+    port, auth = (mta.inbound_port, None) if inbound else (mta.submission_port, (login, PASSWORD))
     sent = 0
     while sent < count:
         try:
-            with mta.connect(mta.submission_port, (login, PASSWORD)) as client:
+            with mta.connect(port, auth) as client:
                 for _ in range(min(per_session, count - sent)):
-                    recipient = f"{tag}.{sent}@example.net"
+                    recipient = f"{tag}.{sent}@{domain}"
                     sent += 1
                     try:
-                        client.sendmail(login, [recipient], message)
+                        client.sendmail(sender, [recipient], message)
                     except smtplib.SMTPRecipientsRefused as error:
                         with lock:
                             outcome["refused"] += 1
@@ -120,7 +129,7 @@ def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str,
     threads = [
         threading.Thread(target=_client, name=f"bench-smtp-{i}", daemon=True,
                          args=(setup.mta, f"sender{i}@example.org", share, per_session,
-                               f"{tag}-{i}", outcome, lock))
+                               f"{tag}-{i}", outcome, lock, setup.inbound))
         for i, share in enumerate(shares)
     ]
     started, cpu_before = time.perf_counter(), time.process_time()
@@ -190,8 +199,12 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
             server_cpu: int = 0, watched: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """msg/s for Postfix alone, with the policy check, and (given ``milter``) with the milter too.
 
+    With the milter, two more configurations take mail from the Internet on
+    port 25 (no AUTH, to our users), where the recommended configuration puts
+    the milter: Postfix alone, and with the reputation check and the milter.
+
     :param policy_server: starts ``policyd serve`` (pinned to ``server_cpu``);
-        yields its port.
+        yields its port.  It scores port-25 clients too.
     :param milter: starts ``policyd milter``; yields the ``smtpd_milters``
         value.  None when there is no milter to measure.
     :param floor: starts the raw Twisted responder that answers DUNNO to
@@ -210,7 +223,7 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
     summaries: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
 
-        def postfix(name: str, **options: Any) -> None:
+        def postfix(name: str, inbound: bool = False, **options: Any) -> None:
             sink = SmtpSink().start()
             stack.callback(sink.stop)
             root = Path(tempfile.mkdtemp(prefix="policyd-bench-postfix-"))
@@ -219,7 +232,7 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
             stack.callback(mta.stop)
             with pinned(server_cpu):
                 mta.start()
-            setups.append(Setup(name, mta, sink))
+            setups.append(Setup(name, mta, sink, inbound=inbound))
 
         try:
             postfix("postfix alone")
@@ -232,6 +245,8 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
             if milter is not None:
                 milters = stack.enter_context(milter())
                 postfix(FULL_ROW, policy_port=port, milters=milters)
+                postfix(INBOUND_ALONE_ROW, inbound=True)
+                postfix(INBOUND_FULL_ROW, inbound=True, policy_port=port, milters=milters)
             for number in range(rounds):
                 for setup in setups:
                     setup.batches.append(batch(setup, messages, clients, per_session,
