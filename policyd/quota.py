@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -29,6 +30,15 @@ T = TypeVar("T")
 EXEMPTION_REFRESH = 2.0
 #: Seconds between two notes that an account authenticated.
 NOTE_EVERY = 3600.0
+
+#: Recipients let through during a store outage kept for the store (the oldest go first).
+MAX_UNWRITTEN = 100_000
+
+#: The limit a recipient counted after an outage is counted with: it went out already.
+UNLIMITED = 1 << 40
+
+#: Recipients of an outage counted per reactor turn, with a store that answers at once.
+WRITE_BACK_BATCH = 500
 
 ON_ERROR = {
     "dunno": DUNNO,
@@ -125,6 +135,9 @@ class OutboundQuota:
         self.clock = clock
         self.on_block = on_block
         self.fallback = FallbackLimiter()
+        #: Recipients the fallback limiter let through, to count in the store when it is back.
+        self.unwritten: deque[Charge] = deque(maxlen=MAX_UNWRITTEN)
+        self._writing_back = False
         #: Prometheus metrics, when the server keeps them.
         self.metrics: Metrics | None = None
         #: Approved exemptions not yet over, by account; refreshed from the store.
@@ -241,35 +254,29 @@ class OutboundQuota:
             reason = self._reasons[limit] = self.texts.render(
                 "block_reason", limit=limit, window=format_duration(self.window)
             )
-        admitted = self.store.admit(
-            Charge(
-                account,
-                now,
-                self.window,
-                limit,
-                self.block_for,
-                reason,
-                instance,
-                request.get("client_address"),
-                self._recipients(account),
-            )
+        charge = Charge(
+            account,
+            now,
+            self.window,
+            limit,
+            self.block_for,
+            reason,
+            instance,
+            request.get("client_address"),
+            self._recipients(account),
         )
+        admitted = self.store.admit(charge)
         if admitted.called:
             # The store answered at once (memory, a SQLite server's copy):
             # decide now rather than through three more callbacks.
             result = settled(admitted)
             if result is not None:
                 if isinstance(result, Failure):
-                    return self._store_failed(result, account, now, limit)
-                return self._admitted(result, account, now, limit)
+                    return self._store_failed(result, charge)
+                return self._admitted(result, charge)
         elif not self._bounded:
             admitted.addTimeout(self.deadline, self.clock)
-        admitted.addCallbacks(
-            self._admitted,
-            self._store_failed,
-            callbackArgs=(account, now, limit),
-            errbackArgs=(account, now, limit),
-        )
+        admitted.addCallbacks(self._admitted, self._store_failed, callbackArgs=(charge,), errbackArgs=(charge,))
         return admitted  # type: ignore[return-value]
 
     def _local(self, account: str, now: float) -> Deferred[Verdict]:
@@ -303,9 +310,12 @@ class OutboundQuota:
         text = self.texts.render("blocked", account=block.account, reason=block.reason)
         return Action(self.blocked_word, f"{self.blocked_code} {text}")
 
-    def _admitted(self, admission: Admission, account: str, now: float, limit: int) -> Verdict:
+    def _admitted(self, admission: Admission, charge: Charge) -> Verdict:
+        account, limit = charge.account, charge.limit
+        if self.unwritten and not self._writing_back:
+            self._write_back()
         if admission.outcome is Outcome.ALLOWED:
-            self.fallback.note(account, now)
+            self.fallback.note(account, charge.now)
             return Verdict(DUNNO, self.name, account, f"{admission.count}/{limit}")
         assert admission.block is not None
         if admission.outcome is Outcome.NEWLY_BLOCKED:
@@ -333,15 +343,78 @@ class OutboundQuota:
         if self.metrics is not None:
             self.metrics.store_errors.inc()
 
-    def _store_failed(self, failure: Failure, account: str, now: float, limit: int) -> Verdict:
-        """The store did not answer in time: reply per store.on_error, limit in memory."""
+    def _store_failed(self, failure: Failure, charge: Charge) -> Verdict:
+        """The store did not answer in time: reply per store.on_error, limit in memory.
+
+        A recipient let through is kept, and counted in the store once it
+        answers again (:meth:`_write_back`).
+        """
+        account, limit = charge.account, charge.limit
         self._store_error(failure)
-        if self.fallback.allows(account, now, self.window, limit):
+        if self.fallback.allows(account, charge.now, self.window, limit):
+            if self.on_error.word != "DEFER_IF_PERMIT":
+                self.unwritten.append(charge)
             return Verdict(self.on_error, self.name, account, "store error: fallback limiter allows")
         text = self.texts.render(
             "over_limit_fallback", account=account, limit=limit, window=format_duration(self.window)
         )
         return Verdict(Action("DEFER", f"4.7.1 {text}"), self.name, account, "store error: fallback limit")
+
+    def _write_back(self) -> None:
+        """Count in the store, in order, the recipients let through while it could not answer.
+
+        Each keeps its time, so it leaves the window when it would have; one
+        too old to matter is dropped.  Counting them may block the account
+        at its next recipient, as if the store had never been away.  A store
+        that fails again keeps the rest for its next answer.  (A recipient
+        whose count reached the store but whose answer did not is counted
+        twice: the stricter error.)
+        """
+        self._writing_back = True
+        written = 0
+
+        def step() -> None:
+            nonlocal written
+            turn = 0
+            while self.unwritten:
+                turn += 1
+                if turn > WRITE_BACK_BATCH:
+                    # A store that answers at once would hold the reactor: go on next turn.
+                    self.clock.callLater(0, step)
+                    return
+                charge = self.unwritten[0]
+                if charge.now <= self.clock.seconds() - charge.window:
+                    self.unwritten.popleft()
+                    continue
+                counted = self.store.admit(attrs.evolve(charge, limit=UNLIMITED))
+                result = settled(counted)
+                if result is None:
+                    counted.addCallbacks(went_on, stopped)
+                    return
+                if isinstance(result, Failure):
+                    stopped(result)
+                    return
+                self.unwritten.popleft()
+                written += 1
+            finished()
+
+        def went_on(_: Admission) -> None:
+            nonlocal written
+            self.unwritten.popleft()
+            written += 1
+            step()
+
+        def stopped(failure: Failure) -> None:
+            log.error("store error while counting %d recipients let through during its outage: %s",
+                      len(self.unwritten), failure.getErrorMessage() or failure.type.__name__)
+            finished()
+
+        def finished() -> None:
+            self._writing_back = False
+            if written:
+                log.info("counted in the store %d recipients let through while it could not answer", written)
+
+        step()
 
     # --- give-back of unfinished transactions ---------------------------
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.task import Clock
 
+from policyd import quota
 from policyd.errors import StoreError
 from policyd.policy import PolicyService
 from policyd.protocol import Action
@@ -270,6 +272,86 @@ def test_fallback_counts_what_the_store_let_through() -> None:
     send(svc, 4)
     svc.quota.store = FailingStore("error")
     assert send(svc, 3) == ["DUNNO", "DEFER", "DEFER"]
+
+
+class FlakyStore(MemoryStore):
+    """A memory store that fails while ``down`` (and counts the admits it was asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    def admit(self, charge: Any) -> Deferred[Any]:
+        if self.down:
+            return fail(StoreError("disk I/O error"))
+        return super().admit(charge)
+
+
+def usage(store: MemoryStore, clock: Clock, account: str = "alice") -> int:
+    counted: list[int] = []
+    store.usage(account, now=clock.seconds(), window=3600).addCallback(counted.append)
+    return counted[0]
+
+
+def test_recipients_let_through_during_an_outage_are_counted_when_the_store_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the fallback limiter let through reaches the store, with its time, and can block the account."""
+    store = FlakyStore()
+    svc, clock, _ = service(store=store)
+    assert send(svc, 1) == ["DUNNO"]
+    store.down = True
+    clock.advance(10)
+    assert send(svc, 3) == ["DUNNO"] * 3
+    assert usage(store, clock) == 1 and len(svc.quota.unwritten) == 3
+    store.down = False
+    clock.advance(10)
+    with caplog.at_level(logging.INFO, "policyd.quota"):
+        assert send(svc, 1) == ["DUNNO"]
+    assert "counted in the store 3 recipients let through" in caplog.text
+    assert usage(store, clock) == 5 and not svc.quota.unwritten
+    times = sorted(at for at, *_ in store.sends["alice"])
+    assert times == [1_700_000_000.0, *[1_700_000_010.0] * 3, 1_700_000_020.0]
+    assert send(svc, 1) == ["REJECT"]  # the sixth recipient in the hour: blocked
+
+
+def test_a_store_failing_again_keeps_the_rest_and_old_recipients_are_dropped() -> None:
+    """Counting after an outage stops at the next failure, and what left the window is not counted."""
+    store = FlakyStore()
+    svc, clock, _ = service(store=store)
+    store.down = True
+    assert send(svc, 2) == ["DUNNO"] * 2
+    clock.advance(3601)
+    assert send(svc, 2) == ["DUNNO"] * 2
+    assert len(svc.quota.unwritten) == 4
+    store.down = False
+    assert send(svc, 1) == ["DUNNO"]
+    assert usage(store, clock) == 3 and not svc.quota.unwritten  # the first two were over an hour old
+
+
+def test_a_long_outage_is_counted_a_batch_per_reactor_turn() -> None:
+    """With a store that answers at once, counting after an outage leaves the reactor between batches."""
+    store = FlakyStore()
+    svc, clock, _ = service(store=store, base="local_domains: [example.org]\noutbound:\n  limit: 2000\n")
+    store.down = True
+    assert set(send(svc, 1200)) == {"DUNNO"}
+    store.down = False
+    send(svc, 1)
+    assert usage(store, clock) == 1 + quota.WRITE_BACK_BATCH
+    assert len(svc.quota.unwritten) == 1200 - quota.WRITE_BACK_BATCH  # the rest waits for the reactor
+    clock.advance(0)
+    assert usage(store, clock) == 1201 and not svc.quota.unwritten
+
+
+def test_deferred_recipients_of_an_outage_are_not_counted_afterwards() -> None:
+    """With store.on_error defer_if_permit nothing went out during the outage: nothing to count later."""
+    store = FlakyStore()
+    svc, clock, _ = service("store:\n  on_error: defer_if_permit\n", store=store)
+    store.down = True
+    assert send(svc, 2) == ["DEFER_IF_PERMIT"] * 2
+    store.down = False
+    assert send(svc, 1) == ["DUNNO"]
+    assert usage(store, clock) == 1
 
 
 def test_give_back_of_unfinished_transaction() -> None:
