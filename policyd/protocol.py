@@ -35,9 +35,12 @@ log = logging.getLogger("policyd.protocol")
 _NAME = re.compile(rb"[A-Za-z0-9_.\-]+")
 # C0 controls other than TAB, and DEL: never in a value Postfix sends.
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# A whole well-formed request without its final empty line.
-_ATTRIBUTE = rb"[A-Za-z0-9_.\-]+=[^\x00-\x08\x0a-\x1f\x7f]*"
-_REQUEST = re.compile(_ATTRIBUTE + rb"(?:\n" + _ATTRIBUTE + rb")*")
+# A whole well-formed request without its final empty line.  The repeats are
+# possessive: nothing they take could be given back to make a match (a name
+# never holds "=", a value never holds a newline), and not keeping the
+# positions to go back to makes the match twice as fast.
+_ATTRIBUTE = rb"[A-Za-z0-9_.\-]++=[^\x00-\x08\x0a-\x1f\x7f]*+"
+_REQUEST = re.compile(_ATTRIBUTE + rb"(?:\n" + _ATTRIBUTE + rb")*+")
 
 
 class Request:

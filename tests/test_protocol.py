@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import socket
 
 import pytest
@@ -12,6 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
 
+from policyd import protocol
 from policyd.config import Limits
 from policyd.netlists import NetworkSet
 from policyd.protocol import DUNNO, Action, PolicyFactory, PolicyProtocol, Request
@@ -340,3 +342,24 @@ def test_replies_go_straight_to_the_socket_and_the_rest_waits_in_the_transport()
     finally:
         ours.close()
         theirs.close()
+
+
+def test_the_request_pattern_accepts_what_a_line_by_line_check_accepts() -> None:
+    """The one regular expression that checks a request agrees with the plain reading of the rules."""
+
+    name_bytes = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+
+    def plain(block: bytes) -> bool:
+        for line in block.split(b"\n"):
+            name, equals, value = line.partition(b"=")
+            if not equals or not name or any(c not in name_bytes for c in name):
+                return False
+            if any(c < 9 or 10 <= c < 32 or c == 127 for c in value):
+                return False
+        return True
+
+    pick = random.Random(11)
+    pieces = [b"a", b"Z9", b"_", b".", b"-", b"=", b"==", b"\n", b"\t", b" ", b"\x00", b"\x7f", b"\x1b", b"\xc3\xa9"]
+    for _ in range(20_000):
+        block = b"".join(pick.choice(pieces) for _ in range(pick.randint(1, 12)))
+        assert bool(protocol._REQUEST.fullmatch(block)) == plain(block), block
