@@ -276,6 +276,7 @@ def run_load(target: Target, kind: str, args: argparse.Namespace) -> dict[str, A
     """One run of one kind against a target, with both sides' CPU use."""
     cpu_before, own_before = cpu_seconds(target.pid), time.process_time()
     wait_before, own_wait_before = runqueue_wait(target.pid), runqueue_wait(os.getpid())
+    steal_before = bench_postfix.cpu_steal(SERVER_CPU)
     started = time.perf_counter()
     if kind == "paced":
         figures = bench_load.paced(target.port, args.rate, args.connections, args.seconds,
@@ -289,6 +290,7 @@ def run_load(target: Target, kind: str, args: argparse.Namespace) -> dict[str, A
     figures["generator_cpu"] = round((time.process_time() - own_before) / wall, 2)
     figures["server_wait"] = round((runqueue_wait(target.pid) - wait_before) / wall, 3)
     figures["generator_wait"] = round((runqueue_wait(os.getpid()) - own_wait_before) / wall, 3)
+    figures["server_steal"] = round((bench_postfix.cpu_steal(SERVER_CPU) - steal_before) / wall, 3)
     return figures
 
 
@@ -318,6 +320,7 @@ def summarise(target: Target) -> dict[str, Any]:
         "server_cpu": round(median(throughput, "server_cpu"), 2),
         "server_wait": round(median(throughput, "server_wait"), 3),
         "paced_server_wait": round(median(paced, "server_wait"), 3),
+        "paced_server_steal": round(median(paced, "server_steal"), 3),
         "generator_cpu": round(median(throughput, "generator_cpu"), 2),
         "pipelining": target.pipelining,
         "pipelined_rps": round(median(pipelined, "rps")) if pipelined else None,
@@ -476,7 +479,7 @@ def table(report: dict[str, Any]) -> str:
         "",
     ]
     header = (f"{'target':26} {'req/s':>7} {'p99 ms':>7} {'cpu':>5} {'wait':>5} {'piped':>7} | "
-              f"{'paced p50':>9} {'p95':>6} {'p99':>7} {'wait':>5} | {'RSS MiB':>7} {'refused':>7} "
+              f"{'paced p50':>9} {'p95':>6} {'p99':>7} {'wait':>5} {'steal':>5} | {'RSS MiB':>7} {'refused':>7} "
               f"{'lost':>5} {'bad':>4}")
     lines += [header, "-" * len(header)]
     for row in report["targets"]:
@@ -495,7 +498,8 @@ def table(report: dict[str, Any]) -> str:
             f"{fmt(round(row['server_cpu'] * 100), 4)}% {fmt(round(row['server_wait'] * 100), 4)}% "
             f"{fmt(piped, 7)} | "
             f"{fmt(row['paced_p50_ms'], 9, 2)} {fmt(row['paced_p95_ms'], 6, 2)} "
-            f"{fmt(row['paced_p99_ms'], 7, 2)} {fmt(round(row['paced_server_wait'] * 100), 4)}% | "
+            f"{fmt(row['paced_p99_ms'], 7, 2)} {fmt(round(row['paced_server_wait'] * 100), 4)}% "
+            f"{fmt(round(row['paced_server_steal'] * 100), 4)}% | "
             f"{fmt(row['rss_kb'] / 1024, 7, 1)} "
             f"{fmt(row['refused'], 7)} {fmt(row['lost'], 5)} {fmt(row['malformed'], 4)}")
     postfix = report["postfix"]
@@ -531,7 +535,8 @@ def table(report: dict[str, Any]) -> str:
     lines += ["", "req/s: one request outstanding per connection, as Postfix sends them; piped: "
               f"{a['depth']} outstanding ('no': the target answers only the first of pipelined "
               "requests); cpu: the target's CPU use; wait: time it was runnable but waited for its "
-              "CPU (other processes on the machine); bad: malformed replies; *: the generator "
+              "CPU (other processes on the machine); steal: time the hypervisor took the target's CPU "
+              "away from this machine (a few % makes latency figures noisy); bad: malformed replies; *: the generator "
               "used its whole CPU, so the target may answer more"]
     for note in report["notes"]:
         lines.append(f"note: {note}")

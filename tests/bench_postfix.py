@@ -102,13 +102,23 @@ def _client(mta: PostfixInstance, login: str, count: int, per_session: int, tag:
             sent += 1
 
 
-def cpu_busy(cpu: int) -> float:
-    """Seconds CPU ``cpu`` has spent busy (not idle, not waiting for I/O) since boot."""
+def _cpu_ticks(cpu: int) -> list[int]:
+    """The /proc/stat counters of CPU ``cpu``: user nice system idle iowait irq softirq steal ..."""
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{cpu} "):
-            ticks = [int(v) for v in line.split()[1:]]
-            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-    return 0.0
+            return [int(v) for v in line.split()[1:]]
+    return [0] * 8
+
+
+def cpu_busy(cpu: int) -> float:
+    """Seconds CPU ``cpu`` has spent busy (not idle, not waiting for I/O) since boot."""
+    ticks = _cpu_ticks(cpu)
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_steal(cpu: int) -> float:
+    """Seconds the hypervisor has taken CPU ``cpu`` away from this machine since boot."""
+    return _cpu_ticks(cpu)[7] / os.sysconf("SC_CLK_TCK")
 
 
 def batch(setup: Setup, messages: int, clients: int, per_session: int, tag: str,
