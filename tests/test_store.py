@@ -226,6 +226,27 @@ async def test_checkpoints_run_in_a_thread(tmp_path: Path) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_idle_server_does_not_checkpoint_again(tmp_path: Path) -> None:
+    """Once the log is copied, checkpoints wait for the next write (of this process or another)."""
+    from twisted.internet.task import deferLater
+
+    path = str(tmp_path / "state.db")
+    server = SQLiteStore(path, reactor=reactor)
+    await server.admit(Charge("alice", T0, HOUR, 10, 60, "r"))
+    await deferLater(reactor, 2.5, lambda: None)
+    settled = server.checkpoints
+    assert settled >= 1
+    await deferLater(reactor, 2.5, lambda: None)
+    assert server.checkpoints == settled  # nothing written: no thread woken
+    other = SQLiteStore(path)
+    await other.admit(Charge("bob", T0, HOUR, 10, 60, "r"))
+    await other.close()
+    await deferLater(reactor, 2.5, lambda: None)
+    assert server.checkpoints > settled
+    await server.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_windows_in_memory_follow_another_process_changes(tmp_path: Path) -> None:
     """Another process's give-back, manual block and new block reach a server's copy in memory."""
     path = str(tmp_path / "state.db")

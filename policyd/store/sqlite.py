@@ -220,6 +220,12 @@ PRUNE_BATCH = 500
 CHECKPOINT_EVERY = 1.0
 
 
+def _file_state(path: str) -> tuple[int, int]:
+    """A file's size and modification time (nanoseconds): what changes when it is written."""
+    found = os.stat(path)
+    return found.st_size, found.st_mtime_ns
+
+
 class SQLiteStore:
     """State in one SQLite file.
 
@@ -258,6 +264,10 @@ class SQLiteStore:
         self._written: list[tuple[str, float, str, str]] = []
         self._commit_call: Any = None
         self._checkpointing = False
+        #: The log file's (size, modification time) when the last checkpoint began.
+        self._checkpointed: tuple[int, int] | None = None
+        #: Checkpoints started (for tests and curious admins).
+        self.checkpoints = 0
         self._checkpointer: LoopingCall | None = None
         try:
             if path != ":memory:":
@@ -278,11 +288,22 @@ class SQLiteStore:
             raise StoreError(f"cannot open SQLite store {path}: {error}") from None
 
     def _checkpoint(self) -> None:
-        """Copy the log into the database from a thread (PASSIVE: never blocks writers)."""
+        """Copy the log into the database from a thread (PASSIVE: never blocks writers).
+
+        Skipped while the log is as the last checkpoint left it (no process
+        wrote since): an idle server does not wake a thread every second.
+        """
         if self._checkpointing:
             return
-        self._checkpointing = True
         path = self.path
+        try:
+            log_state = _file_state(path + "-wal")
+        except OSError:
+            log_state = None
+        if log_state is not None and log_state == self._checkpointed:
+            return
+        self._checkpointing = True
+        self.checkpoints += 1
 
         def work() -> None:
             connection = sqlite3.connect(path, timeout=1.0)
@@ -296,6 +317,7 @@ class SQLiteStore:
 
         def done(_: object) -> None:
             self._checkpointing = False
+            self._checkpointed = log_state
 
         reactor: Any = self.reactor
         deferToThreadPool(reactor, reactor.getThreadPool(), work).addErrback(failed).addBoth(done)
