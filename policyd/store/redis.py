@@ -127,6 +127,12 @@ CONNECTIONS = 32
 #: Most recipients counted in one pipeline.
 ADMIT_BATCH = 256
 
+#: A recipient waiting for its pipeline: account, script keys and arguments, its answer.
+_Admit = tuple[str, list[str], list[Any], Deferred[Admission]]
+
+#: Errors of reading a reply that is not what our scripts return.
+_UNREADABLE = (ValueError, TypeError, KeyError, IndexError)
+
 #: Accounts handled by one prune script: bounds how long one script holds
 #: Redis (which runs scripts one at a time) when many accounts are active.
 PRUNE_BATCH = 200
@@ -496,7 +502,7 @@ class RedisStore:
         self._claim_release = register(_CLAIM_RELEASE)
 
         #: Recipients counted this turn, sent together by _send_admits.
-        self._admits: list[tuple[str, list[str], list[Any], Deferred[Admission]]] = []
+        self._admits: list[_Admit] = []
 
     @staticmethod
     def _url_secrets(url: str) -> list[str]:
@@ -520,18 +526,20 @@ class RedisStore:
                 raise StoreError(
                     f"Redis store {self.name}: no answer within {self.deadline:g}s ({what})"
                 ) from None
-            except (RedisError, OSError) as error:
-                raise StoreError(
-                    f"Redis store {self.name}: {what}: {_one_line(error, self._secrets)}"
-                ) from None
-            except (ValueError, TypeError, KeyError, IndexError) as error:
-                # Keys of ours holding something else: the reply cannot be read.
-                raise StoreError(
-                    f"Redis store {self.name}: {what}: unexpected data ({type(error).__name__}: "
-                    f"{_one_line(error, self._secrets)})"
-                ) from None
+            except (RedisError, OSError, *_UNREADABLE) as error:
+                raise self._error(what, error) from None
 
         return Deferred.fromFuture(asyncio.ensure_future(bounded()))
+
+    def _error(self, what: str, error: Exception) -> StoreError:
+        """The one-line error of an operation that Redis refused or whose reply cannot be read."""
+        if isinstance(error, _UNREADABLE):
+            # Keys of ours holding something else: the reply cannot be read.
+            return StoreError(
+                f"Redis store {self.name}: {what}: unexpected data ({type(error).__name__}: "
+                f"{_one_line(error, self._secrets)})"
+            )
+        return StoreError(f"Redis store {self.name}: {what}: {_one_line(error, self._secrets)}")
 
     # --- quota ------------------------------------------------------------
 
@@ -584,15 +592,12 @@ class RedisStore:
         def answered(replies: list[Any]) -> None:
             for (account, _, _, waiting), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
-                    waiting.errback(StoreError(f"Redis store {self.name}: admit: {_one_line(reply, self._secrets)}"))
+                    waiting.errback(self._error("admit", reply))
                     continue
                 try:
                     admission = _admission(account, reply)
-                except (ValueError, TypeError, KeyError, IndexError) as error:
-                    waiting.errback(StoreError(
-                        f"Redis store {self.name}: admit: unexpected data ({type(error).__name__}: "
-                        f"{_one_line(error, self._secrets)})"
-                    ))
+                except _UNREADABLE as error:
+                    waiting.errback(self._error("admit", error))
                     continue
                 waiting.callback(admission)
 
@@ -602,7 +607,7 @@ class RedisStore:
 
         self._call(lambda: self._pipelined_admits(batch), "admit").addCallbacks(answered, failed)
 
-    async def _pipelined_admits(self, batch: list[tuple[str, list[str], list[Any], Deferred[Admission]]]) -> list[Any]:
+    async def _pipelined_admits(self, batch: list[_Admit]) -> list[Any]:
         """Every script call's reply, or its error; the script is loaded once if Redis lost it."""
         replies = await self._pipeline_admits(batch)
         if any(isinstance(reply, NoScriptError) for reply in replies):
@@ -610,7 +615,7 @@ class RedisStore:
             replies = await self._pipeline_admits(batch)
         return replies
 
-    async def _pipeline_admits(self, batch: list[tuple[str, list[str], list[Any], Deferred[Admission]]]) -> list[Any]:
+    async def _pipeline_admits(self, batch: list[_Admit]) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
         sha = self._admit.sha
         for _, keys, args, _ in batch:
