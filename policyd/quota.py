@@ -379,7 +379,6 @@ class OutboundQuota:
         written = 0
 
         def step() -> None:
-            nonlocal written
             turn = 0
             while self.unwritten:
                 turn += 1
@@ -399,14 +398,16 @@ class OutboundQuota:
                 if isinstance(result, Failure):
                     stopped(result)
                     return
-                self.unwritten.popleft()
-                written += 1
+                counted_one()
             finished()
 
-        def went_on(_: Admission) -> None:
+        def counted_one() -> None:
             nonlocal written
             self.unwritten.popleft()
             written += 1
+
+        def went_on(_: Admission) -> None:
+            counted_one()
             step()
 
         def stopped(failure: Failure) -> None:

@@ -343,6 +343,41 @@ def test_a_long_outage_is_counted_a_batch_per_reactor_turn() -> None:
     assert usage(store, clock) == 1201 and not svc.quota.unwritten
 
 
+class LaterStore(FlakyStore):
+    """A FlakyStore whose answers come later, when the test lets them go."""
+
+    bounded = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting: list[tuple[Deferred[Any], Any]] = []
+
+    def admit(self, charge: Any) -> Deferred[Any]:
+        later: Deferred[Any] = Deferred()
+        self.waiting.append((later, charge))
+        return later
+
+    def answer_all(self) -> None:
+        while self.waiting:
+            later, charge = self.waiting.pop(0)
+            super().admit(charge).chainDeferred(later)
+
+
+def test_a_store_that_answers_later_gets_the_outage_one_recipient_at_a_time() -> None:
+    """With a store that answers later, each recipient of the outage is sent once the one before is counted."""
+    store = LaterStore()
+    svc, clock, _ = service(store=store)
+    store.down = True
+    for _ in range(3):
+        maybeDeferred(svc.decide, request(rcpt(sasl_username="alice", recipient="x@gmail.com")))
+    store.answer_all()
+    assert len(svc.quota.unwritten) == 3
+    store.down = False
+    maybeDeferred(svc.decide, request(rcpt(sasl_username="alice", recipient="x@gmail.com")))
+    store.answer_all()
+    assert usage(store, clock) == 4 and not svc.quota.unwritten and not store.waiting
+
+
 def test_deferred_recipients_of_an_outage_are_not_counted_afterwards() -> None:
     """With store.on_error defer_if_permit nothing went out during the outage: nothing to count later."""
     store = FlakyStore()
