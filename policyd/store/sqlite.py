@@ -204,6 +204,8 @@ def _window(windows: dict[str, _Window], account: str) -> _Window:
     return state
 
 
+#: One counted recipient as a server holds it before writing: account, time, instance, client.
+_Row = tuple[str, float, str, str]
 #: One counted recipient, as a server writes it.
 _INSERT_SEND = "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)"
 #: ``marks`` name of the counter bumped by every change to sends and blocks that is not an append.
@@ -259,9 +261,9 @@ class SQLiteStore:
         #: When a server last looked for other connections' writes (reactor time).
         self._followed = -math.inf
         #: Counted recipients not written yet (a server writes them every WRITE_EVERY).
-        self._rows: list[tuple[str, float, str, str]] = []
+        self._rows: list[_Row] = []
         #: Rows written in the open transaction (kept for a retry if it fails).
-        self._written: list[tuple[str, float, str, str]] = []
+        self._written: list[_Row] = []
         self._commit_call: Any = None
         self._checkpointing = False
         #: The log file's (size, modification time) when the last checkpoint began.
@@ -286,6 +288,10 @@ class SQLiteStore:
                 self._checkpointer.start(CHECKPOINT_EVERY, now=False)
         except (sqlite3.Error, OSError) as error:
             raise StoreError(f"cannot open SQLite store {path}: {error}") from None
+
+    def _error(self, error: Exception) -> StoreError:
+        """The one-line error of an operation SQLite refused."""
+        return StoreError(f"SQLite store {self.path}: {error}")
 
     def _checkpoint(self) -> None:
         """Copy the log into the database from a thread (PASSIVE: never blocks writers).
@@ -359,7 +365,7 @@ class SQLiteStore:
             if db.in_transaction:
                 db.execute("COMMIT")
         except sqlite3.Error as error:
-            return fail(StoreError(f"SQLite store {self.path}: {error}"))
+            return fail(self._error(error))
         return succeed(result)
 
     def _grouped(self, work: Callable[[sqlite3.Connection], T]) -> Deferred[T]:
@@ -374,7 +380,7 @@ class SQLiteStore:
             # The whole group is rolled back: every write in it fails alike,
             # so the caller's fallback applies and nothing is half-counted.
             self._fail_group(error)
-            return fail(StoreError(f"SQLite store {self.path}: {error}"))
+            return fail(self._error(error))
         self._schedule(0)
         waiting: Deferred[T] = Deferred()
         self._group.append((waiting, result))
@@ -463,7 +469,7 @@ class SQLiteStore:
         except sqlite3.Error:
             pass
         for waiting, _ in group:
-            waiting.errback(StoreError(f"SQLite store {self.path}: {error}"))
+            waiting.errback(self._error(error))
 
     def admit(self, charge: Charge) -> Deferred[Admission]:
         """See :meth:`policyd.store.Store.admit`.
@@ -480,7 +486,7 @@ class SQLiteStore:
             self._keep_up()
             admission, row = self._count(db, charge)
         except sqlite3.Error as error:
-            return fail(StoreError(f"SQLite store {self.path}: {error}"))
+            return fail(self._error(error))
         if row is not None:
             self._rows.append(row)
             if self._commit_call is None:
@@ -504,7 +510,7 @@ class SQLiteStore:
             self._save_block(db, admission.block, charge.notify, admission)
         return admission
 
-    def _count(self, db: sqlite3.Connection, charge: Charge) -> tuple[Admission, tuple[str, float, str, str] | None]:
+    def _count(self, db: sqlite3.Connection, charge: Charge) -> tuple[Admission, _Row | None]:
         """Decide one recipient from the windows in memory; the row to write when it is counted."""
         account, now = charge.account, charge.now
         start = now - charge.window
@@ -671,7 +677,7 @@ class SQLiteStore:
             try:
                 self._keep_up()
             except sqlite3.Error as error:
-                return fail(StoreError(f"SQLite store {self.path}: {error}"))
+                return fail(self._error(error))
             if self._windows is not None:
                 state = self._windows.get(account)
                 block = None if state is None else state.block
@@ -1054,5 +1060,5 @@ class SQLiteStore:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.db.close()
         except sqlite3.Error as error:
-            return fail(StoreError(f"SQLite store {self.path}: {error}"))
+            return fail(self._error(error))
         return succeed(None)
