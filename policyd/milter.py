@@ -555,8 +555,7 @@ class MilterProtocol(Protocol):
                 raise ProtocolError("header packet without a name")
             name, _, rest = data.partition(b"\0")
             self.message.add_header(text(name), text(rest.partition(b"\0")[0]))
-            if not self.steps & SMFIP_NR_HDR:
-                self._send(packet(CONTINUE))
+            self._reply(SMFIP_NR_HDR)
         elif command == BODY and self.version:
             wants_more = self.message.add_body(data)
             if not self.steps & SMFIP_NR_BODY:
