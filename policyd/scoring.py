@@ -432,6 +432,8 @@ class SpamFilter:
             verdict = Verdict(tuple(changes) + tuple(delete_recipient(r) for r in held), ACCEPT)
             if held:
                 outcome = f"spam, held for {len(held)} of {len(message.recipients)} recipients"
+        # info() checks the level too, but only after the line is made: its
+        # parts (the queue id reads the macros) cost more than the check.
         if log.isEnabledFor(logging.INFO):
             logs.decisions.info(
                 log,
