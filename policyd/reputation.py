@@ -728,15 +728,13 @@ class NetworkReputation:
         if not reverse_wanted:
             cached = self.dns.cached_listings(address, self.zones)
             if cached is not None:
-                return self._assessed(address, sources, cached, look_up_names, False, client_name, reverse_name)
+                return self._assessed(address, sources, cached, False, client_name, reverse_name)
         lookups: dict[str, Deferred[Any]] = {f"zone:{z}": self.dns.listing(address, z) for z in self.zones}
         if reverse_wanted:
             lookups["reverse-dns"] = self.dns.reverse_dns(address)
         answered = within(self.clock, self.deadline, lookups)
         return answered.addCallback(
-            lambda results: self._assessed(
-                address, sources, results, look_up_names, reverse_wanted, client_name, reverse_name
-            )
+            lambda results: self._assessed(address, sources, results, reverse_wanted, client_name, reverse_name)
         )
 
     def _assessed(
@@ -744,13 +742,12 @@ class NetworkReputation:
         address: IPAddress,
         sources: list[Points],
         results: dict[str, Any],
-        look_up_names: bool,
         reverse_wanted: bool,
         client_name: str | None,
         reverse_name: str | None,
     ) -> Assessment:
         """The assessment once the look-ups are answered (or the deadline passed)."""
-        if look_up_names:
+        if client_name is None and reverse_name is None:  # Postfix did not say: our own look-ups
             reverse: ReverseDns = results.get(
                 "reverse-dns", ReverseDns("unknown", detail="no answer within dns.deadline")
             )
