@@ -11,7 +11,7 @@ TEST_DEBS ?= redis-server postfix sasl2-bin libsasl2-modules chromium chromium-d
 BENCH_DEBS ?= postfwd
 export DEBIAN_FRONTEND = noninteractive
 
-.PHONY: run test lint typecheck bench eval model venv test-deps clean
+.PHONY: run test test-unit lint typecheck bench eval model venv test-deps clean
 
 $(BIN)/policyd: setup.cfg pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq python3-venv python3-pip; }
@@ -47,6 +47,10 @@ lint: $(BIN)/pytest
 
 test: $(BIN)/pytest test-deps lint
 	$(BIN)/pytest -q
+
+# The fast half: unit tests in memory, no real server (well under a minute).
+test-unit: $(BIN)/pytest
+	$(BIN)/pytest -q -m "not integration" tests/unit
 
 bench: $(BIN)/pytest test-deps
 	@dpkg-query -W -f='$${Status}' $(BENCH_DEBS) 2>/dev/null | grep -q "ok installed" || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BENCH_DEBS) >/dev/null; }

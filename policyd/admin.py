@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from policyd.accounts import Accounts
+from policyd.checks.accounts import Accounts
 from policyd.config import Config, format_duration, parse_duration
 from policyd.errors import UsageError
 from policyd.store import AuditEntry, Block, Exemption, Store

@@ -3,7 +3,7 @@
 A new block puts one ``block`` notice per recipient (help desk, the IT
 contact of the account's organisation, optionally the user) in the store's
 outbox in the same atomic step as the block itself; the quarantine digest
-(:mod:`policyd.digest`) puts one ``digest`` notice per recipient with held
+(:mod:`policyd.quarantine.digest`) puts one ``digest`` notice per recipient with held
 mail.  The :class:`Notifier` writes each mail when it sends it and sends it
 through ``notify.smtp`` with ``twisted.mail``, apart from the policy
 replies, so a slow or dead relay never delays a decision; a failed attempt
@@ -30,7 +30,7 @@ from policyd.store import Notice, Store
 from policyd.texts import Texts
 
 if TYPE_CHECKING:
-    from policyd.digest import DigestMail
+    from policyd.quarantine.digest import DigestMail
 
 log = logging.getLogger("policyd.notify")
 
@@ -81,7 +81,7 @@ class Notifier:
     :param reactor: reactor for timers and connections.
     :param send: ``send(sender, recipient, message) -> Deferred``; SMTP
         through ``notify.smtp`` unless given (tests pass their own).
-    :param digest: writes ``digest`` notices (:class:`policyd.digest.DigestMail`);
+    :param digest: writes ``digest`` notices (:class:`policyd.quarantine.digest.DigestMail`);
         without it they wait in the outbox, retried, until one is given.
     """
 

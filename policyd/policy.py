@@ -11,13 +11,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from policyd.checks import Verdict
+from policyd.checks.quota import OutboundQuota
+from policyd.checks.reputation import NetworkReputation
 from policyd.config import Config, read_domain_list
 from policyd.logs import decisions
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
-from policyd.protocol import DUNNO, Action, Request
-from policyd.quota import OutboundQuota
-from policyd.reputation import NetworkReputation
+from policyd.protocols.policy import DUNNO, Action, Request
 from policyd.store import AuditEntry, Block, Store
 
 errors = logging.getLogger("policyd.policy")

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
-from policyd.protocol import Request
+from policyd.protocols.policy import Request
 from policyd.store.memory import MemoryStore
 
 __all__ = ["FakeMTA", "MemoryStore", "MilterReply", "PolicyClient", "encode", "rcpt"]
@@ -68,7 +68,7 @@ def rcpt(
 
 
 def request(attributes: dict[str, str], session: object = None) -> Request:
-    """A parsed :class:`~policyd.protocol.Request` from attributes."""
+    """A parsed :class:`~policyd.protocols.policy.Request` from attributes."""
     return Request(dict(attributes), "test", session)
 
 
@@ -155,7 +155,7 @@ class FakeMTA:
     """Drives a milter protocol in memory the way Postfix does (milter protocol 6).
 
     Connect it to any :class:`~twisted.internet.interfaces.IProtocol` (a
-    :class:`policyd.milter.MilterProtocol`): it writes packets into the
+    :class:`policyd.protocols.milter.MilterProtocol`): it writes packets into the
     protocol and reads the replies from a ``StringTransport``, waiting for
     a reply only where the negotiated steps say one comes.
 

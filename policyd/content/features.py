@@ -1,0 +1,577 @@
+"""What the classifier sees of a message: tokens and text, from its headers and MIME parts.
+
+:func:`message_features` reads a message as the milter receives it from
+the MTA (header fields, then the body); :func:`extract` reads one as bytes
+(a file, for training and ``policyd score``) by splitting it the same way
+first (:func:`split_message`), so the milter and training see the same
+features.  Every text part is decoded (base64, quoted-printable, RFC 2047
+headers, any charset), HTML is reduced to text, URLs and their domains are
+collected, and the result is :class:`Features`:
+
+- ``tokens``: words of the body and Subject, words of selected headers
+  prefixed with the header's name (``from:gmail``), header names present,
+  URL domains (``url:example.biz``, and the registered domain), attachment
+  types, and a few facts about the structure (``meta:html-only``);
+- ``text``: the Subject and the body text, lower-cased and cut to
+  :data:`TEXT_CHARS`, from which the classifier takes character n-grams,
+  which catch what words miss (misspellings, French and English alike,
+  obfuscated spelling, words glued together).
+
+Words are Unicode words (``gagné``, ``l'offre``), lower-cased; an accented
+word also gives its unaccented form, since spam often drops the accents.
+Nothing here depends on a language.
+
+Most mail is a single text part.  Its body is decoded directly; only a
+message with parts (``multipart/*``, ``message/*``) goes through the
+:mod:`email` parser, and every leaf part, from either path, is read by the
+same code, so both give the same features (the tests check it).
+
+Everything is bounded: at most :data:`MAX_PARTS` MIME parts and
+:data:`MAX_TOKENS` tokens per message, whatever the message holds.
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.header
+import email.message
+import email.policy
+import functools
+import html
+import os
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import attrs
+
+#: Characters of Subject and body kept for character n-grams: the start of a
+#: message says what it is; the rest mostly repeats it (TREC results agree).
+TEXT_CHARS = 4000
+
+#: Body characters tokenised into words.
+WORD_CHARS = 60_000
+
+#: MIME parts looked at; a message with thousands of parts is an attack.
+MAX_PARTS = 64
+
+#: Lines that could delimit parts (``--boundary``) given to the email parser:
+#: a part has two at most, and some text lines start with ``--`` too.
+MAX_DELIMITERS = 4 * MAX_PARTS
+
+#: Header fields looked at; real mail has a few dozen.
+MAX_HEADER_FIELDS = 200
+
+#: Tokens per message; enough for any real mail.
+MAX_TOKENS = 8000
+
+#: Words of the body that also give word pairs.
+PAIRED_WORDS = 400
+
+#: Longest word kept: longer runs are identifiers, hashes and encoded junk.
+MAX_WORD = 30
+
+#: Body characters whose letters decide ``meta:body-shouting``.
+SHOUTING_CHARS = 5000
+
+#: Headers whose words are tokens, with the prefix they get.  Others only
+#: count by their presence (``hdr:x-mailer``).
+WORD_HEADERS = {
+    "subject": "subject",
+    "from": "from",
+    "reply-to": "reply-to",
+    "to": "to",
+    "cc": "cc",
+    "return-path": "return-path",
+    "sender": "sender",
+    "message-id": "message-id",
+    "x-mailer": "mailer",
+    "user-agent": "mailer",
+    "content-type": "content-type",
+    "received": "received",
+    "list-id": "list-id",
+    "list-unsubscribe": "list-unsubscribe",
+    "precedence": "precedence",
+    "organization": "organization",
+    "x-priority": "priority",
+    "importance": "priority",
+    "x-msmail-priority": "priority",
+    "mime-version": "mime-version",
+    "date": "date",
+    "content-transfer-encoding": "cte",
+}
+
+#: Headers that say nothing about the sender's mail: ours, and verdicts of
+#: other filters that a sender can forge at will.
+IGNORED_HEADERS = ("x-spam-", "x-policyd-", "x-virus-", "x-dspam-", "x-bogosity")
+
+#: The top-level headers that say how the body is made (the MIME structure).
+PART_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition")
+
+# A word: letters and digits, with ' ’ . - inside (l'offre, e-mail, v1.2), of
+# two characters at least: a run of two or more, or one with more after a
+# joiner.  Lower-case ASCII text (most mail) takes the narrower pattern, which
+# finds the same words faster; possessive repeats (nothing to backtrack into)
+# are faster still.
+_WORD = re.compile(r"[^\W_]{2,}+(?:['’.\-][^\W_]++)*+|[^\W_](?:['’.\-][^\W_]++)++")
+_ASCII_WORD = re.compile(r"[a-z0-9]{2,}+(?:['.\-][a-z0-9]++)*+|[a-z0-9](?:['.\-][a-z0-9]++)++")
+# A word never spans an ASCII character other than a letter, digit or joiner:
+# blanking those and splitting leaves chunks that are mostly one word each.
+_ASCII_NOT_IN_WORDS = {c: " " for c in range(128) if chr(c) not in "abcdefghijklmnopqrstuvwxyz0123456789'.-"}
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+")
+# Applied to lower-cased markup: a case-insensitive search would be several times slower.
+_HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
+# Where hidden markup starts (a comment, a script, a style sheet), and where each ends.
+_HIDDEN = re.compile(r"<!--|<(script|style)\b", re.IGNORECASE)
+_HIDDEN_END = {
+    None: re.compile(r"-->"),
+    "script": re.compile(r"</script\s*>", re.IGNORECASE),
+    "style": re.compile(r"</style\s*>", re.IGNORECASE),
+}
+# A tag holds no "<": a stray "<" is text, and the search stays linear.
+_TAG = re.compile(r"<[^<>]*+>")
+_TAG_NAME = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]*)")
+_SPACE = re.compile(r"\s+")
+_PATH = re.compile(r"[/?#\\]")
+_IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+# The domain of an address.  Starting with the "@" (the local part is only
+# looked behind) lets the search jump from one "@" to the next.
+_EMAIL = re.compile(r"@(?<=[\w.+\-]@)([\w\-]+(?:\.[\w\-]+)+)")
+# A header field's name (printable ASCII but the colon), then its colon;
+# like Postfix, blanks before the colon are allowed.
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+#: Second-level labels under which registrations happen (co.uk, com.fr, ...).
+_SECOND_LEVEL = frozenset({"co", "com", "net", "org", "gov", "ac", "edu", "gouv", "asso", "ne", "or"})
+# Bytes that are not ASCII letters, and not upper-case ones, deleted to count the rest.
+_NOT_LETTERS = bytes(b for b in range(256) if not (65 <= b <= 90 or 97 <= b <= 122))
+_NOT_UPPER = bytes(b for b in range(256) if not 65 <= b <= 90)
+
+
+@attrs.frozen
+class Features:
+    """What the classifier sees of one message.
+
+    :ivar tokens: word, header, URL and structure tokens (repeats removed).
+    :ivar text: Subject and body text, lower-cased, for character n-grams.
+    :ivar subject: the decoded Subject, for people.
+    """
+
+    tokens: tuple[str, ...]
+    text: str
+    subject: str = ""
+
+
+def decode_header(value: str) -> str:
+    """An RFC 2047 header value as text; undecodable pieces are kept as they are."""
+    if "=?" not in value:
+        return " ".join(value.split())
+    try:
+        return _SPACE.sub(" ", str(email.header.make_header(email.header.decode_header(value)))).strip()
+    except (ValueError, LookupError, UnicodeError, email.errors.HeaderParseError):
+        return " ".join(value.split())
+
+
+def parse(raw: bytes) -> email.message.Message:
+    """Parse a message leniently with the :mod:`email` package (never raises on malformed input)."""
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+def split_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """A message's header fields and its body, as an MTA gives them to a milter.
+
+    Like Postfix: a value loses the one space after the colon, folded lines
+    are joined with ``\\n`` (their leading blanks kept), bytes are read as
+    UTF-8 with other bytes kept as surrogate escapes
+    (:func:`policyd.protocols.milter.text`), and the headers end at the first empty
+    line, or at the first line that is not a header field (which then
+    starts the body).  An mbox ``From`` line at the start is skipped.
+    """
+    headers: list[tuple[str, str]] = []
+    size = len(raw)
+    position = 0
+    if raw.startswith(b"From "):
+        position = size if (newline := raw.find(b"\n")) < 0 else newline + 1
+    while position < size:
+        newline = raw.find(b"\n", position)
+        end = size if newline < 0 else newline
+        line = raw[position:end]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            position = end + 1
+            break
+        if line[0] in b" \t":
+            if not headers:
+                break
+            name, value = headers[-1]
+            headers[-1] = (name, value + "\n" + line.decode("utf-8", "surrogateescape"))
+        else:
+            field = _FIELD_NAME.match(line)
+            if field is None:
+                break
+            rest = line[field.end() :]
+            if rest[:1] == b" ":
+                rest = rest[1:]
+            headers.append((field.group(1).decode("ascii"), rest.decode("utf-8", "surrogateescape")))
+        position = end + 1
+    return headers, raw[position:]
+
+
+def html_to_text(markup: str) -> tuple[str, list[str], list[str]]:
+    """Reduce HTML to its visible text; also return its links (lower-cased) and its tag names.
+
+    Comments, scripts and style sheets are dropped (one left open hides the
+    rest, as in a browser), then tags.  Time is linear in the length of the
+    markup, whatever it holds.
+    """
+    links = _HREF.findall(markup.lower())
+    tags = [t.lower() for t in _TAG_NAME.findall(markup[:200_000])]
+    shown = []
+    position = 0
+    while (start := _HIDDEN.search(markup, position)) is not None:
+        shown.append(markup[position : start.start()])
+        kind = start.group(1)
+        end = _HIDDEN_END[kind.lower() if kind else None].search(markup, start.end())
+        if end is None:
+            position = len(markup)
+            break
+        position = end.end()
+    shown.append(markup[position:])
+    text = _TAG.sub(" ", " ".join(shown))
+    return html.unescape(text), links, tags
+
+
+def _payload_text(part: email.message.Message, charset: str | None) -> str:
+    """The decoded text of a leaf part, whatever its encoding and charset claim."""
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    try:
+        return payload.decode(charset or "utf-8", "replace")
+    except (LookupError, UnicodeError):
+        return payload.decode("latin-1")
+
+
+# Parsing a header's parameters is the slow part of reading a part: these
+# skip it when the parameter cannot be there (the answer is the same).
+
+
+def _filename(part: email.message.Message) -> str | None:
+    """``part.get_filename()``."""
+    if "content-disposition" not in part and "name" not in str(part.get("content-type", "")).lower():
+        return None
+    return part.get_filename()
+
+
+def _charset(part: email.message.Message) -> str | None:
+    """``part.get_content_charset()``."""
+    if "charset" not in str(part.get("content-type", "")).lower():
+        return None
+    return part.get_content_charset()
+
+
+@functools.cache
+def _combining_marks() -> re.Pattern[str]:
+    """Every combining character (accents once decomposed); all of them lie in planes 0 and 1."""
+    marks = "".join(chr(c) for c in range(0x20000) if unicodedata.combining(chr(c)))
+    return re.compile(f"[{re.escape(marks)}]")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words of 2 to :data:`MAX_WORD` characters, in order."""
+    lowered = text.lower()
+    found = _ascii_words(lowered) if lowered.isascii() else _WORD.findall(lowered)
+    if len(lowered) > MAX_WORD and found and max(map(len, found)) > MAX_WORD:
+        return [word for word in found if len(word) <= MAX_WORD]
+    return found
+
+
+def _ascii_words(lowered: str) -> list[str]:
+    """What ``_ASCII_WORD.findall`` finds, twice as fast: a chunk of letters and digits only is one word."""
+    found: list[str] = []
+    add = found.append
+    for chunk in lowered.translate(_ASCII_NOT_IN_WORDS).split():
+        if chunk.isalnum():
+            if len(chunk) > 1:
+                add(chunk)
+        else:
+            found.extend(_ASCII_WORD.findall(chunk))
+    return found
+
+
+def unaccented(found: Sequence[str]) -> list[str]:
+    """The unaccented forms of the accented words among ``found`` (``été`` -> ``ete``)."""
+    accented = [word for word in found if not word.isascii()]
+    if not accented:
+        return []
+    # One normalisation for all of them; no decomposition holds a newline.
+    plain = _combining_marks().sub("", unicodedata.normalize("NFKD", "\n".join(accented))).split("\n")
+    return [bare for bare, word in zip(plain, accented, strict=True) if bare != word]
+
+
+def domain_of(url: str) -> str:
+    """The host of a URL (``https://a.b.example/x`` -> ``a.b.example``), lower-cased."""
+    rest = url.split("://", 1)[-1]
+    host = _PATH.split(rest, maxsplit=1)[0]
+    host = host.rsplit("@", 1)[-1].split(":", 1)[0]
+    return host.strip(".").lower()
+
+
+def registered_domain(host: str) -> str:
+    """The domain under which ``host`` was registered (``a.b.example.co.uk`` -> ``example.co.uk``)."""
+    labels = host.split(".")
+    if len(labels) >= 3 and labels[-2] in _SECOND_LEVEL and len(labels[-1]) == 2:
+        return ".".join(labels[-3:])
+    return ".".join(labels[-2:])
+
+
+def url_tokens(urls: Iterable[str]) -> Iterator[str]:
+    """Tokens of links: their hosts, registered domains and a few telling facts."""
+    for url in urls:
+        host = domain_of(html.unescape(url))
+        if not host or "." not in host:
+            continue
+        if _IP_HOST.match(host):
+            yield "url:ip-address"
+            continue
+        yield f"url:{host}"
+        yield f"url-domain:{registered_domain(host)}"
+        if url.lower().startswith("https"):
+            yield "url:https"
+        if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+            yield "url:userinfo"
+
+
+def _bucket(value: int) -> int:
+    """A rough size class: 0, 1, 2-3, 4-7, 8-15, ..."""
+    return value.bit_length()
+
+
+def _shouting(text: str) -> bool:
+    """Whether most of the (ASCII) letters of ``text`` are capitals; bytes.translate counts them in C."""
+    data = text.encode("utf-8", "surrogatepass")
+    letters = len(data.translate(None, _NOT_LETTERS))
+    return letters > 40 and len(data.translate(None, _NOT_UPPER)) > 0.5 * letters
+
+
+def _first_delimiters(body: bytes) -> bytes:
+    """The body up to its :data:`MAX_DELIMITERS`-th line that could delimit a part (starts with ``--``).
+
+    The email parser's time grows with such lines, and with their nesting
+    faster still (thousands of them took seconds); more than MAX_PARTS
+    parts are not looked at anyway.
+    """
+    position = 0
+    for _ in range(MAX_DELIMITERS):
+        position = body.find(b"\n--", position) + 1
+        if not position:
+            return body
+    return body[:position]
+
+
+def _parts(fields: dict[str, str], body: bytes, mime_parser: bool) -> Iterator[email.message.Message]:
+    """The MIME parts of a body whose top-level headers are ``fields`` (as :meth:`Message.walk` gives them).
+
+    A single part is made into a :class:`~email.message.Message` directly;
+    a body with parts is parsed by the :mod:`email` package (also a single
+    part when ``mime_parser``: the two agree).
+    """
+    # Header values as the email parser holds them: bytes read as ASCII, others as surrogate escapes.
+    raw_fields = {name: value.encode("utf-8", "surrogateescape") for name, value in fields.items()}
+    top = email.message.Message()
+    for name, value in raw_fields.items():
+        top[name] = value.decode("ascii", "surrogateescape")
+    has_parts = top.get_content_maintype() in ("multipart", "message")
+    if has_parts or mime_parser:
+        if has_parts:
+            body = _first_delimiters(body)
+        block = b"".join(b"%s: %s\r\n" % (name.encode(), value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+                         for name, value in raw_fields.items())
+        yield from parse(block + b"\r\n" + body).walk()
+        return
+    # What the email parser would keep of a single part: the body as it is.
+    top.set_payload(body.decode("ascii", "surrogateescape"))
+    yield top
+
+
+def extract(raw: bytes, max_bytes: int | None = None) -> Features:
+    """The tokens and text of a message as bytes (a file, or as received).
+
+    :param max_bytes: read at most this much of ``raw`` (a huge message is
+        judged on its start).
+    """
+    if max_bytes is not None and len(raw) > max_bytes:
+        raw = raw[:max_bytes]
+    headers, body = split_message(raw)
+    return message_features(headers, body)
+
+
+def message_features(
+    headers: Sequence[tuple[str, str]], body: bytes, mime_parser: bool = False
+) -> Features:
+    """The tokens and text of a message as the milter gets it: header fields, then the body.
+
+    :param headers: (name, value) in order, values as the MTA gives them
+        (or :func:`split_message`).
+    :param body: the body as received (MIME encoded).
+    :param mime_parser: parse even a single-part body with the :mod:`email`
+        package (slower; the result is the same).
+    """
+    tokens: list[str] = []
+    add = tokens.append
+
+    # --- headers ---
+    subject = ""
+    fields: dict[str, str] = {}
+    for name, value in headers[:MAX_HEADER_FIELDS]:
+        lower = name.lower()
+        if lower.startswith(IGNORED_HEADERS):
+            continue
+        add(f"hdr:{lower[:40]}")
+        if lower in PART_HEADERS and lower not in fields:
+            fields[lower] = value
+        prefix = WORD_HEADERS.get(lower)
+        if prefix is None:
+            continue
+        # Words need no tidy blanks: only the Subject (kept for people) and encoded values are decoded.
+        text = (decode_header(value) if lower == "subject" or "=?" in value else value)[:2000]
+        if lower == "subject":
+            subject = subject or text
+            if text.isupper() and len(text) > 8:
+                add("meta:subject-shouting")
+        if "@" in text:
+            for domain in _EMAIL.findall(text):
+                add(f"{prefix}-domain:{registered_domain(domain.lower())}")
+        found = words(text)
+        named = f"{prefix}:".__add__
+        tokens.extend(map(named, found))
+        if not text.isascii():
+            tokens.extend(map(named, unaccented(found)))
+
+    # --- body ---
+    texts: list[str] = []
+    urls: list[str] = []
+    kinds: set[str] = set()
+    for count, part in enumerate(_parts(fields, body, mime_parser)):
+        if count >= MAX_PARTS:
+            add("meta:too-many-parts")
+            break
+        ctype = part.get_content_type()
+        add(f"part:{ctype}")
+        if part.is_multipart():
+            continue
+        filename = _filename(part)
+        if filename:
+            name = decode_header(str(filename)).lower()
+            extension = name.rsplit(".", 1)[-1] if "." in name else "none"
+            add(f"attachment:{extension[:10]}")
+        charset = _charset(part)
+        if charset:
+            add(f"charset:{charset[:30]}")
+        encoding = str(part.get("content-transfer-encoding", "")).lower().strip()
+        if encoding:
+            add(f"encoding:{encoding[:20]}")
+        if ctype == "text/plain" and not filename:
+            kinds.add("plain")
+            texts.append(_payload_text(part, charset))
+        elif ctype == "text/html" and not filename:
+            kinds.add("html")
+            text, links, tags = html_to_text(_payload_text(part, charset))
+            texts.append(text)
+            urls.extend(links)
+            tokens.extend(f"html:{tag}" for tag in dict.fromkeys(tags))
+        elif ctype.startswith("image/"):
+            kinds.add("image")
+    if kinds == {"html"}:
+        add("meta:html-only")
+    if "image" in kinds and not texts:
+        add("meta:image-only")
+    body_text = "\n".join(texts)
+    if len(body_text) > WORD_CHARS:
+        body_text = body_text[:WORD_CHARS]
+    lowered = body_text.lower()
+    urls.extend(_URL.findall(lowered))
+    tokens.extend(url_tokens(urls[:500]))
+    add(f"meta:urls-{_bucket(len(urls))}")
+    add(f"meta:body-{_bucket(len(body_text) // 64)}")
+    body_words = words(lowered)
+    tokens.extend(body_words)
+    if not lowered.isascii():
+        tokens.extend(unaccented(body_words))
+    # Word pairs catch phrases ("click here", "cliquez ici").
+    tokens.extend(map(" ".join, zip(body_words[:PAIRED_WORDS], body_words[1 : PAIRED_WORDS + 1], strict=False)))
+    if _shouting(body_text[:SHOUTING_CHARS]):
+        add("meta:body-shouting")
+
+    unique = tuple(dict.fromkeys(tokens))[:MAX_TOKENS]
+    # Collapsing blanks never lengthens text: twice TEXT_CHARS is plenty to start from.
+    text = " ".join(f"{subject.lower()}\n{lowered[: 2 * TEXT_CHARS]}".split())[:TEXT_CHARS]
+    return Features(unique, text, subject)
+
+
+# --- reading mail from disk -------------------------------------------------------
+
+
+def strip_from_line(raw: bytes) -> bytes:
+    """A message without the mbox ``From `` line some files start with."""
+    if raw.startswith(b"From "):
+        end = raw.find(b"\n")
+        return raw[end + 1 :] if end >= 0 else b""
+    return raw
+
+
+def is_maildir(path: Path) -> bool:
+    """Whether a directory is a Maildir (has ``cur`` and ``new``)."""
+    return (path / "cur").is_dir() and (path / "new").is_dir()
+
+
+def message_files(directory: Path) -> Iterator[Path]:
+    """The message files of a Maildir (``cur`` and ``new``) or of a folder (recursively), sorted.
+
+    Hidden files and Maildir's ``tmp`` are left out.
+    """
+    if is_maildir(directory):
+        roots = [directory / "cur", directory / "new"]
+        for box in roots:
+            yield from sorted(p for p in box.iterdir() if p.is_file() and not p.name.startswith("."))
+        return
+    for top, folders, files in os.walk(directory):
+        folders[:] = sorted(f for f in folders if not f.startswith(".") and f != "tmp")
+        for name in sorted(files):
+            if not name.startswith("."):
+                yield Path(top) / name
+
+
+def mbox_messages(path: Path) -> Iterator[bytes]:
+    """The messages of an mbox file (``>From`` quoting undone)."""
+    import mailbox
+
+    box = mailbox.mbox(path, create=False)
+    try:
+        for key in box.iterkeys():
+            yield box.get_bytes(key)
+    finally:
+        box.close()
+
+
+def read_mail(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Every message under ``path`` for training: ``(where, raw)``.
+
+    A directory is a Maildir or a folder of message files; a file is an
+    mbox when it starts with a ``From `` line, else one message.
+
+    :raises OSError: when ``path`` cannot be read.
+    """
+    if path.is_dir():
+        for found in message_files(path):
+            yield str(found), strip_from_line(found.read_bytes())
+        return
+    with open(path, "rb") as stream:
+        start = stream.read(5)
+    if start == b"From ":
+        for number, raw in enumerate(mbox_messages(path)):
+            yield f"{path}#{number + 1}", raw
+    else:
+        yield str(path), path.read_bytes()

@@ -1,0 +1,652 @@
+"""Content scoring: the score of a message, and what the milter does with it.
+
+- :class:`ContentScorer` gives a message's :class:`Score`: network points
+  from the ``X-Policyd-Network`` header that Postfix added (only a copy
+  whose token verifies with the install's secret, made for this client,
+  and above the first ``Received`` header) plus content points from the
+  classifier (:mod:`policyd.content.classifier`).
+- :class:`SpamFilter` is the milter's filter (:data:`policyd.protocols.milter.Filter`):
+  at ``content.tag_at`` and above it tags the Subject ``*{spam}* ...``
+  (once), sets ``X-Spam-Flag``, ``X-Spam-Score`` and ``X-Spam-Status``,
+  and applies each recipient's choice: ``inbox`` recipients get the tagged
+  message, ``quarantine`` recipients are removed from delivery and their
+  copy is held (:mod:`policyd.quarantine.held`).  Incoming ``X-Spam-*`` copies
+  are always removed, so users' rules only ever see ours.
+- :class:`MilterServer` and :func:`run` are ``policyd milter``.
+
+The model is read from :func:`model_path` (``content.model``, else
+``content.model`` beside the SQLite store, else
+``/var/lib/policyd/content.model``), or, before any ``policyd train``, the
+model shipped with policyd.  A running milter picks up a retrained model by
+itself within :data:`MODEL_CHECK` seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.task import LoopingCall
+
+from policyd import config as configuration
+from policyd import logs
+from policyd.config import Config
+from policyd.content import features as content
+from policyd.content.classifier import Model, ModelError, Reason
+from policyd.errors import PolicydError
+from policyd.netlists import NetworkSet
+from policyd.protocols.milter import (
+    ACCEPT,
+    ACCEPT_UNCHANGED,
+    ADDHEADER,
+    CHGHEADER,
+    DISCARD,
+    INSHEADER,
+    TEMPFAIL,
+    MilterFactory,
+    MilterMessage,
+    Modification,
+    Verdict,
+    add_header,
+    change_header,
+    delete_recipient,
+)
+from policyd.quarantine.held import (
+    DIGEST_HEADER,
+    RELEASE_HEADER,
+    digest_for,
+    normalise_address,
+    released_for,
+)
+from policyd.quarantine.preferences import Preferences
+from policyd.store import Quarantined, Store, open_store
+
+log = logging.getLogger("policyd.milter")
+
+T = TypeVar("T")
+
+#: File name of a trained model beside the SQLite store (or in /var/lib/policyd).
+MODEL_NAME = "content.model"
+
+#: How often a running milter looks whether the model file changed.
+MODEL_CHECK = 5.0
+
+#: How often held mail past its retention is removed.
+EXPIRE_EVERY = 600.0
+
+#: Headers a sender may not set: ours, replaced on every message.
+SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
+
+_DIGEST = DIGEST_HEADER.lower()
+
+# Headers removed from every message, by their lower-case names.
+_REMOVED = {name.lower(): name for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER)}
+
+#: Longest wait for in-flight messages at shutdown.
+DRAIN_BOUND = 10.0
+
+#: Messages up to this size (header fields and kept body) are scored on the
+#: reactor thread: typical mail takes a fraction of a millisecond there, less
+#: than the hop to the thread pool and back costs under load (a thread
+#: wake-up, GIL hand-overs, a wake-up of the reactor).  Larger ones go to the
+#: thread pool, so a big message never holds up the other connections for
+#: long.
+INLINE_BYTES = 64 * 1024
+
+#: Reasons worked out for a spam score (kept with held mail, see :meth:`Score.summary`).
+SUMMARY_REASONS = 8
+
+
+def model_path(config: Config) -> Path:
+    """Where ``policyd train`` writes the model and the milter and ``policyd score`` read it."""
+    from policyd.statefiles import state_file
+
+    return state_file(config, MODEL_NAME, config.content.model)
+
+
+def shipped_model() -> Path:
+    """The model that comes with policyd (trained on the SpamAssassin public corpus)."""
+    return Path(str(importlib.resources.files("policyd") / "models" / "default.model"))
+
+
+def load_model(config: Config) -> tuple[Model, Path]:
+    """The trained model, else the shipped one; and the file it came from.
+
+    :raises PolicydError: when the file exists but cannot be used.
+    """
+    path = model_path(config)
+    if not path.exists():
+        path = shipped_model()
+    try:
+        return Model.load(path), path
+    except ModelError as error:
+        raise PolicydError(f"content model: {error}") from None
+
+
+def header_secret(config: Config, create: bool) -> bytes | None:
+    """The install's header secret (:mod:`policyd.checks.reputation`), or None when unusable.
+
+    :param create: create it when missing (the milter does; ``policyd score`` only reads).
+    """
+    from policyd.checks.reputation import header_secret_path, load_header_secret
+
+    path = header_secret_path(config)
+    if path is None:
+        return None
+    if not create and not path.exists():
+        return None
+    try:
+        return load_header_secret(path)
+    except (OSError, ValueError) as problem:
+        log.error("header secret %s unusable (%s): network points and releases are not trusted", path, problem)
+        return None
+
+
+@attrs.frozen
+class Score:
+    """A message's score and why.
+
+    :ivar points: network + content points, compared with ``content.tag_at``.
+    :ivar content: the classifier's points.
+    :ivar network: points of the trusted ``X-Policyd-Network`` header (0 without one).
+    :ivar network_reasons: that header's reasons (empty without one).
+    :ivar reasons: the features that weigh most, strongest first.
+    :ivar subject: the decoded Subject.
+    """
+
+    points: float
+    content: float
+    network: float = 0.0
+    network_reasons: str = ""
+    reasons: tuple[Reason, ...] = ()
+    subject: str = ""
+
+    def summary(self, top: int = 5) -> tuple[str, ...]:
+        """Short reasons for headers and the quarantine list."""
+        found = [f"network:{self.network_reasons}"] if self.network else []
+        found += [r.feature for r in self.reasons if r.points > 0][:top]
+        return tuple(found)
+
+
+class ContentScorer:
+    """Scores messages: network points of the trusted header + content points.
+
+    :param model: the classifier.
+    :param secret: the header secret; None: no header is trusted.
+    :param max_bytes: bytes of a message scored (``content.max_body``).
+    """
+
+    def __init__(self, model: Model, secret: bytes | None, max_bytes: int = 1024 * 1024) -> None:
+        self.model = model
+        self.secret = secret
+        self.max_bytes = max_bytes
+
+    def network_points(
+        self, headers: Sequence[tuple[str, str]], client: str | None = None
+    ) -> tuple[float, str]:
+        """Points and reasons of the first genuine ``X-Policyd-Network`` header above any ``Received``.
+
+        Postfix puts the header it was told to PREPEND on top of the message;
+        a copy the sender wrote comes below Postfix's own ``Received``
+        header and, lacking the secret, never verifies anyway.
+        """
+        from policyd.checks.reputation import HEADER, parse_header, verify_header
+
+        if self.secret is None:
+            return 0.0, ""
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "received":
+                break
+            if lower != HEADER.lower():
+                continue
+            points = verify_header(value, self.secret, client=client or None)
+            if points is not None:
+                return points, parse_header(value).get("reasons", "")
+        return 0.0, ""
+
+    def score(
+        self,
+        raw: bytes,
+        client: str | None = None,
+        headers: Sequence[tuple[str, str]] | None = None,
+        explain: int = 8,
+    ) -> Score:
+        """The score of a message as bytes (its first ``max_bytes``).
+
+        :param client: the SMTP client address, which a trusted header must name.
+        :param headers: the headers as the MTA gave them (else those of ``raw``).
+        :param explain: how many reasons to give.
+        """
+        found, body = content.split_message(raw[: self.max_bytes])
+        return self.score_message(found if headers is None else headers, body, client, explain)
+
+    def score_message(
+        self,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        client: str | None = None,
+        explain: int = 8,
+        explain_at: float | None = None,
+    ) -> Score:
+        """The score of a message as the milter has it: header fields, then the body (its first ``max_bytes``).
+
+        :param client: the SMTP client address, which a trusted header must name.
+        :param explain: how many reasons to give.
+        :param explain_at: give reasons only to a score this high (None: always);
+            the milter only needs them for the mail it may quarantine.
+        """
+        features = content.message_features(headers, body[: self.max_bytes])
+        network, network_reasons = self.network_points(headers, client)
+        threshold = None if explain_at is None else explain_at - network
+        points, reasons = self.model.assess(features, explain, threshold)
+        return Score(
+            round(points + network, 3), round(points, 3), network, network_reasons, tuple(reasons), features.subject
+        )
+
+
+# --- what the milter does with a score --------------------------------------------------
+
+
+def tagged_subject(value: str | None, tag: str) -> str | None:
+    """The new Subject value with ``tag`` in front, or None when it already has it.
+
+    The original (possibly RFC 2047 encoded, possibly folded) value is kept
+    as it is after the tag and a space, so encoded words stay valid.
+    """
+    if value is None or not value.strip():
+        return tag
+    if content.decode_header(value).startswith(tag):
+        return None
+    return f"{tag} {value.lstrip()}"
+
+
+def header_changes(
+    headers: Sequence[tuple[str, str]], score: Score | None, config: Config
+) -> list[Modification]:
+    """Header changes for a message: incoming X-Spam-*, release and digest headers removed; tags at tag_at.
+
+    :param score: None for a message that is not tagged.
+    """
+    counts = dict.fromkeys(_REMOVED, 0)
+    for name, _ in headers:
+        lower = name.lower()
+        if lower in counts:
+            counts[lower] += 1
+    changes: list[Modification] = []
+    for lower, count in counts.items():
+        # From the last to the first, so each index still means what it meant.
+        changes += [change_header(_REMOVED[lower], "", index) for index in range(count, 0, -1)]
+    if score is None:
+        return changes
+    subjects = [v for h, v in headers if h.lower() == "subject"]
+    subject = tagged_subject(subjects[0] if subjects else None, config.content.tag)
+    if subject is not None:
+        changes.append(change_header("Subject", subject, 1) if subjects else add_header("Subject", subject))
+    status = (
+        f"Yes, score={score.points:.1f} tag_at={config.content.tag_at:g} "
+        f"content={score.content:.1f} network={score.network:g}"
+    )
+    changes += [
+        add_header("X-Spam-Flag", "YES"),
+        add_header("X-Spam-Score", f"{score.points:.1f}"),
+        add_header("X-Spam-Status", status),
+    ]
+    return changes
+
+
+def apply_changes(headers: Sequence[tuple[str, str]], changes: Sequence[Modification]) -> list[tuple[str, str]]:
+    """The headers after ``changes``, as the MTA applies them (for the quarantined copy)."""
+    result = list(headers)
+    for change in changes:
+        if change.action == ADDHEADER:
+            result.append((change.name, change.value))
+        elif change.action == INSHEADER:
+            result.insert(min(change.index, len(result)), (change.name, change.value))
+        elif change.action == CHGHEADER:
+            seen = 0
+            for position, (name, _) in enumerate(result):
+                if name.lower() == change.name.lower():
+                    seen += 1
+                    if seen == change.index:
+                        if change.value:
+                            result[position] = (name, change.value)
+                        else:
+                            del result[position]
+                        break
+            else:
+                if change.value:
+                    result.append((change.name, change.value))
+    return result
+
+
+def message_bytes(headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
+    """A message from headers (values as the MTA gives them) and body, CRLF line ends."""
+    lines = []
+    for name, value in headers:
+        lines.append(f"{name}: {value.replace(chr(13) + chr(10), chr(10)).replace(chr(10), chr(13) + chr(10))}\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape") + b"\r\n" + body
+
+
+def in_thread(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """Run CPU work (parsing, scoring) in the reactor's thread pool, off the event loop."""
+    from twisted.internet.threads import deferToThreadPool
+
+    def run(work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
+
+    return run
+
+
+def inline(work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+    """Run work at once (tests, and callers already off the event loop)."""
+    return succeed(work(*args, **kwargs))
+
+
+class SpamFilter:
+    """The milter's decision for each message.
+
+    :param config: the configuration (``content.*``, ``quarantine.*``).
+    :param store: where choices and held mail live.
+    :param clock: time source.
+    :param scorer: gives the score (its model may be replaced while running).
+    :param run_cpu: how scoring is run (:func:`in_thread` in the server).
+    :param preferences: resolves each recipient's choice (own, provisioned,
+        default); made from ``config`` and ``store`` when not given.
+    :param inline_bytes: messages up to this size are scored at once, on
+        the calling (reactor) thread; larger ones through ``run_cpu``.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: IReactorTime,
+        scorer: ContentScorer,
+        run_cpu: Callable[..., Deferred[Any]] = inline,
+        preferences: Preferences | None = None,
+        inline_bytes: int = INLINE_BYTES,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.scorer = scorer
+        self.run_cpu = run_cpu
+        self.inline_bytes = inline_bytes
+        self.preferences = preferences or Preferences(config, store, clock, run_cpu)
+
+    def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
+        """Decide one message (the :data:`policyd.protocols.milter.Filter` interface): score, tag, apply each choice.
+
+        A message up to ``inline_bytes`` is scored at once, and unless it is
+        spam for someone who may have chosen the quarantine, the returned
+        Deferred already has the verdict: most mail never waits.
+        """
+        started = time.monotonic()
+        if self._our_digest(message):
+            # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
+            changes = header_changes(message.headers, None, self.config)
+            log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
+                     message.client_address or "-")
+            return succeed(Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED)
+        body = message.body(self.config.content.max_body)
+        # Reasons are only kept with held mail, so only spam needs them.
+        work = (message.headers, body, message.client_address, SUMMARY_REASONS, self.config.content.tag_at)
+        if message.header_bytes + len(body) <= self.inline_bytes:
+            return self._scored(message, self.scorer.score_message(*work), started)
+        scored: Deferred[Score] = self.run_cpu(self.scorer.score_message, *work)
+        return scored.addCallback(lambda score: self._scored(message, score, started))
+
+    def _scored(self, message: MilterMessage, score: Score, started: float) -> Deferred[Verdict]:
+        """The verdict for a scored message, once the quarantine took what it holds."""
+        spam = score.points >= self.config.content.tag_at
+        changes = header_changes(message.headers, score if spam else None, self.config)
+        if spam and message.recipients:
+            return Deferred.fromCoroutine(self._spam(message, score, changes, started))
+        return succeed(self._verdict(message, score, changes, [], started))
+
+    async def _spam(
+        self, message: MilterMessage, score: Score, changes: list[Modification], started: float
+    ) -> Verdict:
+        held = await self._hold(message, score, changes)
+        return self._verdict(message, score, changes, held, started)
+
+    def _verdict(
+        self, message: MilterMessage, score: Score, changes: list[Modification], held: list[str], started: float
+    ) -> Verdict:
+        """Header changes and removed recipients, or a discard when every recipient's copy is held; logged."""
+        spam = score.points >= self.config.content.tag_at
+        outcome = "spam" if spam else "ham"
+        if held and len(held) == len(message.recipients):
+            verdict = Verdict((), DISCARD)
+            outcome = "spam, held for every recipient"
+        else:
+            verdict = Verdict(tuple(changes) + tuple(delete_recipient(r) for r in held), ACCEPT)
+            if held:
+                outcome = f"spam, held for {len(held)} of {len(message.recipients)} recipients"
+        # info() checks the level too, but only after the line is made: its
+        # parts (the queue id reads the macros) cost more than the check.
+        if log.isEnabledFor(logging.INFO):
+            logs.decisions.info(
+                log,
+                f"milter {message.queue_id or '-'} client={message.client_address or '-'} score={score.points:.2f} "
+                f"content={score.content:.2f} network={score.network:g} {outcome} "
+                f"latency={(time.monotonic() - started) * 1000:.1f}ms",
+            )
+        return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
+
+    def _our_digest(self, message: MilterMessage) -> bool:
+        """Whether the message is policyd's digest to its (only) recipient, signed with our secret."""
+        secret = self.scorer.secret
+        if secret is None or not message.recipients:
+            return False
+        digests = [value for name, value in message.headers if name.lower() == _DIGEST]
+        if not digests:
+            return False
+        now = self.clock.seconds()
+        named = {digest_for(value, secret, now) for value in digests}
+        return {normalise_address(r) for r in message.recipients} <= named
+
+    async def _hold(self, message: MilterMessage, score: Score, changes: list[Modification]) -> list[str]:
+        """Hold the message for the recipients who chose the quarantine; returns them (as the MTA gave them)."""
+        addresses = {r: normalise_address(r) for r in message.recipients}
+        released = set()
+        if self.scorer.secret is not None:
+            for name, value in message.headers:
+                if name.lower() == RELEASE_HEADER.lower():
+                    recipient = released_for(value, self.scorer.secret)
+                    if recipient is not None:
+                        released.add(recipient)
+        try:
+            chosen = await self.preferences.spam(list(dict.fromkeys(addresses.values())))
+        except Exception as error:
+            log.error("spam choices unavailable (%s): delivering to every inbox", error)
+            return []
+        wanted = [r for r, a in addresses.items() if chosen.get(a) == "quarantine" and a not in released]
+        if not wanted:
+            return []
+        if not message.complete:
+            log.warning(
+                "milter %s: message larger than the %d bytes kept: delivered tagged instead of held",
+                message.queue_id or "-",
+                message.keep_limit,
+            )
+            return []
+        copy = message_bytes(apply_changes(message.headers, changes), message.body())
+        now = self.clock.seconds()
+        held = []
+        for recipient in wanted:
+            entry = Quarantined(
+                id=0,
+                recipient=addresses[recipient],
+                sender=normalise_address(message.sender),
+                subject=score.subject[:500],
+                score=score.points,
+                at=now,
+                until=now + float(self.config.quarantine.retention),
+                size=len(copy),
+                client=message.client_address,
+                queue_id=message.queue_id,
+                reasons=score.summary(),
+            )
+            try:
+                await self.store.quarantine(entry, copy)
+            except Exception as error:
+                log.error("cannot hold a message for %s (%s): delivered tagged instead", addresses[recipient], error)
+                continue
+            held.append(recipient)
+        return held
+
+
+# --- the server ---------------------------------------------------------------------
+
+
+class MilterServer:
+    """A running ``policyd milter``: listener, filter, model reloads, quarantine expiry.
+
+    :param reactor: the reactor.
+    :param config: the validated configuration.
+    :param path: the configuration file, re-read on SIGHUP.
+    """
+
+    def __init__(self, reactor: Any, config: Config, path: str | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.path = path
+        model, self.model_file = load_model(config)
+        self._model_stamp = self._stamp()
+        self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
+        self.scorer = ContentScorer(model, header_secret(config, create=True), config.content.max_body)
+        self.filter = SpamFilter(
+            config,
+            self.store,
+            reactor,
+            self.scorer,
+            in_thread(reactor),
+            Preferences(config, self.store, reactor, in_thread(reactor)),
+        )
+        self.factory = MilterFactory(
+            self.filter,
+            reactor,
+            NetworkSet(config.allowed_clients),
+            config.limits.max_connections,
+            memory_limit=config.content.max_body,
+            keep_limit=config.quarantine.max_size,
+            idle_timeout=float(config.limits.idle_timeout),
+            on_error=TEMPFAIL if config.content.on_error == "tempfail" else ACCEPT,
+        )
+        self.port: IListeningPort | None = None
+        # Verdict lines are buffered (logs.decisions): pushed out every FLUSH_EVERY.
+        self._loops = [LoopingCall(self.check_model), LoopingCall(self.expire), LoopingCall(logs.flush)]
+        for loop in self._loops:
+            loop.clock = reactor
+
+    def _stamp(self) -> tuple[float, int] | None:
+        try:
+            stat = os.stat(model_path(self.config))
+        except OSError:
+            return None
+        return stat.st_mtime, stat.st_size
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Listen; fires with the listening port."""
+        endpoint = serverFromString(self.reactor, self.config.listen.milter)
+        try:
+            self.port = yield endpoint.listen(self.factory)
+        except Exception as error:
+            raise PolicydError(f"listen.milter: cannot listen on {self.config.listen.milter}: {error}") from None
+        self._loops[0].start(MODEL_CHECK, now=False)
+        self._loops[1].start(EXPIRE_EVERY, now=True)
+        self._loops[2].start(logs.FLUSH_EVERY, now=False)
+        log.info(
+            "policyd milter listening on %s (model %s, tag_at %g, spam default %s)",
+            self.config.listen.milter,
+            self.model_file,
+            self.config.content.tag_at,
+            self.config.quarantine.default,
+        )
+        return self.port
+
+    def check_model(self) -> None:
+        """Load the model again when ``policyd train`` replaced it."""
+        stamp = self._stamp()
+        if stamp == self._model_stamp:
+            return
+        self._model_stamp = stamp
+        try:
+            model, self.model_file = load_model(self.config)
+        except PolicydError as error:
+            log.error("%s: keeping the running model", error)
+            return
+        self.scorer.model = model
+        log.info("content model loaded from %s", self.model_file)
+
+    def expire(self) -> Deferred[Any]:
+        """Forget held mail past its retention."""
+
+        def expired(count: int) -> None:
+            if count:
+                log.info("quarantine: %d expired message(s) removed", count)
+
+        done = self.store.quarantine_expire(now=self.reactor.seconds()).addCallback(expired)
+        return done.addErrback(lambda f: log.error("quarantine expiry failed: %s", f.getErrorMessage()))
+
+    def reload(self) -> bool:
+        """Re-read the configuration and the model; a bad configuration is refused."""
+        try:
+            new = configuration.load(self.path)
+        except PolicydError as error:
+            log.error("reload refused, keeping the running configuration: %s", error)
+            return False
+        if new.store.url != self.config.store.url or new.listen != self.config.listen:
+            log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
+            new = attrs.evolve(new, store=self.config.store, listen=self.config.listen)
+        self.config = new
+        self.filter.config = new
+        self.filter.preferences.configure(new)
+        self.scorer.max_bytes = new.content.max_body
+        self._model_stamp = None
+        self.check_model()
+        log.info("configuration reloaded from %s", self.path)
+        return True
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """Stop accepting, answer the messages being scored (bounded), close the store."""
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        if self.port is not None:
+            yield self.port.stopListening()
+        drained = self.factory.drained()
+        drained.addTimeout(DRAIN_BOUND, self.reactor)
+        try:
+            yield drained
+        except Exception:
+            log.warning("shutdown: messages still being scored after %ss; closing anyway", DRAIN_BOUND)
+        for connection in list(self.factory.connections):
+            connection.transport.loseConnection()
+        yield DeferredList([self.store.close()], consumeErrors=True)
+        log.info("policyd milter stopped")
+        logs.flush()
+
+
+def run(path: str | None) -> None:
+    """Run the milter in the foreground until SIGTERM or SIGINT.
+
+    :raises PolicydError: when the configuration, model, store or listener fails.
+    """
+    from policyd.daemon import run_daemon
+
+    run_daemon(path, MilterServer, threads=4)
+

@@ -1,0 +1,1 @@
+"""Wire protocols: Postfix's policy delegation and milter protocols, and their connections."""

@@ -1,0 +1,217 @@
+"""``policyd serve``: wires configuration, store, policy and listener together."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+
+from policyd import config as configuration
+from policyd import logs
+from policyd.config import Config
+from policyd.daemon import run_daemon
+from policyd.errors import PolicydError
+from policyd.metrics import Metrics
+from policyd.netlists import NetworkSet
+from policyd.notify import Notifier
+from policyd.policy import PolicyService
+from policyd.protocols.policy import PolicyFactory
+from policyd.statefiles import load_secret, state_file
+from policyd.store import Store, open_store
+from policyd.web.selfservice import SelfService
+
+log = logging.getLogger("policyd.server")
+
+#: Longest wait for in-flight requests at shutdown; Postfix gives up on a
+#: policy reply after 100 s by default, but a stop must not hang.
+DRAIN_BOUND = 10.0
+
+#: Longest wait, after the drain, for replies to leave before connections are cut.
+CLOSE_BOUND = 2.0
+
+#: How often old counts are pruned from the store: often, so each time is short.
+PRUNE_EVERY = 10.0
+
+#: How often the store-backed gauges (blocks, outbox) are read for /metrics.
+GAUGES_EVERY = 5.0
+
+
+class PolicyServer:
+    """A running policy server: listener, service and housekeeping.
+
+    :param reactor: the reactor (asyncio reactor in production).
+    :param config: the validated configuration.
+    :param path: the configuration file, re-read on SIGHUP.
+    """
+
+    def __init__(self, reactor: Any, config: Config, path: str | None = None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.path = path
+        self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
+        self.notifier = Notifier(config, self.store, reactor)
+        self.self_service = SelfService.from_config(config, self.store, reactor, kick=self.notifier.kick)
+        self.notifier.digest = self.self_service.mail
+        self.service = PolicyService(config, self.store, reactor, on_block=lambda _: self.notifier.kick())
+        self.factory = PolicyFactory(
+            self.service.decide,
+            config.limits,
+            NetworkSet(config.allowed_clients),
+            on_failure=self.service.quota.on_error,
+            on_close=self.service.connection_closed,
+        )
+        self.metrics = Metrics()
+        self.service.metrics = self.metrics
+        self.service.quota.metrics = self.metrics
+        self.service.reputation.metrics = self.metrics
+        self.factory.on_bad_request = self.metrics.bad_requests.inc
+        self.port: IListeningPort | None = None
+        self.http_port: IListeningPort | None = None
+        self._gauges = LoopingCall(self.refresh_gauges)
+        self._gauges.clock = reactor
+        self._log_flusher = LoopingCall(logs.flush)
+        self._log_flusher.clock = reactor
+        self._pruner = LoopingCall(self.prune)
+        self._pruner.clock = reactor
+
+    @inlineCallbacks
+    def start(self) -> Any:
+        """Listen and start housekeeping; fires with the listening port."""
+        where = self.config.listen.policy
+        try:
+            endpoint = serverFromString(self.reactor, where)
+        except (KeyError, IndexError, ValueError) as error:
+            detail = "no socket was passed by systemd" if where.startswith("systemd:") else str(error)
+            raise PolicydError(f"listen.policy: cannot use {where}: {detail}") from None
+        try:
+            self.port = yield endpoint.listen(self.factory)
+        except Exception as error:
+            raise PolicydError(f"listen.policy: cannot listen on {where}: {error}") from None
+        self._pruner.start(PRUNE_EVERY, now=False)
+        self.notifier.start()
+        if self.config.listen.http:
+            yield self.start_http()
+        self.self_service.start()
+        self._gauges.start(GAUGES_EVERY, now=True)
+        self._log_flusher.start(logs.FLUSH_EVERY, now=False)
+        log.info(
+            "policyd serving policy requests on %s (store %s, limit %d per %s)",
+            self.config.listen.policy,
+            _safe_url(self.config.store.url),
+            self.config.outbound.limit,
+            configuration.format_duration(self.config.outbound.window),
+        )
+        return self.port
+
+    @inlineCallbacks
+    def start_http(self) -> Any:
+        """Listen on listen.http: metrics, admin API, exemption pages."""
+        from policyd.admin import Admin
+        from policyd.web.admin import AdminSite
+
+        path = state_file(self.config, "http.token", self.config.http.token_file)
+        try:
+            token = load_secret(path, "admin token").decode()
+        except (OSError, ValueError) as error:
+            raise PolicydError(f"http.token_file: {error}") from None
+        admin = Admin(self.config, self.store, self.reactor)
+        site = AdminSite(admin, self.metrics, token, self.self_service.pages()).site()
+        endpoint = serverFromString(self.reactor, self.config.listen.http)
+        try:
+            self.http_port = yield endpoint.listen(site)
+        except Exception as error:
+            raise PolicydError(f"listen.http: cannot listen on {self.config.listen.http}: {error}") from None
+        self.self_service.listening(getattr(self.http_port.getHost(), "port", None))
+        log.info("HTTP (metrics, admin API) on %s; admin token in %s", self.config.listen.http, path)
+
+    @inlineCallbacks
+    def refresh_gauges(self) -> Any:
+        """Read the gauges that live in the store (blocks, outbox)."""
+        self.metrics.connections.set(len(self.factory.connections))
+        try:
+            blocks = yield self.store.blocks(now=self.reactor.seconds())
+            self.metrics.blocks_active.set(len(blocks))
+            self.metrics.notifications_pending.set((yield self.store.pending_notices()))
+        except Exception as error:
+            log.debug("gauges not refreshed: %s", error)
+
+    def prune(self) -> Deferred[Any]:
+        """Forget counts that left the window."""
+        now = self.reactor.seconds()
+        self.service.quota.fallback.prune(now, self.service.quota.window)
+        return self.store.prune(now=now, window=self.service.quota.window).addErrback(
+            lambda f: log.error("pruning the store failed: %s", f.getErrorMessage())
+        )
+
+    def reload(self) -> bool:
+        """Re-read the configuration; a bad one is refused and the old one kept."""
+        try:
+            new = configuration.load(self.path)
+            if new.store.url != self.config.store.url or new.listen != self.config.listen:
+                log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
+            self.service.configure(new)
+            self.notifier.configure(new)
+            self.self_service.configure(new)
+        except PolicydError as error:
+            log.error("reload refused, keeping the running configuration: %s", error)
+            return False
+        self.config = new
+        self.factory.limits = new.limits
+        self.factory.allowed_clients = NetworkSet(new.allowed_clients)
+        self.factory.on_failure = self.service.quota.on_error
+        log.info("configuration reloaded from %s", self.path)
+        return True
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """Stop accepting, answer what is in flight (bounded), close the store."""
+        for loop in (self._pruner, self._gauges, self._log_flusher):
+            if loop.running:
+                loop.stop()
+        yield self.self_service.stop()
+        if self.http_port is not None:
+            yield self.http_port.stopListening()
+        if self.port is not None:
+            yield self.port.stopListening()
+        stopping = self.notifier.stop()
+        drained = self.factory.drained()
+        drained.addTimeout(DRAIN_BOUND, self.reactor)
+        try:
+            yield drained
+        except Exception:
+            log.warning("shutdown: requests still in flight after %ss; closing anyway", DRAIN_BOUND)
+        # Let the replies already written reach their clients before the
+        # reactor goes: wait (bounded) until every connection has closed.
+        closed = self.factory.all_closed()
+        for connection in list(self.factory.connections):
+            connection.transport.loseConnection()
+        closed.addTimeout(CLOSE_BOUND, self.reactor)
+        yield DeferredList([closed], consumeErrors=True)
+        for connection in list(self.factory.connections):
+            connection.transport.abortConnection()
+        stopping.addTimeout(DRAIN_BOUND, self.reactor)
+        yield DeferredList([stopping], consumeErrors=True)
+        yield DeferredList([self.store.close()], consumeErrors=True)
+        log.info("policyd stopped")
+        logs.flush()
+
+
+def _safe_url(url: str) -> str:
+    """A store URL without its credentials or query, for logs."""
+    if url.startswith(("redis", "unix://")):
+        from policyd.store.redis import describe_url
+
+        return describe_url(url)
+    return url
+
+
+def run(path: str | None) -> None:
+    """Run the policy server in the foreground until SIGTERM or SIGINT.
+
+    :raises PolicydError: when the configuration, store or listener fails.
+    """
+    run_daemon(path, PolicyServer)

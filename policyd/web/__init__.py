@@ -1,0 +1,1 @@
+"""The HTTP listener: metrics, the admin API and page, the exemption form, self-service pages."""

@@ -1,0 +1,1 @@
+"""The benchmark (``make bench``): policyd against its floor and its peers."""

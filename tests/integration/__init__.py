@@ -1,0 +1,1 @@
+"""Integration tests: real Postfix, Redis, DNS, SMTP sink, browser and policyd processes on loopback."""

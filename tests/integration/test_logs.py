@@ -1,0 +1,217 @@
+"""Logs of a real ``policyd serve`` process: one line per decision, text or JSON, and the switches.
+
+Each test starts the server, sends requests over the wire, stops it (so
+everything is flushed) and reads what it wrote on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from policyd.testing import encode, rcpt
+from tests.harness.servers import PolicydServer, free_port
+
+#: Fields every JSON decision line carries (README, Logs).
+DECISION_FIELDS = {"check", "subject", "client", "state", "action", "reason", "latency_ms"}
+
+#: Attributes that are no decision's business, each marked SECRET: none may reach the log.
+SECRETS = {
+    "helo_name": "helo-SECRET1.example",
+    "sender": "SECRET2@example.net",
+    "ccert_subject": "CN=SECRET3",
+    "x_message_body": "SECRET4 Dear customer, your invoice",
+    "x_subject": "Subject: SECRET5 win big",
+}
+
+TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def start(tmp_path: Path, log: str) -> PolicydServer:
+    """A server on a memory store, limit 2, with the given ``log:`` section."""
+    port = free_port()
+    config = tmp_path / "policyd.yaml"
+    config.write_text(
+        f'listen:\n  policy: "tcp:{port}:interface=127.0.0.1"\nstore:\n  url: "memory://"\n'
+        f"local_domains: [example.org]\noutbound:\n  limit: 2\nlog:\n{log}",
+        encoding="utf-8",
+    )
+    return PolicydServer(config, port).start()
+
+
+def converse(port: int, requests: list[dict[str, str]]) -> list[str]:
+    """Send requests pipelined on one connection; their replies' actions, in order."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"".join(encode(r) for r in requests))
+        data = b""
+        while data.count(b"\n\n") < len(requests):
+            chunk = conn.recv(65536)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+    return [r.decode().removeprefix("action=") for r in data.split(b"\n\n")[:-1]]
+
+
+def send_garbage(port: int) -> None:
+    """A request line without '=': the server logs a warning and closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"this is not a policy request\n\n")
+        assert conn.recv(100) == b""
+
+
+def traffic(account: str = "lou") -> list[dict[str, str]]:
+    """Three external recipients (limit 2: DUNNO, DUNNO, REJECT) and a DATA stage, with secrets attached."""
+    extra = dict(SECRETS)
+    return [
+        rcpt(sasl_username=account, recipient="a@gmail.com", **extra),
+        rcpt(sasl_username=account, recipient="b@gmail.com", **extra),
+        rcpt(sasl_username=account, recipient="c@gmail.com", **extra),
+        rcpt(sasl_username=account, recipient="c@gmail.com", **dict(extra, protocol_state="DATA")),
+    ]
+
+
+def run_traffic(server: PolicydServer, requests: list[dict[str, str]]) -> tuple[list[str], str]:
+    """Send the requests and some garbage, stop the server; its replies and its whole log."""
+    try:
+        replies = converse(server.port, requests)
+        send_garbage(server.port)
+    finally:
+        status = server.stop()
+    output = server.output()
+    assert status == 0, output
+    return replies, output
+
+
+def test_json_log_one_object_per_decision_without_content(tmp_path: Path) -> None:
+    """log.format json: every line is a JSON object; each decision one line with its fields, no message data."""
+    server = start(tmp_path, "  format: json\n")
+    replies, output = run_traffic(server, traffic())
+    assert replies[:2] == ["DUNNO", "DUNNO"] and replies[2].startswith("REJECT 5.7.1 Account lou is blocked")
+    lines = output.splitlines()
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r, dict) and {"time", "level", "logger", "message"} <= r.keys() for r in records)
+    decisions = [r for r in records if r["logger"] == "policyd.decision"]
+    assert len(decisions) == 4, output
+    for record in decisions:
+        assert DECISION_FIELDS <= record.keys(), record
+        assert record["level"] == "info"
+        assert (record["check"], record["subject"], record["client"]) == ("quota", "lou", "192.0.2.10")
+        assert isinstance(record["latency_ms"], float) and 0 <= record["latency_ms"] < 5000
+    assert [(d["state"], d["action"].split()[0], d["reason"]) for d in decisions] == [
+        ("RCPT", "DUNNO", "1/2"),
+        ("RCPT", "DUNNO", "2/2"),
+        ("RCPT", "REJECT", "over limit: blocked"),
+        ("DATA", "DUNNO", "not counted at DATA"),
+    ]
+    assert decisions[2]["action"] == replies[2]
+    bad = [r for r in records if r["level"] == "warning" and "bad policy request" in r["message"]]
+    assert len(bad) == 1 and "127.0.0.1:" in bad[0]["message"], output
+    assert "SECRET" not in output, output
+
+
+def test_text_log_one_compact_line_per_decision(tmp_path: Path) -> None:
+    """log.format text: one timestamped line per decision, even when the account name carries line separators."""
+    server = start(tmp_path, "  format: text\n")
+    hostile = "m\u2028x\u0085y\u2029z"
+    replies, output = run_traffic(server, [*traffic(), rcpt(sasl_username=hostile, recipient="a@gmail.com")])
+    assert replies[-1] == "DUNNO"
+    raw = server.log.read_bytes()
+    lines = raw.decode("utf-8").split("\n")
+    assert lines[-1] == ""
+    assert all(re.match(TIMESTAMP + r" (DEBUG|INFO|WARNING|ERROR|CRITICAL) policyd\.", line) for line in lines[:-1]), output
+    decisions = [line for line in lines if " INFO policyd.decision: " in line]
+    assert len(decisions) == 5, output
+    assert re.fullmatch(
+        TIMESTAMP + r" INFO policyd\.decision: quota lou client=192\.0\.2\.10 state=RCPT "
+        r"action='DUNNO' reason='1/2' latency=\d+\.\d\dms",
+        decisions[0],
+    ), decisions[0]
+    assert "action='REJECT 5.7.1 Account lou is blocked" in decisions[2]
+    assert " state=DATA action='DUNNO' reason='not counted at DATA' " in decisions[3]
+    assert len(decisions[0]) < 200
+    assert "SECRET" not in output, output
+
+
+@pytest.mark.parametrize(
+    ("log", "shown", "hidden"),
+    [
+        ("  level: warning\n", ["WARNING policyd.quota: account lou blocked", "bad policy request"],
+         ["policyd.decision", "INFO"]),
+        ("  decisions: false\n", ["INFO policyd.server: policyd serving", "account lou blocked", "bad policy request"],
+         ["policyd.decision"]),
+    ],
+    ids=["level-warning", "decisions-false"],
+)  # fmt: skip
+def test_decision_lines_can_be_turned_off(tmp_path: Path, log: str, shown: list[str], hidden: list[str]) -> None:
+    """log.level warning and log.decisions false hide decision lines; warnings (blocks, bad input) stay."""
+    server = start(tmp_path, log)
+    replies, output = run_traffic(server, traffic())
+    assert replies[2].startswith("REJECT 5.7.1 Account lou is blocked")
+    for text in shown:
+        assert text in output, (text, output)
+    for text in hidden:
+        assert text not in output, (text, output)
+
+
+def test_level_per_component() -> None:
+    """log.components sets one component's level; 'decision: warning' silences decision lines."""
+    import io
+    import logging
+
+    from policyd import logs
+    from tests.conftest import make_config
+
+    stream = io.StringIO()
+    config = make_config("log:\n  level: warning\n  components:\n    quota: debug\n    decision: warning\n")
+    logs.setup(config.log, stream=stream)
+    try:
+        logging.getLogger("policyd.quota").debug("quota detail")
+        logging.getLogger("policyd.notify").info("notify chatter")
+        assert not logs.decisions.enabled
+        logs.flush()
+        assert "quota detail" in stream.getvalue() and "notify chatter" not in stream.getvalue()
+    finally:
+        logging.getLogger("policyd.quota").setLevel(logging.NOTSET)
+        logs.setup(make_config("").log, stream=io.StringIO())
+
+
+def test_component_levels_are_validated() -> None:
+    """An unknown level for a component is a config error naming the key."""
+    from policyd.errors import ConfigError
+    from tests.conftest import make_config
+
+    with pytest.raises(ConfigError, match="log.components: quota: must be one of"):
+        make_config("log:\n  components:\n    quota: loud\n")
+
+
+@pytest.mark.parametrize("format", ["text", "json"])
+def test_hot_path_info_lines_look_like_every_other_line(format: str) -> None:
+    """decisions.info writes the milter's verdict lines cheaply, in the configured shape, at its level."""
+    import io
+    import logging
+
+    from policyd import logs
+    from tests.conftest import make_config
+
+    stream = io.StringIO()
+    logs.setup(make_config(f"log:\n  format: {format}\n").log, stream=stream)
+    milter_log = logging.getLogger("policyd.milter")
+    try:
+        logs.decisions.info(milter_log, "milter 4XyZ1 client=192.0.2.7 score=-2.50 ham\u2028")
+        milter_log.setLevel(logging.WARNING)
+        logs.decisions.info(milter_log, "not written")
+        lines = [line for line in stream.getvalue().split("\n") if "policyd.milter" in line]
+        assert len(lines) == 1
+        if format == "json":
+            line = json.loads(lines[0])
+            assert line["logger"] == "policyd.milter" and line["level"] == "info"
+            assert line["message"].startswith("milter 4XyZ1 client=192.0.2.7")
+        else:
+            assert re.fullmatch(TIMESTAMP + r" INFO policyd\.milter: milter 4XyZ1 client=192\.0\.2\.7 score=-2\.50 "
+                                r"ham\\x\{2028\}", lines[0]), lines[0]
+    finally:
+        milter_log.setLevel(logging.NOTSET)
+        logs.setup(make_config("").log, stream=io.StringIO())

@@ -1,0 +1,1 @@
+"""Unit tests, in memory, mirroring the package layout."""

@@ -1,0 +1,170 @@
+"""The classifier on small messages written here (never the evaluation corpus)."""
+
+from __future__ import annotations
+
+import mailbox
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from policyd.content import classifier
+from policyd.content import features as content
+from policyd.content.classifier import Model, ModelError
+
+HAM_WORDS = (
+    "meeting agenda budget review project report minutes colleague schedule thanks "
+    "réunion ordre du jour budget rapport projet compte rendu collègue planning merci"
+).split()
+SPAM_WORDS = (
+    "winner prize free casino viagra click unsubscribe offer cheap pills lottery "
+    "gagnant gratuit cadeau offre exceptionnelle cliquez promotion crédit argent facile"
+).split()
+
+
+def mail(words: list[str], subject: str, url: str = "") -> bytes:
+    """A small plain-text message."""
+    body = " ".join(words) + (f"\nhttp://{url}/go\n" if url else "\n")
+    return f"From: someone@example.net\nSubject: {subject}\n\n{body}".encode()
+
+
+def corpus(seed: int = 7, each: int = 40) -> list[tuple[bytes, bool]]:
+    """Ham and spam messages in French and English drawn from two vocabularies."""
+    pick = random.Random(seed)
+    found = []
+    for n in range(each):
+        ham = [pick.choice(HAM_WORDS) for _ in range(30)] + [pick.choice(SPAM_WORDS) for _ in range(2)]
+        spam = [pick.choice(SPAM_WORDS) for _ in range(30)] + [pick.choice(HAM_WORDS) for _ in range(2)]
+        found.append((mail(ham, f"notes {n}"), False))
+        found.append((mail(spam, f"GAGNEZ {n}", url="promo.example.biz"), True))
+    return found
+
+
+def training_mail(directory: Path, seed: int = 5, each: int = 60) -> tuple[Path, Path]:
+    """The corpus written for ``policyd train``: ham in an mbox, spam as a folder of files."""
+    ham, spam = directory / "ham.mbox", directory / "spam"
+    box = mailbox.mbox(ham)
+    spam.mkdir()
+    for n, (raw, is_spam) in enumerate(corpus(seed=seed, each=each)):
+        if is_spam:
+            (spam / f"{n}.eml").write_bytes(raw)
+        else:
+            box.add(raw)
+    box.close()
+    return ham, spam
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    """A model trained on the small corpus (2**16 weights, fast)."""
+    return classifier.train(((content.extract(raw), spam) for raw, spam in corpus()), bits=16)
+
+
+def test_separates_unseen_ham_and_spam(model: Model) -> None:
+    """Messages it never saw score negative (ham) and positive (spam) points."""
+    for raw, spam in corpus(seed=99, each=10):
+        points = model.points(content.extract(raw))
+        assert (points > 0) == spam, (points, raw[:80])
+
+
+def test_points_are_calibrated_log_odds(model: Model) -> None:
+    """Points grow with the evidence: a clear spam scores well above an ambiguous message."""
+    clear = model.points(content.extract(mail(SPAM_WORDS * 2, "GAGNEZ", "promo.example.biz")))
+    mixed = model.points(content.extract(mail(SPAM_WORDS[:3] + HAM_WORDS[:3], "hello")))
+    assert clear > 2 and clear > mixed
+    assert model.info["ham"] == 40 and model.info["spam"] == 40
+
+
+def test_explain_names_the_telling_features(model: Model) -> None:
+    """The reasons of a spam score are its spam words, strongest first."""
+    features = content.extract(mail(["gratuit", "casino", "cadeau"] * 3, "GAGNEZ"))
+    reasons = model.explain(features, top=5)
+    assert len(reasons) == 5
+    assert abs(reasons[0].points) >= abs(reasons[-1].points)
+    named = {r.feature for r in reasons}
+    assert named & {"gratuit", "casino", "cadeau", "subject:gagnez", "text n-grams"}
+
+
+def test_save_and_load_round_trip(model: Model, tmp_path: Path) -> None:
+    """A saved model scores the same after loading (float16 weights: within rounding)."""
+    path = tmp_path / "sub" / "content.model"
+    model.save(path)
+    loaded = Model.load(path)
+    assert loaded.bits == 16 and loaded.info["spam"] == 40
+    for raw, _ in corpus(seed=3, each=3):
+        features = content.extract(raw)
+        assert loaded.points(features) == pytest.approx(model.points(features), abs=0.05)
+    assert not list(path.parent.glob(".*"))  # no temporary file left behind
+
+
+def test_load_refuses_what_is_not_a_model(tmp_path: Path) -> None:
+    """A missing file, garbage and another format are one-line ModelErrors."""
+    with pytest.raises(ModelError, match="no such model file"):
+        Model.load(tmp_path / "missing.model")
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model at all")
+    with pytest.raises(ModelError, match="not a policyd model"):
+        Model.load(garbage)
+    other = tmp_path / "other.model"
+    with open(other, "wb") as file:
+        np.savez_compressed(file, weights=np.zeros(4, dtype=np.float16),
+                            meta=np.frombuffer(b'{"format": 99}', dtype=np.uint8))
+    with pytest.raises(ModelError, match="format 99"):
+        Model.load(other)
+
+
+def test_training_needs_both_classes() -> None:
+    """Training on one class only is refused with the counts."""
+    with pytest.raises(ValueError, match="ham and spam"):
+        classifier.train([(content.extract(raw), False) for raw, _ in corpus(each=2)], bits=12)
+
+
+def test_hashing_is_stable_and_bounded() -> None:
+    """Feature indices do not depend on the process (CRC-32, fixed multiplier) and fit the table."""
+    assert classifier.hash_tokens(["gratuit"], 20).tolist() == [0x64F5A799 & 0xFFFFF]
+    grams = classifier.hash_ngrams("abcdef", 4, 10)
+    assert len(grams) == 3 and grams.min() >= 0 and grams.max() < 1024
+    assert classifier.hash_ngrams("abc", 4, 10).size == 0
+    assert classifier.hash_ngrams("abcdef", 4, 10).tolist() == grams.tolist()
+
+
+def test_empty_model_is_neutral() -> None:
+    """A model that learned nothing gives 0 points."""
+    assert Model.empty(bits=12).points(content.extract(b"Subject: x\n\nhello\n")) == 0.0
+
+
+def test_shipped_model_loads_and_scores() -> None:
+    """The default model shipped with policyd loads and tells obvious spam from a work mail."""
+    from policyd.content.scoring import shipped_model
+
+    shipped = Model.load(shipped_model())
+    spam = content.extract(
+        b"Subject: FREE!!! Claim your prize now\nContent-Type: text/html\n\n"
+        b"<html><body><a href='http://click.example.biz/r'>CLICK HERE</a> to claim your FREE prize. "
+        b"Limited time offer, act now! Unsubscribe</body></html>"
+    )
+    ham = content.extract(
+        b"Subject: Re: patch for the build script\nIn-Reply-To: <123@example.org>\n\n"
+        b"Thanks, I applied your patch to the build script and ran the tests again.\n"
+        b"> Did you try with the latest version of the library?\n"
+    )
+    assert shipped.points(spam) > shipped.points(ham)
+
+
+def test_assess_is_points_and_explain_in_one(model: Model) -> None:
+    """assess gives the points and the reasons of points() and explain(); below explain_at, no reasons."""
+    features = content.extract(mail(["gratuit", "casino", "cadeau", "meeting"] * 3, "GAGNEZ", "promo.example.biz"))
+    points, reasons = model.assess(features, 5)
+    assert points == pytest.approx(model.points(features))
+    assert reasons == model.explain(features, 5)
+    assert model.assess(features, 5, explain_at=points + 1) == (points, [])
+    assert model.assess(features, 0) == (points, [])
+
+
+def test_explain_counts_a_shared_index_once(model: Model) -> None:
+    """Reasons add up to the content points (less the offset): each feature index counts once."""
+    features = content.extract(mail(SPAM_WORDS + HAM_WORDS, "notes", "promo.example.biz"))
+    reasons = model.explain(features, top=len(features.tokens) + 1)
+    assert sum(r.points for r in reasons) == pytest.approx(model.points(features) - model.offset - model.scale * model.bias)
+    assert reasons[-1].points == min((r.points for r in reasons), key=abs)
