@@ -6,7 +6,13 @@ from typing import Protocol
 
 from twisted.internet.defer import Deferred
 
-from policyd.protocols.policy import Action, Request
+from policyd.protocols.policy import DUNNO, Action, Request
+
+#: The answer while the store cannot answer (``store.on_error``), for every check that needs it.
+ON_ERROR = {
+    "dunno": DUNNO,
+    "defer_if_permit": Action("DEFER_IF_PERMIT", "4.3.0 Sending policy temporarily unavailable"),
+}
 
 
 class Verdict:

@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from policyd.addresses import domain_of
-from policyd.checks import Verdict
+from policyd.checks import ON_ERROR, Verdict
 from policyd.config import Config, format_duration, read_domain_list
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
@@ -39,10 +39,6 @@ UNLIMITED = 1 << 40
 #: Recipients of an outage counted per reactor turn, with a store that answers at once.
 WRITE_BACK_BATCH = 500
 
-ON_ERROR = {
-    "dunno": DUNNO,
-    "defer_if_permit": Action("DEFER_IF_PERMIT", "4.3.0 Sending policy temporarily unavailable"),
-}
 
 
 def settled(deferred: Deferred[T]) -> T | Failure | None:

@@ -27,16 +27,9 @@ wrote: see :func:`sign_header` and :func:`verify_header`.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import hmac
 import logging
-import os
-import re
 import secrets
-import time
 from collections import OrderedDict
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,39 +38,32 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.python.failure import Failure
 
-from policyd.addresses import normalise_domain
-from policyd.checks import Verdict
+from policyd.checks import ON_ERROR, Verdict
 from policyd.checks.dnsbl import DnsblClient, ReverseDns, Status, ZoneAnswer, make_resolver, within
-from policyd.checks.quota import ON_ERROR
-from policyd.config import Config, Dns, NetworkList, read_domain_list
-from policyd.errors import ConfigError
+from policyd.checks.names import NamePatterns, helo_findings
+from policyd.checks.network_header import (
+    HEADER,
+    header_secret_path,
+    load_header_secret,
+    points_text,
+    safe_reason,
+    sign_header,
+)
+from policyd.checks.networks import WatchedNetworks
+from policyd.config import Config, Dns, read_domain_list
 from policyd.netlists import (
     IPAddress,
-    IPNetwork,
     NetworkSet,
     parse_address,
     parse_code_filter,
-    read_cidr_file,
 )
 from policyd.protocols.policy import DUNNO, Action, Request
-from policyd.statefiles import load_secret, state_file
 from policyd.texts import Texts
 
 if TYPE_CHECKING:
     from policyd.metrics import Metrics
 
 log = logging.getLogger("policyd.reputation")
-
-#: The header added at level 1; the milter adds its points to the content's.
-HEADER = "X-Policyd-Network"
-
-#: The secret's file name (see :func:`header_secret_path`).
-SECRET_NAME = "header.secret"  # noqa: S105 (a file name, not a secret)
-
-
-#: How often a CIDR file's modification time is looked at: a stat() per
-#: second is nothing, and an edited list applies within a second.
-RECHECK_LISTS = 1.0
 
 #: How long the instances already tagged are remembered: far longer than one
 #: SMTP transaction (Postfix's smtpd_timeout is 300s per command).
@@ -87,8 +73,6 @@ TAG_MEMORY = 3600.0
 #: memory stays bounded whatever the traffic (about 100 bytes each).
 TAG_MEMORY_SIZE = 100_000
 
-_SAFE_REASON = re.compile(r"[^A-Za-z0-9._\-]")
-_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
 @attrs.frozen
@@ -137,200 +121,15 @@ class Assessment:
     def reasons(self) -> list[str]:
         """Sources that add points, largest first, each once."""
         scoring = sorted((p for p in self.sources if p.points), key=lambda p: -p.points)
-        return list(dict.fromkeys(_safe_reason(p.source) for p in scoring))
+        return list(dict.fromkeys(safe_reason(p.source) for p in scoring))
 
     def summary(self) -> str:
         """``score=12 (zen.spamhaus.org=10, no_reverse_dns=2)`` for the log."""
-        parts = ", ".join(f"{p.source}={_number(p.points)}" for p in self.sources if p.points)
-        return f"score={_number(self.score)}" + (f" ({parts})" if parts else "")
+        parts = ", ".join(f"{p.source}={points_text(p.points)}" for p in self.sources if p.points)
+        return f"score={points_text(self.score)}" + (f" ({parts})" if parts else "")
 
 
 # --- the header and its token --------------------------------------------------
-
-
-def _number(value: float) -> str:
-    return f"{value:g}"
-
-
-def _safe_reason(name: str) -> str:
-    """A reason as it may appear in the header (no ``;``, ``,``, spaces)."""
-    return _SAFE_REASON.sub("_", name) or "_"
-
-
-def _token(secret: bytes, score: str, reasons: str, client: str, when: str) -> str:
-    message = f"v1|{score}|{reasons}|{client}|{when}".encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
-
-
-def sign_header(score: float, reasons: Iterable[str], client: str, when: float, secret: bytes) -> str:
-    """The value of an ``X-Policyd-Network`` header, with its token.
-
-    ``score=7; reasons=zen.example,helo_not_fqdn; client=192.0.2.1;
-    time=1700000000; token=<32 hex digits>``: the token is an HMAC-SHA256
-    (truncated to 128 bits) over score, reasons, client and time with the
-    install's secret, so nobody without the secret can write a header that
-    :func:`verify_header` accepts.
-    """
-    score_text = _number(score)
-    reasons_text = ",".join(_safe_reason(r) for r in reasons) or "-"
-    when_text = str(int(when))
-    token = _token(secret, score_text, reasons_text, client, when_text)
-    return f"score={score_text}; reasons={reasons_text}; client={client}; time={when_text}; token={token}"
-
-
-def parse_header(value: str) -> dict[str, str]:
-    """The ``name=value`` fields of a header value (unfolded, header name allowed)."""
-    text = " ".join(value.split())
-    if text.lower().startswith(HEADER.lower() + ":"):
-        text = text[len(HEADER) + 1 :]
-    fields: dict[str, str] = {}
-    for part in text.split(";"):
-        name, equals, field = part.strip().partition("=")
-        if equals and name and name not in fields:
-            fields[name.strip().lower()] = field.strip()
-    return fields
-
-
-def verify_header(
-    value: str,
-    secret: bytes,
-    client: str | None = None,
-    now: float | None = None,
-    max_age: float | None = None,
-) -> float | None:
-    """The score of a genuine ``X-Policyd-Network`` header, or None.
-
-    For the milter: a header whose token does not verify with the install's
-    secret was written by someone else (the sender) and must be ignored.
-
-    :param value: the header's value (or the whole header line).
-    :param secret: the install's secret (:func:`load_header_secret`).
-    :param client: the SMTP client address the milter sees; when given, a
-        header made for another client (a replayed copy) is refused too.
-    :param now: current time, with ``max_age`` (default: the system clock).
-    :param max_age: refuse headers older than this many seconds.
-    """
-    fields = parse_header(value)
-    try:
-        score_text = fields["score"]
-        reasons = fields["reasons"]
-        header_client = fields["client"]
-        when = fields["time"]
-        token = fields["token"]
-    except KeyError:
-        return None
-    expected = _token(secret, score_text, reasons, header_client, when)
-    if not hmac.compare_digest(expected, token.lower()):
-        return None
-    if client is not None:
-        mine, theirs = parse_address(client), parse_address(header_client)
-        if mine is None or mine != theirs:
-            return None
-    if max_age is not None:
-        try:
-            age = (now if now is not None else time.time()) - int(when)
-        except ValueError:
-            return None
-        if age > max_age:
-            return None
-    try:
-        return float(score_text)
-    except ValueError:
-        return None
-
-
-def header_secret_path(config: Config) -> Path | None:
-    """Where the header secret lives; None for a ``memory://`` store with no path set.
-
-    ``inbound.header_secret`` when set, else ``header.secret`` beside the
-    SQLite database, else in the state directory.  The policy server and
-    the milter of one host read the same file.
-    """
-    if not config.inbound.header_secret and config.store.url.startswith("memory://"):
-        return None
-    return state_file(config, SECRET_NAME, config.inbound.header_secret)
-
-
-def load_header_secret(path: Path) -> bytes:
-    """Read the header secret, creating it on first use (see :func:`policyd.statefiles.load_secret`)."""
-    return load_secret(path, "header secret")
-
-
-# --- local network lists -------------------------------------------------------
-
-
-class WatchedNetworks:
-    """A CIDR file of ``inbound.networks``, re-read when it changes.
-
-    A missing file is an empty list (it is picked up when it appears); a file
-    that cannot be read keeps the previous list and says so in the log.
-
-    :param entry: the configuration entry.
-    :param clock: time source, to look at the file at most once a second.
-    :param previous: the same file's list before a reload, whose content is
-        kept unless the file changed since.
-    :raises ConfigError: when the file exists but holds a line that is not a network.
-    """
-
-    def __init__(self, entry: NetworkList, clock: IReactorTime, previous: WatchedNetworks | None = None) -> None:
-        self.path = Path(entry.file)
-        self.name = self.path.name
-        self.weight = entry.weight
-        self.allow = entry.allow
-        self.clock = clock
-        self.networks: list[IPNetwork] = []
-        self._set = NetworkSet([])
-        self._stamp: tuple[int, int, int] | None = None
-        if previous is not None and previous.path == self.path:
-            self.networks, self._set, self._stamp = previous.networks, previous._set, previous._stamp
-        self._checked = clock.seconds()
-        self.load(strict=True)
-
-    def load(self, strict: bool = False) -> None:
-        """(Re-)read the file if it changed since the last read."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            if self._stamp != (-1, -1, -1):
-                log.warning("network list %s not found: treated as empty until it appears", self.path)
-            self._stamp = (-1, -1, -1)
-            self.networks, self._set = [], NetworkSet([])
-            return
-        except OSError as problem:
-            if strict:
-                raise ConfigError(f"inbound.networks: cannot read {self.path}: {problem.strerror}") from None
-            log.error("network list %s: cannot read it (%s): keeping the previous list", self.path, problem.strerror)
-            return
-        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if stamp == self._stamp:
-            return
-        try:
-            networks = read_cidr_file(self.path)
-        except (OSError, UnicodeDecodeError, ValueError) as problem:
-            if strict:
-                raise ConfigError(f"inbound.networks: {problem}") from None
-            log.error("network list %s: %s: keeping the previous list", self.path, problem)
-            self._stamp = stamp
-            return
-        self.networks, self._set, self._stamp = networks, NetworkSet(networks), stamp
-        log.info("network list %s: %d networks", self.path, len(networks))
-
-    def refresh(self) -> None:
-        """Re-read the file if it changed, looking at most once per second."""
-        now = self.clock.seconds()
-        if now - self._checked >= RECHECK_LISTS:
-            self._checked = now
-            self.load()
-
-    def match(self, address: IPAddress) -> IPNetwork | None:
-        """The network of this list that holds ``address``, if any."""
-        if address not in self._set:
-            return None
-        matching = [n for n in self.networks if address in n]
-        return max(matching, key=lambda n: n.prefixlen) if matching else None
-
-
-# --- once per message ---------------------------------------------------------------
 
 
 class TaggedInstances:
@@ -366,84 +165,6 @@ class TaggedInstances:
 
 
 # --- names ---------------------------------------------------------------------------
-
-
-def is_fqdn(name: str) -> bool:
-    """A fully qualified host name: two labels or more, letters-digits-hyphens, a non-numeric TLD."""
-    return len(name) <= 253 and _is_fqdn(name)
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_fqdn(name: str) -> bool:
-    # Remembered: the same HELO names come back for every recipient.
-    labels = name.rstrip(".").lower().split(".")
-    if len(labels) < 2:
-        return False
-    if not all(_LABEL.match(label) for label in labels):
-        return False
-    return not labels[-1].isdigit()
-
-
-class NamePatterns:
-    """Host names, exact (``mail.example.org``) or by suffix (``.example.org``)."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self.exact: set[str] = set()
-        self.suffixes: list[str] = []
-        for name in names:
-            name = name.strip()
-            if not name:
-                continue
-            if name.startswith("."):
-                self.suffixes.append("." + normalise_domain(name[1:]))
-            else:
-                self.exact.add(normalise_domain(name))
-
-    def __bool__(self) -> bool:
-        return bool(self.exact or self.suffixes)
-
-    def match(self, name: str) -> str | None:
-        """The pattern ``name`` matches, if any."""
-        name = normalise_domain(name)
-        if not name:
-            return None
-        if name in self.exact:
-            return name
-        for suffix in self.suffixes:
-            if name.endswith(suffix):
-                return suffix
-        return None
-
-
-def helo_findings(helo: str, ours: NamePatterns, server_address: str = "") -> list[tuple[str, str]]:
-    """What is wrong with a HELO name: ``(heuristic, detail)`` pairs."""
-    helo = helo.strip()
-    if not helo:
-        return [("helo_not_fqdn", "no HELO given")]
-    findings = []
-    literal: IPAddress | None = None
-    if helo.startswith("[") and helo.endswith("]"):
-        inside = helo[1:-1]
-        if inside[:5].lower() == "ipv6:":
-            inside = inside[5:]
-        literal = parse_address(inside)
-        if literal is None:
-            findings.append(("helo_not_fqdn", f"malformed address literal {helo}"))
-        else:
-            findings.append(("helo_bare_ip", f"address literal {helo}"))
-    elif (literal := parse_address(helo)) is not None:
-        findings.append(("helo_bare_ip", f"bare IP address {helo}"))
-    elif not is_fqdn(helo):
-        findings.append(("helo_not_fqdn", f"{helo} is not a fully qualified name"))
-    if literal is not None:
-        if server_address and literal == parse_address(server_address):
-            findings.append(("helo_claims_us", f"{helo} is our address"))
-    elif ours.match(helo):
-        findings.append(("helo_claims_us", f"{helo} is one of our names"))
-    return findings
-
-
-# --- the check ------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -616,7 +337,7 @@ class NetworkReputation:
             return self.refusal(assessment)
         if assessment.allowed_by is None and assessment.score >= self.tag_at:
             reasons = ",".join(assessment.reasons) or "-"
-            return Action("PREPEND", f"{HEADER}: score={_number(assessment.score)}; reasons={reasons}")
+            return Action("PREPEND", f"{HEADER}: score={points_text(assessment.score)}; reasons={reasons}")
         if assessment.allowed_by is None and assessment.dns_failed:
             return self.on_error
         return DUNNO
@@ -626,7 +347,7 @@ class NetworkReputation:
         positive = sorted((p for p in assessment.sources if p.points > 0), key=lambda p: -p.points)
         reasons = ", ".join(dict.fromkeys(p.source for p in positive)) or "score"
         text = self.texts.render(
-            "network_rejected", client=assessment.address, reasons=reasons, score=_number(assessment.score)
+            "network_rejected", client=assessment.address, reasons=reasons, score=points_text(assessment.score)
         )
         return Action("REJECT", f"5.7.1 {text}")
 

@@ -137,7 +137,7 @@ def header_secret(config: Config, create: bool) -> bytes | None:
 
     :param create: create it when missing (the milter does; ``policyd score`` only reads).
     """
-    from policyd.checks.reputation import header_secret_path, load_header_secret
+    from policyd.checks.network_header import header_secret_path, load_header_secret
 
     path = header_secret_path(config)
     if path is None:
@@ -199,7 +199,7 @@ class ContentScorer:
         a copy the sender wrote comes below Postfix's own ``Received``
         header and, lacking the secret, never verifies anyway.
         """
-        from policyd.checks.reputation import HEADER, parse_header, verify_header
+        from policyd.checks.network_header import HEADER, parse_header, verify_header
 
         if self.secret is None:
             return 0.0, ""

@@ -262,7 +262,7 @@ class SelfService:
 
         :raises PolicydError: when a secret file cannot be read or created.
         """
-        from policyd.checks.reputation import header_secret_path, load_header_secret
+        from policyd.checks.network_header import header_secret_path, load_header_secret
 
         wanted = bool(config.listen.http or config.quarantine.base_url or config.quarantine.digest_at)
         if not wanted:

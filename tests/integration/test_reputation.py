@@ -29,19 +29,15 @@ from twisted.names import client, dns
 
 from policyd.checks import Verdict, dnsbl
 from policyd.checks.dnsbl import cache_key, parse_nameserver, query_name
-from policyd.checks.reputation import (
+from policyd.checks.names import NamePatterns, helo_findings, is_fqdn
+from policyd.checks.network_header import (
     HEADER,
-    Assessment,
-    NamePatterns,
-    NetworkReputation,
-    TaggedInstances,
     header_secret_path,
-    helo_findings,
-    is_fqdn,
     load_header_secret,
     sign_header,
     verify_header,
 )
+from policyd.checks.reputation import Assessment, NetworkReputation, TaggedInstances
 from policyd.config import Config
 from policyd.errors import ConfigError
 from policyd.metrics import Metrics

@@ -13,7 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from policyd.checks.reputation import sign_header
+from policyd.checks.network_header import sign_header
 from policyd.content import features as content
 from policyd.content.classifier import Model, Reason
 from policyd.content.scoring import ContentScorer, SpamFilter, apply_changes, tagged_subject
