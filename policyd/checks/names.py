@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from policyd.addresses import normalise_domain
 from policyd.netlists import (
@@ -14,10 +12,6 @@ from policyd.netlists import (
     parse_address,
 )
 
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger("policyd.reputation")
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 

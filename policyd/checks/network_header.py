@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from policyd.config import Config
 from policyd.netlists import (
@@ -22,10 +20,6 @@ from policyd.netlists import (
 )
 from policyd.statefiles import load_secret, state_file
 
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger("policyd.reputation")
 #: The header added at level 1; the milter adds its points to the content's.
 HEADER = "X-Policyd-Network"
 

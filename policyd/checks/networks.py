@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -17,9 +16,6 @@ from policyd.netlists import (
     NetworkSet,
     read_cidr_file,
 )
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("policyd.reputation")
 #: How often a CIDR file's modification time is looked at: a stat() per
