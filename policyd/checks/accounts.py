@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
 from policyd.errors import ConfigError, PolicydError
-from policyd.store import Store
+from policyd.store import Counts
 
 #: ``type:name`` as Postfix writes lookup tables (hash:/etc/postfix/accounts, ldap:/..., ...).
 _TABLE = re.compile(r"^[a-z][a-z0-9_]*:.+")
@@ -29,7 +29,7 @@ class Accounts:
         pool; without it (admin commands) it runs in place.
     """
 
-    def __init__(self, source: str | None, store: Store, reactor: Any = None) -> None:
+    def __init__(self, source: str | None, store: Counts, reactor: Any = None) -> None:
         self.source = source
         self.store = store
         self.reactor = reactor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -18,7 +18,7 @@ from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
 from policyd.notify import notice_recipients
 from policyd.protocols.policy import DUNNO, Action, Request
-from policyd.store import Admission, Block, Charge, Exemption, Outcome, Store
+from policyd.store import Admission, Block, Charge, Counts, Exemption, Exemptions, Outcome
 from policyd.texts import Texts
 
 log = logging.getLogger("policyd.quota")
@@ -40,6 +40,10 @@ UNLIMITED = 1 << 40
 WRITE_BACK_BATCH = 500
 
 
+
+
+class QuotaStore(Counts, Exemptions, Protocol):
+    """What the quota needs of the store: counts and blocks, and the exemptions in force."""
 
 def settled(deferred: Deferred[T]) -> T | Failure | None:
     """The result of a Deferred that has fired, taken out of it; None while it waits.
@@ -126,7 +130,7 @@ class OutboundQuota:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: QuotaStore,
         clock: IReactorTime,
         on_block: Callable[[Block], None] | None = None,
     ) -> None:

@@ -37,7 +37,7 @@ from policyd.config import Config, parse_time_of_day
 from policyd.errors import PolicydError
 from policyd.quarantine.held import DIGEST_HEADER, digest_header
 from policyd.quarantine.links import LinkSigner
-from policyd.store import Notice, Quarantined, Store
+from policyd.store import HeldMail, Notice, Quarantined
 from policyd.texts import Texts
 
 log = logging.getLogger("policyd.digest")
@@ -124,7 +124,7 @@ class DigestJob:
     def __init__(
         self,
         config: Config,
-        store: Store,
+        store: HeldMail,
         clock: IReactorTime,
         on_queued: Callable[[], object] = lambda: None,
         tz: datetime.tzinfo | None = None,
@@ -342,7 +342,7 @@ class DigestMail:
             raise PolicydError("quarantine.base_url: the address of the self-service pages is not known")
         return self.base_url.rstrip("/")
 
-    async def message(self, notice: Notice, store: Store, now: float) -> bytes | None:
+    async def message(self, notice: Notice, store: HeldMail, now: float) -> bytes | None:
         """The digest mail of a ``digest`` notice; None when none of its messages is still held."""
         ids = [int(i) for i in notice.payload.get("ids", [])]
         since = notice.payload.get("since")

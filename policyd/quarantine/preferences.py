@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config
-from policyd.store import SPAM_CHOICES, Store
+from policyd.store import SPAM_CHOICES, Choices
 
 log = logging.getLogger("policyd.preferences")
 
@@ -295,7 +295,7 @@ class Preferences:
     :param run_blocking: how provisioning is read (a thread in the servers).
     """
 
-    def __init__(self, config: Config, store: Store, clock: IReactorTime, run_blocking: RunBlocking = inline) -> None:
+    def __init__(self, config: Config, store: Choices, clock: IReactorTime, run_blocking: RunBlocking = inline) -> None:
         self.store = store
         self.clock = clock
         self.run_blocking = run_blocking
