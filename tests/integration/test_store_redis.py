@@ -16,7 +16,8 @@ from twisted.internet.defer import DeferredList
 
 from policyd.errors import ConfigError, StoreError
 from policyd.store import Block, Charge, Outcome, open_store
-from policyd.store.redis import PREFIX, RedisStore
+from policyd.store.redis import RedisStore
+from policyd.store.redis.schema import PREFIX
 from tests.harness.redis_server import RedisServer, running_redis, running_sentinel
 from tests.harness.store_contract import *  # noqa: F403
 from tests.harness.store_contract import HOUR, T0, admit

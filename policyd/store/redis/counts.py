@@ -1,0 +1,285 @@
+"""The quota's hot path in Redis: counting recipients, blocks, accounts seen, pruning."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any, cast
+
+from redis.exceptions import NoScriptError
+from twisted.internet.defer import Deferred
+
+from policyd.store import (
+    MAX_BLOCK_CLIENTS,
+    Admission,
+    Block,
+    Charge,
+    Outcome,
+)
+from policyd.store.redis.connection import RedisConnection, milliseconds
+from policyd.store.redis.schema import (
+    ACCOUNTS,
+    ACTIVE,
+    ADMIT,
+    ADMIT_BATCH,
+    BLOCK_FIELDS,
+    BLOCKS,
+    NOTICE_SEQUENCE,
+    OUTBOX,
+    PRUNE_BATCH,
+    SEQUENCE,
+    UNREADABLE,
+    PendingAdmit,
+    block_key,
+    instance_key,
+    window_key,
+)
+
+
+class RedisCounts(RedisConnection):
+    """Counts and blocks (:class:`policyd.store.Counts`); one Lua script per admission, pipelined per turn."""
+
+
+    # --- quota ------------------------------------------------------------
+
+    def admit(self, charge: Charge) -> Deferred[Admission]:
+        """See :meth:`policyd.store.Store.admit`.
+
+        Recipients counted in one turn of the event loop go to Redis
+        together, in one pipeline (one round trip, one connection): with one
+        script call per recipient, redis-py's cost per call was the limit.
+        """
+        account = charge.account
+        keys = [
+            window_key(account),
+            block_key(account),
+            SEQUENCE,
+            ACTIVE,
+            BLOCKS,
+            instance_key(account, charge.instance),
+            OUTBOX,
+            NOTICE_SEQUENCE,
+        ]
+        args = [
+            repr(charge.now),
+            repr(charge.now - charge.window),
+            charge.limit,
+            repr(charge.now + charge.block_for),
+            charge.reason,
+            charge.instance,
+            charge.client,
+            milliseconds(charge.window),
+            milliseconds(charge.block_for),
+            MAX_BLOCK_CLIENTS,
+            account,
+            *charge.notify,
+        ]
+        waiting: Deferred[Admission] = Deferred()
+        self._admits.append((account, keys, args, waiting))
+        if len(self._admits) == 1:
+            asyncio.get_running_loop().call_soon(self._send_admits)
+        return waiting
+
+    def _send_admits(self) -> None:
+        """Send the recipients counted since the last turn, at most :data:`ADMIT_BATCH` in one pipeline."""
+        batch, self._admits = self._admits[:ADMIT_BATCH], self._admits[ADMIT_BATCH:]
+        if self._admits:
+            asyncio.get_running_loop().call_soon(self._send_admits)
+        if not batch:
+            return
+
+        def answered(replies: list[Any]) -> None:
+            for (account, _, _, waiting), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    waiting.errback(self._error("admit", reply))
+                    continue
+                try:
+                    admission = _admission(account, reply)
+                except UNREADABLE as error:
+                    waiting.errback(self._error("admit", error))
+                    continue
+                waiting.callback(admission)
+
+        def failed(failure: Any) -> None:
+            for *_, waiting in batch:
+                waiting.errback(failure)
+
+        self._call(lambda: self._pipelined_admits(batch), "admit").addCallbacks(answered, failed)
+
+    async def _pipelined_admits(self, batch: list[PendingAdmit]) -> list[Any]:
+        """Every script call's reply, or its error; the script is loaded once if Redis lost it."""
+        replies = await self._pipeline_admits(batch)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            await self.client.script_load(ADMIT)
+            replies = await self._pipeline_admits(batch)
+        return replies
+
+    async def _pipeline_admits(self, batch: list[PendingAdmit]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        sha = self._admit.sha
+        for _, keys, args, _ in batch:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
+    def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.give_back`."""
+
+        async def work() -> int:
+            keys = [window_key(account), instance_key(account, instance)]
+            return int(await self._give_back(keys=keys, args=[]))
+
+        return self._call(work, "give back")
+
+    def usage(self, account: str, *, now: float, window: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.usage`."""
+
+        async def work() -> int:
+            return int(await self.client.zcount(window_key(account), f"({now - window!r}", "+inf"))
+
+        return self._call(work, "usage")
+
+    def busiest(self, *, now: float, window: float, limit: int = 20) -> Deferred[list[tuple[str, int]]]:
+        """See :meth:`policyd.store.Store.busiest`."""
+        cutoff = f"({now - window!r}"
+
+        async def work() -> list[tuple[str, int]]:
+            if limit <= 0:
+                return []
+            accounts = cast(list[str], await self.client.zrangebyscore(ACTIVE, cutoff, "+inf"))
+            counts: list[tuple[str, int]] = []
+            for start in range(0, len(accounts), 1000):
+                chunk = accounts[start : start + 1000]
+                pipe = self.client.pipeline(transaction=False)
+                for account in chunk:
+                    pipe.zcount(window_key(account), cutoff, "+inf")
+                found = await pipe.execute()
+                counts += [(a, int(n)) for a, n in zip(chunk, found, strict=True) if int(n)]
+            return sorted(counts, key=lambda c: (-c[1], c[0]))[:limit]
+
+        return self._call(work, "busiest")
+
+    # --- blocks -------------------------------------------------------------
+
+    def block_of(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """See :meth:`policyd.store.Store.block_of`."""
+
+        async def work() -> Block | None:
+            fields = cast(list[str | None], await self.client.hmget(block_key(account), list(BLOCK_FIELDS)))
+            if fields[0] is None or fields[1] is None or float(fields[1]) <= now:
+                return None
+            return _block(account, fields)
+
+        return self._call(work, "block look-up")
+
+    def blocks(self, *, now: float) -> Deferred[list[Block]]:
+        """See :meth:`policyd.store.Store.blocks`."""
+
+        async def work() -> list[Block]:
+            accounts = cast(list[str], await self.client.zrange(BLOCKS, 0, -1))
+            pipe = self.client.pipeline(transaction=False)
+            for account in accounts:
+                pipe.hmget(block_key(account), list(BLOCK_FIELDS))
+            found = await pipe.execute() if accounts else []
+            live = [
+                _block(account, fields)
+                for account, fields in zip(accounts, found, strict=True)
+                if fields[0] is not None and float(fields[1]) > now
+            ]
+            return sorted(live, key=lambda b: (b.since, b.account))
+
+        return self._call(work, "list blocks")
+
+    def block(self, block: Block) -> Deferred[Block]:
+        """See :meth:`policyd.store.Store.block`."""
+
+        async def work() -> Block:
+            await self._put_block(
+                keys=[block_key(block.account), BLOCKS],
+                args=[
+                    repr(block.since),
+                    repr(block.until),
+                    block.reason,
+                    block.count,
+                    json.dumps(list(block.clients)),
+                    block.by,
+                    milliseconds(block.until - block.since),
+                    block.account,
+                ],
+            )
+            return block
+
+        return self._call(work, "block")
+
+    def unblock(self, account: str, *, now: float) -> Deferred[Block | None]:
+        """See :meth:`policyd.store.Store.unblock`."""
+
+        async def work() -> Block | None:
+            fields = await self._unblock(
+                keys=[block_key(account), window_key(account), ACTIVE, BLOCKS],
+                args=[repr(now), account],
+            )
+            return _block(account, fields) if fields else None
+
+        return self._call(work, "unblock")
+
+
+    def note_account(self, account: str, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.note_account`."""
+
+        async def work() -> None:
+            await self.client.hset(ACCOUNTS, account, repr(now))
+
+        return self._call(work, "note account")
+
+    def account_seen(self, account: str) -> Deferred[bool]:
+        """See :meth:`policyd.store.Store.account_seen`."""
+
+        async def work() -> bool:
+            return bool(await self.client.hexists(ACCOUNTS, account))
+
+        return self._call(work, "account seen")
+
+    # --- housekeeping -----------------------------------------------------------
+
+    def prune(self, *, now: float, window: float) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.prune`.
+
+        Works in batches of :data:`PRUNE_BATCH` accounts so that no single
+        script holds Redis long; each batch is atomic, the whole is not (and
+        need not be).  The deadline applies to the whole.
+        """
+
+        async def work() -> int:
+            removed = 0
+            accounts = cast(list[str], await self.client.zrange(ACTIVE, 0, -1))
+            for start in range(0, len(accounts), PRUNE_BATCH):
+                chunk = accounts[start : start + PRUNE_BATCH]
+                removed += int(
+                    await self._prune_windows(
+                        keys=[ACTIVE, *map(window_key, chunk)], args=[repr(now - window), *chunk]
+                    )
+                )
+            blocked = cast(list[str], await self.client.zrange(BLOCKS, 0, -1))
+            for start in range(0, len(blocked), PRUNE_BATCH):
+                chunk = blocked[start : start + PRUNE_BATCH]
+                await self._prune_blocks(keys=[BLOCKS, *map(block_key, chunk)], args=[repr(now), *chunk])
+            return removed
+
+        return self._call(work, "prune")
+
+
+def _admission(account: str, reply: Sequence[Any]) -> Admission:
+    """The admit script's reply: allowed and the count, or the block (already there, or new)."""
+    if reply[0] == "allowed":
+        return Admission(Outcome.ALLOWED, int(reply[1]))
+    block = _block(account, reply[1:])
+    if reply[0] == "blocked":
+        return Admission(Outcome.BLOCKED, block.count, block)
+    return Admission(Outcome.NEWLY_BLOCKED, block.count, block)
+
+
+def _block(account: str, fields: Sequence[Any]) -> Block:
+    """A block from its hash fields (since, until, reason, count, clients, by)."""
+    since, until, reason, count, clients, by = fields
+    return Block(account, float(since), float(until), reason, int(count), tuple(json.loads(clients)), by)

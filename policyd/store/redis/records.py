@@ -1,0 +1,120 @@
+"""The audit log, the notification outbox and the exemptions in Redis."""
+
+from __future__ import annotations
+
+import json
+from typing import cast
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from policyd.store import (
+    AuditEntry,
+    Exemption,
+    Notice,
+)
+from policyd.store.redis.connection import RedisConnection
+from policyd.store.redis.schema import AUDIT, AUDIT_CAP, EXEMPTION_SEQUENCE, EXEMPTIONS, OUTBOX
+
+
+class RedisRecords(RedisConnection):
+    """The audit log, outbox and exemptions (:class:`policyd.store.AuditLog`, :class:`~policyd.store.Outbox`, :class:`~policyd.store.Exemptions`)."""
+
+
+    # --- audit ----------------------------------------------------------------
+
+    def record(self, entry: AuditEntry) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.record`."""
+        line = json.dumps(entry.as_dict(), separators=(",", ":"))
+
+        async def work() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.rpush(AUDIT, line)
+            pipe.ltrim(AUDIT, -AUDIT_CAP, -1)
+            await pipe.execute()
+
+        return self._call(work, "audit record")
+
+    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
+        """See :meth:`policyd.store.Store.audit`."""
+
+        async def work() -> list[AuditEntry]:
+            if limit <= 0:
+                return []
+            lines = cast(list[str], await self.client.lrange(AUDIT, -limit, -1))
+            return [AuditEntry(**json.loads(line)) for line in lines]
+
+        return self._call(work, "audit")
+
+    # --- notification outbox ------------------------------------------------------
+
+    def claim_notices(self, *, now: float, lease: float, limit: int = 20) -> Deferred[list[Notice]]:
+        """See :meth:`policyd.store.Store.claim_notices`."""
+
+        async def work() -> list[Notice]:
+            rows = await self._claim(keys=[OUTBOX], args=[repr(now), repr(now + lease), limit])
+            return [
+                Notice(int(i), kind, to, json.loads(data), float(created), int(attempts), error)
+                for i, kind, to, data, created, attempts, error in rows
+            ]
+
+        return self._call(work, "claim notices")
+
+    def notice_sent(self, notice_id: int, *, now: float) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_sent`."""
+
+        async def work() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(OUTBOX, notice_id)
+            pipe.delete(f"{OUTBOX}:{notice_id}")
+            await pipe.execute()
+
+        return self._call(work, "notice sent")
+
+    def notice_failed(self, notice_id: int, *, retry_at: float, error: str) -> Deferred[None]:
+        """See :meth:`policyd.store.Store.notice_failed`."""
+
+        async def work() -> None:
+            await self._failed(keys=[OUTBOX], args=[notice_id, repr(retry_at), error[:500]])
+
+        return self._call(work, "notice failed")
+
+    def pending_notices(self) -> Deferred[int]:
+        """See :meth:`policyd.store.Store.pending_notices`."""
+
+        async def work() -> int:
+            return int(await self.client.zcard(OUTBOX))
+
+        return self._call(work, "pending notices")
+
+    # --- exemptions and accounts ---------------------------------------------------
+
+    def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
+        """See :meth:`policyd.store.Store.save_exemption`."""
+
+        async def work() -> Exemption:
+            saved = exemption
+            if not saved.id:
+                saved = attrs.evolve(saved, id=int(await self.client.incr(EXEMPTION_SEQUENCE)))
+            await self.client.hset(EXEMPTIONS, str(saved.id), json.dumps(attrs.asdict(saved)))
+            return saved
+
+        return self._call(work, "save exemption")
+
+    def exemption(self, exemption_id: int) -> Deferred[Exemption | None]:
+        """See :meth:`policyd.store.Store.exemption`."""
+
+        async def work() -> Exemption | None:
+            data = await self.client.hget(EXEMPTIONS, str(exemption_id))
+            return None if data is None else Exemption(**json.loads(data))
+
+        return self._call(work, "exemption")
+
+    def exemptions(self) -> Deferred[list[Exemption]]:
+        """See :meth:`policyd.store.Store.exemptions`."""
+
+        async def work() -> list[Exemption]:
+            found = [Exemption(**json.loads(v)) for v in (await self.client.hvals(EXEMPTIONS))]
+            return sorted(found, key=lambda e: e.id)
+
+        return self._call(work, "exemptions")
