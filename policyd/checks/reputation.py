@@ -39,7 +39,7 @@ from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.python.failure import Failure
 
 from policyd.checks import ON_ERROR, Verdict
-from policyd.checks.dnsbl import DnsblClient, ReverseDns, Status, ZoneAnswer, make_resolver, within
+from policyd.checks.dnsbl import DnsblClient, ReverseDns, Status, ZoneAnswer
 from policyd.checks.names import NamePatterns, helo_findings
 from policyd.checks.network_header import (
     HEADER,
@@ -50,6 +50,7 @@ from policyd.checks.network_header import (
     sign_header,
 )
 from policyd.checks.networks import WatchedNetworks
+from policyd.checks.resolver import make_resolver, within
 from policyd.config import Config, Dns, read_domain_list
 from policyd.netlists import (
     IPAddress,

@@ -115,7 +115,7 @@ def _store_url(value: Any) -> None:
 
 
 def _nameservers(value: Any) -> None:
-    from policyd.checks.dnsbl import parse_nameserver
+    from policyd.checks.resolver import parse_nameserver
 
     for item in value:
         parse_nameserver(item)

@@ -27,8 +27,8 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.names import client, dns
 
-from policyd.checks import Verdict, dnsbl
-from policyd.checks.dnsbl import cache_key, parse_nameserver, query_name
+from policyd.checks import Verdict
+from policyd.checks.dnsbl import cache_key, query_name
 from policyd.checks.names import NamePatterns, helo_findings, is_fqdn
 from policyd.checks.network_header import (
     HEADER,
@@ -38,6 +38,7 @@ from policyd.checks.network_header import (
     verify_header,
 )
 from policyd.checks.reputation import Assessment, NetworkReputation, TaggedInstances
+from policyd.checks.resolver import parse_nameserver, system_nameservers
 from policyd.config import Config
 from policyd.errors import ConfigError
 from policyd.metrics import Metrics
@@ -159,8 +160,8 @@ def test_system_resolvers_come_from_resolv_conf(tmp_path: Path) -> None:
     """With no dns.nameservers, resolv.conf's nameserver lines are used (127.0.0.1 if none)."""
     resolv = tmp_path / "resolv.conf"
     resolv.write_text("search example\nnameserver 127.0.0.53 # stub\nnameserver ::1\n", encoding="utf-8")
-    assert dnsbl.system_nameservers(str(resolv)) == [("127.0.0.53", 53), ("::1", 53)]
-    assert dnsbl.system_nameservers(str(tmp_path / "absent")) == [("127.0.0.1", 53)]
+    assert system_nameservers(str(resolv)) == [("127.0.0.53", 53), ("::1", 53)]
+    assert system_nameservers(str(tmp_path / "absent")) == [("127.0.0.1", 53)]
 
 
 # --- DNSBL scoring ------------------------------------------------------------------
