@@ -22,9 +22,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 
-from policyd.addresses import domain_of
 from policyd.config import Config, format_duration
-from policyd.config import Notify as NotifyConfig
 from policyd.errors import PolicydError
 from policyd.store import Notice, Store
 from policyd.texts import Texts
@@ -59,18 +57,6 @@ def split_hostport(text: str, default_port: int = 25) -> tuple[str, int]:
         if not sep:
             host, port = text, ""
     return host, int(port) if port else default_port
-
-
-def notice_recipients(notify: NotifyConfig, account: str) -> tuple[str, ...]:
-    """Who hears of a block of ``account``: the help desk, the IT contact of its
-    domain (or ``default``), and the user when ``notify_user`` is set."""
-    contacts = {k.lower(): v for k, v in notify.contacts.items()}
-    domain = domain_of(account) or ""
-    contact = contacts.get(domain) or contacts.get("default")
-    chosen = [*notify.helpdesk, *([contact] if contact else [])]
-    if notify.notify_user and "@" in account:
-        chosen.append(account)
-    return tuple(dict.fromkeys(a.strip() for a in chosen if a.strip()))
 
 
 class Notifier:
@@ -108,7 +94,7 @@ class Notifier:
 
     def recipients(self, account: str) -> tuple[str, ...]:
         """Who hears of a block of ``account``."""
-        return notice_recipients(self.notify, account)
+        return self.notify.recipients(account)
 
     # --- running -------------------------------------------------------
 

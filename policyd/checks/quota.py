@@ -16,7 +16,6 @@ from policyd.checks import ON_ERROR, Verdict
 from policyd.config import Config, format_duration, read_domain_list
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
-from policyd.notify import notice_recipients
 from policyd.protocols.policy import DUNNO, Action, Request
 from policyd.store import Admission, Block, Charge, Counts, Exemption, Exemptions, Outcome
 from policyd.texts import Texts
@@ -307,7 +306,7 @@ class OutboundQuota:
         if found is None:
             if len(self._notify) > 100_000:  # bounded: forget and start again
                 self._notify.clear()
-            found = self._notify[account] = notice_recipients(self.config.notify, account)
+            found = self._notify[account] = self.config.notify.recipients(account)
         return found
 
     def refusal(self, block: Block) -> Action:

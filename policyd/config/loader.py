@@ -16,6 +16,7 @@ from typing import Any, Union
 import attrs
 import yaml
 
+from policyd.addresses import normalise_domain
 from policyd.config.sections import (
     Config,
 )
@@ -232,8 +233,6 @@ def read_domain_list(value: Sequence[str] | str, source: str) -> frozenset[str]:
 
     :raises ConfigError: when the file cannot be read.
     """
-    from policyd.addresses import normalise_domain
-
     if isinstance(value, str):
         try:
             lines = Path(value).read_text(encoding="utf-8").splitlines()

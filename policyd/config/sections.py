@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import attrs
 
+from policyd.addresses import domain_of
 from policyd.config.values import (
     Duration,
     _at_least,
@@ -214,6 +215,17 @@ class Notify:
         _at_least(0.1),
     )
     retry_max: Duration = _field(Duration(3600), "Longest wait between retries.", _at_least(1))
+
+    def recipients(self, account: str) -> tuple[str, ...]:
+        """Who hears of a block of ``account``: the help desk, the IT contact of its
+        domain (or ``default``), and the user when ``notify_user`` is set."""
+        contacts = {k.lower(): v for k, v in self.contacts.items()}
+        domain = domain_of(account) or ""
+        contact = contacts.get(domain) or contacts.get("default")
+        chosen = [*self.helpdesk, *([contact] if contact else [])]
+        if self.notify_user and "@" in account:
+            chosen.append(account)
+        return tuple(dict.fromkeys(a.strip() for a in chosen if a.strip()))
 
 
 @attrs.frozen

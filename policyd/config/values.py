@@ -124,8 +124,6 @@ def _nameservers(value: Any) -> None:
 def _codes(value: Any) -> None:
     if value is None:
         return
-    from policyd.netlists import parse_code_filter
-
     parse_code_filter(value)
 
 

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import Clock, deferLater
 
-from policyd.notify import Notifier, notice_recipients, retry_delay, split_hostport
+from policyd.notify import Notifier, retry_delay, split_hostport
 from policyd.policy import PolicyService
 from policyd.store.memory import MemoryStore
 from policyd.testing import PolicyClient, rcpt, request
@@ -70,13 +70,13 @@ def attempt(service: PolicyService, account: str = "alice@example.org", times: i
 def test_recipients_by_domain_with_default() -> None:
     """The help desk, plus the contact of the account's domain, else the default contact."""
     notify = make_config(NOTIFY + "  notify_user: true\n").notify
-    assert notice_recipients(notify, "alice@example.org") == (
+    assert notify.recipients("alice@example.org") == (
         "helpdesk@example.org", "it@example.org", "alice@example.org",
     )
-    assert notice_recipients(notify, "bob@other.net") == (
+    assert notify.recipients("bob@other.net") == (
         "helpdesk@example.org", "it-general@example.org", "bob@other.net",
     )
-    assert notice_recipients(notify, "carol") == ("helpdesk@example.org", "it-general@example.org")
+    assert notify.recipients("carol") == ("helpdesk@example.org", "it-general@example.org")
 
 
 def test_one_block_one_mail_each_however_many_refusals() -> None:
