@@ -9,6 +9,8 @@ from typing import Any
 
 import attrs
 
+from policyd.netlists import parse_code_filter
+
 #: Where commands look for the configuration when neither ``-c`` nor
 #: ``$POLICYD_CONFIG`` names one.
 DEFAULT_PATH = "/etc/policyd/policyd.yaml"
