@@ -1,10 +1,18 @@
-"""Reactor installation: Twisted on asyncio, so redis.asyncio runs beside it."""
+"""The reactor: Twisted on asyncio (so redis.asyncio runs beside it), and where blocking work runs."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred, succeed
+
+T = TypeVar("T")
+
+#: How a component runs blocking or CPU-bound work: :func:`inline` or :func:`in_thread`.
+RunBlocking = Callable[..., "Deferred[Any]"]
 
 
 def install_reactor() -> Any:
@@ -21,3 +29,19 @@ def install_reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+def inline(work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+    """Run work at once (admin commands, tests, and callers already off the event loop)."""
+    return succeed(work(*args, **kwargs))
+
+
+def in_thread(reactor: Any) -> RunBlocking:
+    """Run blocking or CPU-bound work (file reads, ``postmap``, scoring) in the reactor's
+    thread pool, off the event loop."""
+    from twisted.internet.threads import deferToThreadPool
+
+    def run(work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
+
+    return run

@@ -24,15 +24,15 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config
+from policyd.reactor import RunBlocking, inline
 from policyd.store import SPAM_CHOICES, Choices
 
 log = logging.getLogger("policyd.preferences")
@@ -64,24 +64,6 @@ _TABLE = re.compile(r"^[a-z][a-z0-9_]*:.+")
 
 #: Files Postfix's indexed table types keep beside ``name``.
 _TABLE_SUFFIXES = ("", ".db", ".lmdb", ".cdb", ".dir", ".pag")
-
-RunBlocking = Callable[..., "Deferred[Any]"]
-
-
-def inline(work: Callable[..., Any], *args: Any) -> Deferred[Any]:
-    """Run blocking work at once (admin commands and tests)."""
-    return succeed(work(*args))
-
-
-def in_thread(reactor: Any) -> RunBlocking:
-    """Run blocking work (file reads, ``postmap``) in the reactor's thread pool."""
-    from twisted.internet.threads import deferToThreadPool
-
-    def run(work: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args)
-
-    return run
-
 
 @attrs.frozen
 class Choice:

@@ -54,9 +54,8 @@ from policyd.quarantine.preferences import (
     OWN,
     PROVISIONED,
     Preferences,
-    RunBlocking,
-    in_thread,
 )
+from policyd.reactor import RunBlocking, in_thread
 from policyd.store import SPAM_CHOICES, Quarantined, Store
 
 log = logging.getLogger("policyd.selfservice")
