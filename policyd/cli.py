@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import io
 import json
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
@@ -19,6 +20,7 @@ import click
 from policyd import __version__
 from policyd import config as configuration
 from policyd.errors import PolicydError, UsageError
+from policyd.texts import printable
 
 T = TypeVar("T")
 
@@ -124,14 +126,56 @@ def when(timestamp: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: What ``say(..., keep=LINES)`` writes as it is: text of several lines (a message).
+LINES = "\n\t"
+
+
+def say(text: str, *, err: bool = False, keep: str = "") -> None:
+    """Write a line for people, every character a terminal could act on escaped.
+
+    All the command's output goes through here (or :func:`print_json`):
+    subjects, senders, reasons and account names come from outside, and an
+    escape sequence among them would otherwise clear the admin's screen or
+    write to their clipboard (see :func:`policyd.texts.printable`).
+
+    :param keep: characters written as they are (:data:`LINES` for text of
+        several lines, whose CRLF line ends are then written as LF).
+    """
+    if "\n" in keep:
+        text = text.replace("\r\n", "\n")
+    click.echo(printable(text, keep), err=err)
+
+
+def json_line(item: Any) -> str:
+    """One compact JSON object on one line, nothing in it a terminal could act on.
+
+    ``json.dumps`` escapes the C0 controls but, without ``ensure_ascii``,
+    writes DEL, the C1 controls and bidi overrides as they are: those are
+    written ``\\uXXXX`` too (they can only be inside strings), while other
+    non-ASCII text stays readable.
+    """
+    text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _json_escape(c) for c in text)
+
+
+def _json_escape(character: str) -> str:
+    code = ord(character)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def print_json(item: Any) -> None:
     """One compact JSON object on one line."""
-    click.echo(json.dumps(item, separators=(",", ":"), ensure_ascii=False, sort_keys=True))
+    click.echo(json_line(item))
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Aligned columns, headers first."""
-    text = [[str(c) for c in row] for row in rows]
+    """Aligned columns, headers first; a cell's controls (a newline too) are escaped."""
+    text = [[printable(str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
     for row in [list(headers), *text]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -166,7 +210,7 @@ def config_group() -> None:
 def config_check() -> None:
     """Validate the configuration file; exit 2 naming the key and line of an error."""
     config = load_config()
-    click.echo(f"{config.source}: configuration OK")
+    say(f"{config.source}: configuration OK")
 
 
 @cli.command()
@@ -225,7 +269,7 @@ def check(
         word, _, text = action.partition(" ")
         print_json({"action": word, "text": text})
     else:
-        click.echo(action)
+        say(action)
 
 
 @cli.command()
@@ -247,7 +291,7 @@ def status(account: str | None, as_json: bool) -> None:
             print_json(item.as_dict())
         return
     if account is None and not statuses:
-        click.echo("no account has sent to external recipients in the window")
+        say("no account has sent to external recipients in the window")
         return
     print_table(
         ["ACCOUNT", "SENT", "LIMIT", "WINDOW", "BLOCKED UNTIL", "REASON"],
@@ -282,7 +326,7 @@ def blocks(as_json: bool) -> None:
             print_json(block.as_dict())
         return
     if not found:
-        click.echo("no account is blocked")
+        say("no account is blocked")
         return
     print_table(
         ["ACCOUNT", "SINCE", "UNTIL", "COUNT", "BY", "CLIENTS", "REASON"],
@@ -319,7 +363,7 @@ def block(account: str, reason: str, duration: str | None, by: str | None, as_js
     if as_json:
         print_json(made.as_dict())
     else:
-        click.echo(f"{made.account} blocked until {when(made.until)}")
+        say(f"{made.account} blocked until {when(made.until)}")
 
 
 @cli.command()
@@ -340,7 +384,7 @@ def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"account": lifted.account, "unblocked": True})
     else:
-        click.echo(f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
+        say(f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
 
 
 @cli.command()
@@ -397,7 +441,7 @@ def exemption_request(
     if as_json:
         print_json({"id": made.id, "status": made.status})
     else:
-        click.echo(
+        say(
             f"exemption #{made.id} requested for {made.account}: {made.limit}/h "
             f"from {when(made.start)} until {when(made.end)} (pending)"
         )
@@ -420,7 +464,7 @@ def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json
     if as_json:
         print_json(decided.as_dict(now))
     else:
-        click.echo(f"exemption #{decided.id} for {decided.account} {decided.status}")
+        say(f"exemption #{decided.id} for {decided.account} {decided.status}")
 
 
 @exemption.command("approve")
@@ -475,7 +519,7 @@ def exemption_list(status: str | None, as_json: bool) -> None:
             print_json(item.as_dict(now))
         return
     if not chosen:
-        click.echo("no exemption")
+        say("no exemption")
         return
     print_table(
         ["ID", "ACCOUNT", "LIMIT", "FROM", "UNTIL", "STATUS", "BY", "REASON"],
@@ -509,7 +553,7 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
         if as_json:
             print_json({"address": str(parsed), "trusted": True, "score": 0, "decision": "DUNNO"})
         else:
-            click.echo(message)
+            say(message)
         return
 
     async def work(reactor: Any) -> tuple[Assessment, str]:
@@ -539,11 +583,11 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
             [(p.source, p.kind, f"{p.points:g}", p.detail) for p in assessment.sources],
         )
     else:
-        click.echo("no zone, network list or heuristic applies")
+        say("no zone, network list or heuristic applies")
     if assessment.allowed_by is not None:
-        click.echo(f"{parsed} is allowlisted by {assessment.allowed_by}")
-    click.echo(f"score {assessment.score:g} (tag_at {inbound.tag_at:g}, reject_at {inbound.reject_at:g})")
-    click.echo(f"decision at RCPT: {action}")
+        say(f"{parsed} is allowlisted by {assessment.allowed_by}")
+    say(f"score {assessment.score:g} (tag_at {inbound.tag_at:g}, reject_at {inbound.reject_at:g})")
+    say(f"decision at RCPT: {action}")
 
 
 # --- content scoring: milter, train, score, quarantine, prefs -------------------------
@@ -616,7 +660,7 @@ def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_js
         print_json({"model": str(target), "ham": model.info["ham"], "spam": model.info["spam"],
                     "seconds": round(seconds, 1)})
     else:
-        click.echo(
+        say(
             f"trained on {model.info['ham']} ham and {model.info['spam']} spam in {seconds:.1f}s; "
             f"model written to {target}"
         )
@@ -661,7 +705,7 @@ def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
         try:
             raw = content.strip_from_line(file.read_bytes())
         except OSError as error:
-            click.echo(f"policyd: error: {shown}: {error.strerror or error}", err=True)
+            say(f"policyd: error: {shown}: {error.strerror or error}", err=True)
             failed += 1
             continue
         result = scorer.score(raw, explain=top)
@@ -679,18 +723,18 @@ def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
             )
             continue
         verdict = "SPAM" if spam else "not spam"
-        click.echo(
+        say(
             f"{shown}: score {result.points:.2f} -> {verdict} (tag_at {tag_at:g}; "
             f"content {result.content:.2f}, network {result.network:g})"
         )
         if result.subject:
-            click.echo(f"  subject: {result.subject[:100]}")
+            say(f"  subject: {result.subject[:100]}")
         if result.network:
-            click.echo(f"  network: +{result.network:g} from X-Policyd-Network ({result.network_reasons})")
+            say(f"  network: +{result.network:g} from X-Policyd-Network ({result.network_reasons})")
         for reason in result.reasons:
-            click.echo(f"  {reason.points:+7.2f}  {reason.feature[:80]}")
+            say(f"  {reason.points:+7.2f}  {reason.feature[:80]}")
     if not as_json:
-        click.echo(f"(model {source})", err=True)
+        say(f"(model {source})", err=True)
     if failed:
         sys.exit(1)
 
@@ -738,7 +782,7 @@ def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
             print_json(entry.as_dict())
         return
     if not entries:
-        click.echo("the quarantine is empty")
+        say("the quarantine is empty")
         return
     print_table(
         ["ID", "HELD", "EXPIRES", "RECIPIENT", "SENDER", "SCORE", "SUBJECT"],
@@ -765,6 +809,11 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
 
     entry, message = with_quarantine(work)
     if raw:
+        if sys.stdout.isatty():
+            # Read on a screen, not saved: the message's own escapes must not act.
+            text = message.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
+            say(text.removesuffix("\n"), keep=LINES)
+            return
         sys.stdout.buffer.write(message)
         sys.stdout.buffer.flush()
         return
@@ -787,12 +836,12 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
             ("size", entry.size),
         ],
     )
-    click.echo("")
+    say("")
     for name, value in headers:
-        click.echo(f"{name}: {content.decode_header(value)[:200]}")
+        say(f"{name}: {content.decode_header(value)[:200]}", keep=LINES)
     text = content.extract(message).text
-    click.echo("")
-    click.echo(text[:800])
+    say("")
+    say(text[:800], keep=LINES)
 
 
 @quarantine_group.command("release")
@@ -813,7 +862,7 @@ def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool
     if as_json:
         print_json({"id": entry.id, "recipient": entry.recipient, "released": True})
     else:
-        click.echo(f"quarantine #{entry.id} released to {entry.recipient}")
+        say(f"quarantine #{entry.id} released to {entry.recipient}")
 
 
 @quarantine_group.command("delete")
@@ -834,7 +883,7 @@ def quarantine_delete(entry_id: int, reason: str, by: str | None, as_json: bool)
     if as_json:
         print_json({"id": entry.id, "recipient": entry.recipient, "deleted": True})
     else:
-        click.echo(f"quarantine #{entry.id} for {entry.recipient} deleted")
+        say(f"quarantine #{entry.id} for {entry.recipient} deleted")
 
 
 @cli.group()
@@ -862,7 +911,7 @@ def prefs_set(address: str, choice: str, by: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"address": clean, "spam": choice})
     else:
-        click.echo(f"spam for {clean}: {choice}")
+        say(f"spam for {clean}: {choice}")
 
 
 @prefs.command("show")
@@ -882,7 +931,7 @@ def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
             print_json({"address": address, "spam": choice})
         return
     if not choices:
-        click.echo(f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})")
+        say(f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})")
         return
     print_table(["ADDRESS", "SPAM"], sorted(choices.items()))
 
@@ -917,10 +966,10 @@ def digest_send_now(as_json: bool) -> None:
     if as_json:
         print_json(done.as_dict())
     elif not done.queued:
-        click.echo("another process queued this digest at the same moment: nothing more queued")
+        say("another process queued this digest at the same moment: nothing more queued")
     else:
         period = f"held since {when(done.since)}" if done.since is not None else "everything held so far"
-        click.echo(
+        say(
             f"queued {done.recipients} digest(s) listing {done.messages} message(s) ({period}); "
             "policyd serve sends them"
         )
@@ -928,20 +977,27 @@ def digest_send_now(as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run a command, turning every error into one line and an exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            # A name the locale cannot write is shown escaped, not a crash.
+            stream.reconfigure(errors="backslashreplace")
     try:
         result = cli.main(args=argv, prog_name="policyd", standalone_mode=False)
     except click.ClickException as error:
-        error.show()
+        # Click repeats what was typed (a command name, a choice): escaped like the rest.
+        shown = io.StringIO()
+        error.show(shown)
+        say(shown.getvalue().removesuffix("\n"), err=True, keep="\n")
         sys.exit(error.exit_code)
     except click.exceptions.Abort:
-        click.echo("policyd: aborted", err=True)
+        say("policyd: aborted", err=True)
         sys.exit(1)
     except PolicydError as error:
-        click.echo(f"policyd: error: {error}", err=True)
+        say(f"policyd: error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:
-        click.echo(f"policyd: internal error: {type(error).__name__}: {error}", err=True)
+        say(f"policyd: internal error: {type(error).__name__}: {error}", err=True)
         sys.exit(70)
     sys.exit(result if isinstance(result, int) else 0)
