@@ -11,6 +11,7 @@ import datetime
 import getpass
 import io
 import json
+import re
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
@@ -23,6 +24,94 @@ from policyd.errors import PolicydError, UsageError
 from policyd.texts import printable
 
 T = TypeVar("T")
+
+#: Largest id or count a command takes: the stores keep them as 64-bit signed integers.
+MAX_INT = 2**63 - 1
+
+
+# --- arguments ---------------------------------------------------------------
+
+
+def _named(param: click.Parameter | None) -> str:
+    """How an error names an argument: its long option, or its metavar (``ID``, ``ACCOUNT``)."""
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len)
+    if param is not None:
+        return param.metavar or (param.name or "argument").upper()
+    return "argument"
+
+
+class Text(click.ParamType):
+    """Text from the command line (a reason, a name, an address): valid UTF-8.
+
+    Bytes that are not UTF-8 reach Python as surrogates, which no store,
+    socket or terminal can take; they are refused here, as a usage error.
+    """
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """The text, or :class:`~policyd.errors.UsageError`."""
+        text = str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            given = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"{_named(param)}: '{given}' is not UTF-8 text") from None
+        return text
+
+
+class AccountName(Text):
+    """An account (a SASL login): UTF-8 without spaces or control characters, lower-cased."""
+
+    name = "account"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """The account as the stores know it, or :class:`~policyd.errors.UsageError`."""
+        from policyd.admin import normalise_account
+
+        text = super().convert(value, param, ctx)
+        # normalise_account refuses the C0 controls; DEL and the C1 ones are refused here too.
+        if any(0x7F <= ord(c) <= 0x9F for c in text):
+            raise UsageError(f"{_named(param)}: {text!r} is not an account name")
+        return normalise_account(text)
+
+
+class WholeNumber(click.ParamType):
+    """An id or a count between two bounds.
+
+    An id beyond 64 bits would overflow the store, and a negative limit
+    would mean "all" to SQLite: both are usage errors, said in one line.
+
+    :param low: smallest accepted.
+    :param high: largest accepted.
+    """
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int = MAX_INT) -> None:
+        self.low = low
+        self.high = high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """The number, or :class:`~policyd.errors.UsageError`."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            number: int | None = value
+        else:
+            # Plain ASCII digits: int() would also take "1_000" and other scripts' digits.
+            digits = str(value).strip()
+            number = int(digits) if re.fullmatch(r"-?[0-9]+", digits) else None
+        if number is None or not self.low <= number <= self.high:
+            raise UsageError(f"{_named(param)}: expected a whole number from {self.low} to {self.high}, got {value!r}")
+        return number
+
+
+#: Free text: reasons, names, addresses, times.
+TEXT = Text()
+#: An account name.
+ACCOUNT = AccountName()
+#: A quarantine or exemption id, or a count: from 1 to what the stores can hold.
+POSITIVE = WholeNumber(1)
 
 
 # --- plumbing ----------------------------------------------------------------
@@ -55,9 +144,9 @@ def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def by_option(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--by`` (who, for the audit log)."""
-    return click.option("--by", default=None, help="Who does this, for the audit log (default: your login).")(
-        command
-    )
+    return click.option(
+        "--by", type=TEXT, default=None, help="Who does this, for the audit log (default: your login)."
+    )(command)
 
 
 def chosen_config() -> str | None:
@@ -75,9 +164,11 @@ def who(by: str | None) -> str:
     if by and by.strip():
         return by.strip()
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
+        login = getpass.getuser()
+        login.encode("utf-8")  # $LOGNAME is bytes from the environment
+    except (KeyError, OSError, UnicodeEncodeError):
         return "unknown"
+    return login
 
 
 def run_async(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
@@ -215,14 +306,14 @@ def config_check() -> None:
 
 @cli.command()
 @config_option
-@click.option("--server", help="HOST:PORT or socket path (default: from listen.policy).")
-@click.option("--sasl-username", help="Authenticated account.")
-@click.option("--sender", help="Envelope sender.")
-@click.option("--recipient", help="Envelope recipient.")
-@click.option("--client-address", default="127.0.0.1", show_default=True, help="SMTP client address.")
-@click.option("--state", "protocol_state", default="RCPT", show_default=True, help="protocol_state.")
-@click.option("--context", "policy_context", help="policy_context (submission or inbound).")
-@click.option("--attr", "extra", multiple=True, metavar="NAME=VALUE", help="Any other attribute.")
+@click.option("--server", type=TEXT, help="HOST:PORT or socket path (default: from listen.policy).")
+@click.option("--sasl-username", type=TEXT, help="Authenticated account.")
+@click.option("--sender", type=TEXT, help="Envelope sender.")
+@click.option("--recipient", type=TEXT, help="Envelope recipient.")
+@click.option("--client-address", type=TEXT, default="127.0.0.1", show_default=True, help="SMTP client address.")
+@click.option("--state", "protocol_state", type=TEXT, default="RCPT", show_default=True, help="protocol_state.")
+@click.option("--context", "policy_context", type=TEXT, help="policy_context (submission or inbound).")
+@click.option("--attr", "extra", type=TEXT, multiple=True, metavar="NAME=VALUE", help="Any other attribute.")
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read name=value lines from standard input.")
 @json_option
 def check(
@@ -257,7 +348,11 @@ def check(
     attributes.update({k: v for k, v in optional.items() if v is not None})
     pairs = list(extra)
     if from_stdin:
-        pairs += [line for line in sys.stdin.read().splitlines() if line.strip()]
+        try:
+            lines = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"standard input is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        pairs += [line for line in lines.splitlines() if line.strip()]
     for pair in pairs:
         name, equals, value = pair.partition("=")
         if not equals or not name:
@@ -274,7 +369,7 @@ def check(
 
 @cli.command()
 @config_option
-@click.argument("account", required=False)
+@click.argument("account", type=ACCOUNT, required=False)
 @json_option
 def status(account: str | None, as_json: bool) -> None:
     """Count in the window, limit and block of ACCOUNT (or of the busiest accounts)."""
@@ -339,9 +434,9 @@ def blocks(as_json: bool) -> None:
 
 @cli.command()
 @config_option
-@click.argument("account")
-@click.option("--reason", required=True, help="Why (kept in the block and the audit log).")
-@click.option("--for", "duration", help="How long (default and maximum: outbound.block_for).")
+@click.argument("account", type=ACCOUNT)
+@click.option("--reason", type=TEXT, required=True, help="Why (kept in the block and the audit log).")
+@click.option("--for", "duration", type=TEXT, help="How long (default and maximum: outbound.block_for).")
 @by_option
 @json_option
 def block(account: str, reason: str, duration: str | None, by: str | None, as_json: bool) -> None:
@@ -368,8 +463,8 @@ def block(account: str, reason: str, duration: str | None, by: str | None, as_js
 
 @cli.command()
 @config_option
-@click.argument("account")
-@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.argument("account", type=ACCOUNT)
+@click.option("--reason", type=TEXT, required=True, help="Why (kept in the audit log).")
 @by_option
 @json_option
 def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
@@ -389,7 +484,7 @@ def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
 
 @cli.command()
 @config_option
-@click.option("--limit", default=100, show_default=True, help="How many entries.")
+@click.option("--limit", type=POSITIVE, default=100, show_default=True, help="How many entries.")
 @json_option
 def audit(limit: int, as_json: bool) -> None:
     """List the latest admin actions (who, when, what, why)."""
@@ -417,11 +512,11 @@ def exemption() -> None:
 
 @exemption.command("request")
 @config_option
-@click.argument("account")
-@click.option("--limit", type=int, required=True, help="Hourly limit wanted inside the window.")
-@click.option("--from", "start", required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
-@click.option("--until", "end", required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
-@click.option("--reason", required=True, help="The business reason.")
+@click.argument("account", type=ACCOUNT)
+@click.option("--limit", type=POSITIVE, required=True, help="Hourly limit wanted inside the window.")
+@click.option("--from", "start", type=TEXT, required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
+@click.option("--until", "end", type=TEXT, required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
+@click.option("--reason", type=TEXT, required=True, help="The business reason.")
 @by_option
 @json_option
 def exemption_request(
@@ -469,8 +564,8 @@ def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json
 
 @exemption.command("approve")
 @config_option
-@click.argument("exemption_id", metavar="ID", type=int)
-@click.option("--reason", default="", help="A note for the audit log.")
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
 @by_option
 @json_option
 def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -480,8 +575,8 @@ def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: b
 
 @exemption.command("deny")
 @config_option
-@click.argument("exemption_id", metavar="ID", type=int)
-@click.option("--reason", required=True, help="Why (told in the audit log).")
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
 @by_option
 @json_option
 def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -491,8 +586,8 @@ def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool
 
 @exemption.command("revoke")
 @config_option
-@click.argument("exemption_id", metavar="ID", type=int)
-@click.option("--reason", required=True, help="Why (told in the audit log).")
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
 @by_option
 @json_option
 def exemption_revoke(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -532,8 +627,8 @@ def exemption_list(status: str | None, as_json: bool) -> None:
 
 @cli.command("score-ip")
 @config_option
-@click.argument("address")
-@click.option("--helo", help="The HELO name the client gave (for the HELO heuristics).")
+@click.argument("address", type=TEXT)
+@click.option("--helo", type=TEXT, help="The HELO name the client gave (for the HELO heuristics).")
 @json_option
 def score_ip(address: str, helo: str | None, as_json: bool) -> None:
     """Explain the network reputation of client ADDRESS: each list and heuristic, total, decision.
@@ -620,7 +715,7 @@ def _mail_paths(paths: Sequence[str], option: str) -> list[Any]:
               help="Good mail: a Maildir, a directory of message files, or an mbox (repeatable).")
 @click.option("--spam", "spam", multiple=True, required=True, metavar="PATH",
               help="Spam: a Maildir, a directory of message files, or an mbox (repeatable).")
-@click.option("--passes", type=click.IntRange(1, 50), default=None, help="Passes over the mail (default 6).")
+@click.option("--passes", type=WholeNumber(1, 50), default=None, help="Passes over the mail (default 6).")
 @json_option
 def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_json: bool) -> None:
     """Train the content classifier and replace the model the milter and score use."""
@@ -685,7 +780,7 @@ def _messages_to_score(paths: Sequence[str]) -> Any:
 @cli.command()
 @config_option
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--top", default=8, show_default=True, help="How many reasons to give.")
+@click.option("--top", type=WholeNumber(0), default=8, show_default=True, help="How many reasons to give.")
 @json_option
 def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
     """Score messages (files, Maildirs, directories of files) and explain each score.
@@ -765,8 +860,8 @@ def quarantine_group() -> None:
 
 @quarantine_group.command("list")
 @config_option
-@click.option("--recipient", help="Only the mail held for this address.")
-@click.option("--limit", default=1000, show_default=True, help="How many entries.")
+@click.option("--recipient", type=TEXT, help="Only the mail held for this address.")
+@click.option("--limit", type=POSITIVE, default=1000, show_default=True, help="How many entries.")
 @json_option
 def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
     """List held messages, newest first."""
@@ -795,7 +890,7 @@ def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
 
 @quarantine_group.command("show")
 @config_option
-@click.argument("entry_id", metavar="ID", type=int)
+@click.argument("entry_id", metavar="ID", type=POSITIVE)
 @click.option("--raw", is_flag=True, help="Print the whole message as it would be delivered.")
 @json_option
 def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
@@ -846,8 +941,8 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
 
 @quarantine_group.command("release")
 @config_option
-@click.argument("entry_id", metavar="ID", type=int)
-@click.option("--reason", default="", help="A note for the audit log.")
+@click.argument("entry_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
 @by_option
 @json_option
 def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -867,8 +962,8 @@ def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool
 
 @quarantine_group.command("delete")
 @config_option
-@click.argument("entry_id", metavar="ID", type=int)
-@click.option("--reason", default="", help="A note for the audit log.")
+@click.argument("entry_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
 @by_option
 @json_option
 def quarantine_delete(entry_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -893,7 +988,7 @@ def prefs() -> None:
 
 @prefs.command("set")
 @config_option
-@click.argument("address")
+@click.argument("address", type=TEXT)
 @click.option("--spam", "choice", required=True, type=click.Choice(["inbox", "quarantine", "default"]),
               help="inbox: delivered tagged; quarantine: held; default: quarantine.default.")
 @by_option
@@ -916,7 +1011,7 @@ def prefs_set(address: str, choice: str, by: str | None, as_json: bool) -> None:
 
 @prefs.command("show")
 @config_option
-@click.argument("addresses", nargs=-1, metavar="[ADDRESS]...")
+@click.argument("addresses", type=TEXT, nargs=-1, metavar="[ADDRESS]...")
 @json_option
 def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
     """Show the spam choice of ADDRESSes (with the default), or every recorded choice."""
@@ -983,11 +1078,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             stream.reconfigure(errors="backslashreplace")
     try:
         result = cli.main(args=argv, prog_name="policyd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        error.show()  # a group named alone: its help, as the user asked
+        sys.exit(error.exit_code)
     except click.ClickException as error:
-        # Click repeats what was typed (a command name, a choice): escaped like the rest.
-        shown = io.StringIO()
-        error.show(shown)
-        say(shown.getvalue().removesuffix("\n"), err=True, keep="\n")
+        # One line like every other error; it repeats what was typed, escaped like the rest.
+        hint = ""
+        if isinstance(error, click.UsageError) and error.ctx is not None:
+            hint = f" (see {error.ctx.command_path} --help)"
+        say(f"policyd: error: {' '.join(error.format_message().split())}{hint}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Abort:
         say("policyd: aborted", err=True)

@@ -41,6 +41,11 @@ def send(server: PolicydServer, account: str = "alice", to: str = "x@gmail.com")
     return ask(server.port, rcpt(sasl_username=account, recipient=to)).split()[0]
 
 
+def run_bytes(*args: str | bytes, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run one ``policyd`` command with arguments that may be any bytes, its output kept as bytes."""
+    return subprocess.run([POLICYD, *args], capture_output=True, timeout=60, input=input)
+
+
 def test_block_survives_restart_and_unblock_takes_effect_at_once(running: PolicydServer) -> None:
     """Block persists across a restart; policyd unblock (server running) lets mail flow, burst not re-blocking."""
     assert [send(running) for _ in range(4)] == ["DUNNO"] * 3 + ["REJECT"]
@@ -156,6 +161,49 @@ def test_errors_for_admin_mistakes(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "configuration file not found" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["status", b"\xff"], "ACCOUNT: '\\xff' is not UTF-8 text"),
+        (["unblock", "eve\x9b2j", "--reason", "x"], "ACCOUNT: 'eve\\x9b2j' is not an account name"),
+        (["block", "a\x1b[2J", "--reason", "x"], "'a\\x1b[2j' is not an account name"),
+        (["block", "alice", "--reason", b"caf\xe9"], "--reason: 'caf\\xe9' is not UTF-8 text"),
+        (["block", "alice", "--reason", "x", "--by", b"\xff"], "--by: '\\xff' is not UTF-8 text"),
+        (["exemption", "approve", "99999999999999999999999"], "ID: expected a whole number from 1 to"),
+        (["exemption", "deny", "0", "--reason", "x"], "ID: expected a whole number from 1 to"),
+        (["exemption", "revoke", "1_000", "--reason", "x"], "ID: expected a whole number from 1 to"),
+        (["quarantine", "show", str(2**70)], "ID: expected a whole number from 1 to"),
+        (["quarantine", "release", str(2**63)], "ID: expected a whole number from 1 to"),
+        (["quarantine", "delete", "abc"], "ID: expected a whole number from 1 to"),
+        (["audit", "--limit", "-5"], "--limit: expected a whole number from 1 to"),
+        (["quarantine", "list", "--limit", "0"], "--limit: expected a whole number from 1 to"),
+        (["exemption", "request", "alice", "--limit", str(2**64), "--from", "now", "--until", "+1h",
+          "--reason", "x"], "--limit: expected a whole number from 1 to"),
+        (["score", "--top", "-1", "x.eml"], "--top: expected a whole number from 0 to"),
+        (["prefs", "set", b"\xff@example.org", "--spam", "inbox"], "ADDRESS: '\\xff@example.org' is not UTF-8"),
+        (["check", "--sasl-username", b"\xff"], "--sasl-username: '\\xff' is not UTF-8 text"),
+        (["exemption", "list", "--status", "\x1b[2J"], "Invalid value for '--status': '\\x1b[2J' is not one of"),
+        (["quarantine", "bogus"], "No such command 'bogus'. (see policyd quarantine --help)"),
+    ],
+)
+def test_bad_arguments_are_one_line_usage_errors(tmp_path: Path, args: list[str | bytes], message: str) -> None:
+    """Undecodable bytes, control characters, ids beyond 64 bits and negative limits: exit 2, one line."""
+    path = write(tmp_path / "c.yaml", free_port())
+    result = run_bytes(*args, "-c", str(path))
+    errors = result.stderr.decode()
+    assert result.returncode == 2, errors
+    assert errors.startswith("policyd: error: ") and message in errors, errors
+    assert len(errors.splitlines()) == 1 and result.stdout == b""
+
+
+def test_stdin_that_is_not_utf8_is_a_usage_error(tmp_path: Path) -> None:
+    """policyd check --stdin with bytes that are not UTF-8: exit 2, one line, nothing sent."""
+    path = write(tmp_path / "c.yaml", free_port())
+    result = run_bytes("check", "--stdin", "-c", str(path), input=b"sasl_username=\xff\n")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == "policyd: error: standard input is not UTF-8 text (invalid start byte at byte 14)"
+
+
 def test_serve_reports_a_busy_port(tmp_path: Path, running: PolicydServer) -> None:
     """A listen address already in use is one clear line and a non-zero exit."""
     path = write(tmp_path / "other.yaml", running.port)
@@ -201,11 +249,6 @@ def hold_hostile_text(path: Path) -> None:
                                    HOSTILE, now))
     store.record(AuditEntry(now, HOSTILE, "exemption-request", "exemption #1 (alice, 500/h)", HOSTILE))
     store.close()
-
-
-def run_bytes(*args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run one ``policyd`` command, its output kept as bytes."""
-    return subprocess.run([POLICYD, *args], capture_output=True, timeout=60)
 
 
 def on_terminal(*args: str) -> bytes:
