@@ -743,7 +743,8 @@ class RedisStore:
         async def work() -> list[AuditEntry]:
             if limit <= 0:
                 return []
-            lines = cast(list[str], await self.client.lrange(_AUDIT, -limit, -1))
+            # The list holds AUDIT_CAP entries at most; a larger index is out of Redis's range.
+            lines = cast(list[str], await self.client.lrange(_AUDIT, -min(limit, AUDIT_CAP), -1))
             return [AuditEntry(**json.loads(line)) for line in lines]
 
         return self._call(work, "audit")
@@ -918,7 +919,7 @@ class RedisStore:
                 for e in found
                 if (recipient is None or e.recipient == recipient) and (since is None or e.at > since)
             ]
-            return sorted(chosen, key=lambda e: (-e.at, -e.id))[:limit]
+            return sorted(chosen, key=lambda e: (-e.at, -e.id))[: max(limit, 0)]
 
         return self._call(work, "quarantine list")
 
