@@ -47,6 +47,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from policyd.errors import StoreError
+from policyd.statefiles import private_directory, private_file, withhold_from_others
 from policyd.store import (
     MAX_BLOCK_CLIENTS,
     Admission,
@@ -288,8 +289,8 @@ class SQLiteStore:
         self.checkpoints = 0
         self._checkpointer: LoopingCall | None = None
         try:
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if path not in ("", ":memory:"):
+                self._make_private()
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             self.db.execute("PRAGMA journal_mode = WAL")
@@ -343,6 +344,20 @@ class SQLiteStore:
 
         reactor: Any = self.reactor
         deferToThreadPool(reactor, reactor.getThreadPool(), work).addErrback(failed).addBoth(done)
+
+    def _make_private(self) -> None:
+        """Create the file 0600 (its directory 0700) before SQLite opens it, whatever the umask.
+
+        It holds quarantined mail.  SQLite gives the ``-wal`` and ``-shm``
+        files it makes the mode of the database file, so they are private
+        too.  Files an earlier version made readable by all lose the others'
+        permissions.
+        """
+        database = Path(self.path)
+        private_directory(database.parent)
+        if not private_file(database):
+            for suffix in ("", "-wal", "-shm"):
+                withhold_from_others(Path(self.path + suffix))
 
     def _give_files_to_directory_owner(self) -> None:
         """When root (an admin command) creates the files, hand them to the service user.
