@@ -493,3 +493,56 @@ async def test_the_form_does_not_tell_which_accounts_exist(server: PolicyServer)
     pages = [(await get(f"{base(server)}/exemption", data=form))[2] for form in bad]
     assert b"--limit must be between 1" in pages[0]
     assert pages[0].replace(b"bob@", b"x@") == pages[1]
+
+
+def request_with(headers: dict[bytes, bytes], peer: Any = None) -> Any:
+    """An in-memory request carrying ``headers``, from ``peer``."""
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b""])
+    for name, value in headers.items():
+        request.requestHeaders.addRawHeader(name, value)
+    if peer is not None:
+        request.client = peer
+    return request
+
+
+@pytest.mark.parametrize(("headers", "same"), [
+    ({b"host": b"policyd.example.org", b"origin": b"https://policyd.example.org"}, True),
+    ({b"host": b"policyd.example.org", b"origin": b"http://policyd.example.org"}, True),
+    ({b"host": b"policyd.example.org:443", b"origin": b"https://policyd.example.org"}, True),
+    ({b"host": b"127.0.0.1:8080", b"origin": b"http://127.0.0.1:8080"}, True),
+    ({b"host": b"[::1]:8080", b"origin": b"http://[::1]:8080"}, True),
+    ({b"host": b"POLICYD.example.org", b"origin": b"https://policyd.EXAMPLE.org"}, True),
+    ({b"host": b"policyd.example.org"}, True),
+    ({b"host": b"policyd.example.org", b"referer": b"https://policyd.example.org/admin"}, True),
+    ({b"host": b"127.0.0.1:8080", b"origin": b"https://a.example", b"x-forwarded-host": b"b.example, a.example"}, True),
+    ({b"host": b"policyd.example.org", b"origin": b"https://policyd.example.org:8443"}, False),
+    ({b"host": b"127.0.0.1:8080", b"origin": b"http://127.0.0.1:8081"}, False),
+    ({b"host": b"policyd.example.org", b"origin": b"https://policyd.example.org.evil.example"}, False),
+    ({b"host": b"policyd.example.org", b"origin": b"null"}, False),
+    ({b"host": b"policyd.example.org", b"origin": b"https://\xc3\xa9.example"}, False),
+    ({b"host": b"policyd.example.org", b"origin": b"https://policyd.example.org:99999"}, False),
+    ({b"host": b"policyd.example.org", b"referer": b"https://evil.example/policyd.example.org"}, False),
+    ({b"origin": b"https://policyd.example.org"}, False),
+])
+def test_same_origin_compares_host_and_port(headers: dict[bytes, bytes], same: bool) -> None:
+    """Origin (or Referer) must name the requested host and port; the scheme may differ behind a proxy."""
+    from policyd.http import same_origin
+
+    assert same_origin(request_with(headers)) is same
+
+
+def test_the_form_counts_the_address_a_local_proxy_saw() -> None:
+    """X-Forwarded-For counts only from loopback, by its last address; elsewhere the peer counts."""
+    from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+    from policyd.http import client_address
+
+    forwarded = {b"x-forwarded-for": b"203.0.113.9, 2001:db8:5:6::7"}
+    assert client_address(request_with(forwarded, IPv4Address("TCP", "127.0.0.1", 1))) == "2001:db8:5:6::/64"
+    assert client_address(request_with(forwarded, IPv6Address("TCP", "::1", 1))) == "2001:db8:5:6::/64"
+    assert client_address(request_with(forwarded, UNIXAddress(None))) == "2001:db8:5:6::/64"
+    assert client_address(request_with(forwarded, IPv4Address("TCP", "192.0.2.1", 1))) == "192.0.2.1"
+    assert client_address(request_with({b"x-forwarded-for": b"junk"}, IPv4Address("TCP", "127.0.0.1", 1))) == "127.0.0.1"
+    assert client_address(request_with({}, IPv4Address("TCP", "127.0.0.1", 1))) == "127.0.0.1"
