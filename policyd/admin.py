@@ -17,6 +17,10 @@ from policyd.errors import UsageError
 from policyd.store import AuditEntry, Block, Exemption, Store
 
 
+class UnknownAccount(UsageError):
+    """An exemption was requested for an account that is not one of ``accounts``."""
+
+
 def normalise_account(account: str) -> str:
     """Accounts are SASL logins, compared without case.
 
@@ -140,15 +144,15 @@ class Admin:
     ) -> Exemption:
         """Record a request for a bulk-send exemption (pending until an admin decides).
 
-        :raises UsageError: for an invalid account, an empty reason, or a
-            window or limit outside what the configuration allows.
+        :raises UsageError: for an empty reason, or a window or limit outside
+            what the configuration allows.
+        :raises UnknownAccount: for an account that is not one of ``accounts``
+            (checked after everything else).
         """
         account = normalise_account(account)
         reason = _reason(reason, "--reason must give the business reason")
         bounds = self.config.exemptions
         now = self.clock.seconds()
-        if not await Accounts(self.config.accounts, self.store, self.clock).valid(account):
-            raise UsageError(f"{account} is not a valid account")
         if limit < 1 or limit > bounds.max_limit:
             raise UsageError(f"--limit must be between 1 and exemptions.max_limit ({bounds.max_limit})")
         if end <= start:
@@ -159,6 +163,10 @@ class Admin:
             raise UsageError(
                 f"the window is longer than exemptions.max_window ({format_duration(bounds.max_window)})"
             )
+        # Checked last, so that a request with an unknown account is refused
+        # for that alone (the public form answers it like any other).
+        if not await Accounts(self.config.accounts, self.store, self.clock).valid(account):
+            raise UnknownAccount(f"{account} is not a valid account")
         exemption = Exemption(0, account, limit, start, end, reason, by, now)
         saved = await self.store.save_exemption(exemption)
         await self.store.record(AuditEntry(now, by, "exemption-request", _subject(saved), reason))

@@ -10,6 +10,7 @@ import time
 from typing import Any, cast
 
 from policyd.config import Log
+from policyd.texts import printable as _printable
 
 
 class JsonFormatter(logging.Formatter):
@@ -145,13 +146,6 @@ class DecisionLog:
             self.stream.write(line + "\n")
         except (OSError, ValueError):
             pass  # stdout gone (closed pipe): decisions still go to Postfix
-
-
-def _printable(text: str) -> str:
-    """Text with anything unprintable (line separators, controls, stray bytes) escaped."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else f"\\x{{{ord(c):x}}}" for c in text)
 
 
 #: The decision log of this process, configured by :func:`setup`.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 import logging
+import shlex
 from collections.abc import Callable
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
@@ -189,7 +190,9 @@ class Notifier:
             "count": block.get("count", "?"),
             "reason": block.get("reason", ""),
             "clients": ", ".join(block.get("clients", [])) or "-",
-            "unblock": f'policyd unblock {account} --reason "..."',
+            # Pasted into a shell by the help desk: the account name came from
+            # outside (a SASL login) and must stay one inert argument.
+            "unblock": f'policyd unblock {shlex.quote(account)} --reason "..."',
         }
         text = self.texts.render(name, **values)
         subject, _, body = text.partition("\n")

@@ -1,13 +1,25 @@
-"""Small files policyd keeps beside its state: per-install secrets and tokens."""
+"""Files policyd keeps as its state: private to the service, whatever the umask.
+
+The database holds quarantined mail and the secrets sign links and headers:
+every state file is created 0600 and every directory made for them 0700
+(SPEC 9), by :func:`private_directory` and :func:`private_file`, which set
+the mode themselves rather than trust a umask (022 makes files 0644).  A
+file or directory that exists already keeps the mode its admin gave it.
+Per-install secrets and tokens are read, or made on first use, by
+:func:`load_secret`.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from policyd.config import Config
+if TYPE_CHECKING:
+    from policyd.config import Config
 
 log = logging.getLogger("policyd.state")
 
@@ -15,6 +27,56 @@ log = logging.getLogger("policyd.state")
 STATE_DIR = "/var/lib/policyd"
 #: Shortest secret accepted from a file (characters); shorter is a mistake.
 MIN_SECRET = 32
+
+
+def private_directory(path: Path) -> None:
+    """Make ``path`` and its missing parents, each 0700; existing ones are left as they are.
+
+    :raises OSError: when a directory cannot be made.
+    """
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.is_dir():
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made by another process meanwhile: theirs
+        os.chmod(directory, 0o700)  # the umask may have taken bits away
+
+
+def private_file(path: Path) -> bool:
+    """Create ``path`` empty and 0600 unless it exists (then it is left alone).
+
+    :returns: whether it was created now.
+    :raises OSError: when it cannot be created.
+    """
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.fchmod(descriptor, 0o600)
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def withhold_from_others(path: Path) -> None:
+    """Take the others' permissions off a file its owner opens (earlier versions made them 0644).
+
+    The group's are kept: an admin may have shared the state with a group on
+    purpose.  A file of another user, or a missing one, is left alone.
+    """
+    try:
+        found = os.stat(path)
+        if found.st_uid == os.geteuid() and found.st_mode & stat.S_IRWXO:
+            os.chmod(path, stat.S_IMODE(found.st_mode) & ~stat.S_IRWXO)
+            log.info("%s: no longer readable by other users", path)
+    except OSError:
+        pass  # not ours to change: whoever owns it decides
 
 
 def state_file(config: Config, name: str, configured: str | None = None) -> Path:
@@ -40,7 +102,7 @@ def load_secret(path: Path, what: str = "secret") -> bytes:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(path.parent)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

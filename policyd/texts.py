@@ -1,8 +1,11 @@
-"""Reply and notification texts: templates shipped in English and French.
+"""Texts for people: reply and notification templates, and outside text made safe to show.
 
 Templates are ``string.Template`` files (``$account``, ``$limit``) under
 ``policyd/templates/<language>/``; a directory named by the ``templates`` key
 overrides any of them.  Values are sanitised when the text becomes a reply.
+
+:func:`printable` is the one rule for text that came from outside (subjects,
+senders, reasons, account names) on its way to a terminal or a log line.
 """
 
 from __future__ import annotations
@@ -14,6 +17,26 @@ from pathlib import Path
 from policyd.errors import ConfigError
 
 LANGUAGES = ("en", "fr")
+
+
+def printable(text: str, keep: str = "") -> str:
+    r"""``text`` with every character a terminal could act on written out as ``\x{hex}``.
+
+    Replaced: whatever :meth:`str.isprintable` refuses, that is the C0 and C1
+    controls and DEL (escape sequences: a screen clear, an OSC 52 clipboard
+    write, CR and backspace that overwrite what was shown), the format
+    characters (bidi overrides such as U+202E, which reorder a line; also
+    the zero-width joiner), spaces other than the ASCII one, line and
+    paragraph separators, surrogates (bytes that were not UTF-8) and code
+    points not assigned yet.  ``\x{1b}`` is plain ASCII, so the terminal
+    only shows it, and it names the character that was there.
+
+    :param keep: characters left as they are (``"\n\t"`` for a message body
+        printed as lines).
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else f"\\x{{{ord(c):x}}}" for c in text)
 
 
 class Texts:

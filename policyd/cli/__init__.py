@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime
 import getpass
+import io
 import json
+import re
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
@@ -19,8 +21,97 @@ import click
 from policyd import __version__
 from policyd import config as configuration
 from policyd.errors import PolicydError, UsageError
+from policyd.texts import printable
 
 T = TypeVar("T")
+
+#: Largest id or count a command takes: the stores keep them as 64-bit signed integers.
+MAX_INT = 2**63 - 1
+
+
+# --- arguments ---------------------------------------------------------------
+
+
+def _named(param: click.Parameter | None) -> str:
+    """How an error names an argument: its long option, or its metavar (``ID``, ``ACCOUNT``)."""
+    if isinstance(param, click.Option):
+        return max(param.opts, key=len)
+    if param is not None:
+        return param.metavar or (param.name or "argument").upper()
+    return "argument"
+
+
+class Text(click.ParamType):
+    """Text from the command line (a reason, a name, an address): valid UTF-8.
+
+    Bytes that are not UTF-8 reach Python as surrogates, which no store,
+    socket or terminal can take; they are refused here, as a usage error.
+    """
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """The text, or :class:`~policyd.errors.UsageError`."""
+        text = str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            given = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise UsageError(f"{_named(param)}: '{given}' is not UTF-8 text") from None
+        return text
+
+
+class AccountName(Text):
+    """An account (a SASL login): UTF-8 without spaces or control characters, lower-cased."""
+
+    name = "account"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        """The account as the stores know it, or :class:`~policyd.errors.UsageError`."""
+        from policyd.admin import normalise_account
+
+        text = super().convert(value, param, ctx)
+        # normalise_account refuses the C0 controls; DEL and the C1 ones are refused here too.
+        if any(0x7F <= ord(c) <= 0x9F for c in text):
+            raise UsageError(f"{_named(param)}: {text!r} is not an account name")
+        return normalise_account(text)
+
+
+class WholeNumber(click.ParamType):
+    """An id or a count between two bounds.
+
+    An id beyond 64 bits would overflow the store, and a negative limit
+    would mean "all" to SQLite: both are usage errors, said in one line.
+
+    :param low: smallest accepted.
+    :param high: largest accepted.
+    """
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int = MAX_INT) -> None:
+        self.low = low
+        self.high = high
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """The number, or :class:`~policyd.errors.UsageError`."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            number: int | None = value
+        else:
+            # Plain ASCII digits: int() would also take "1_000" and other scripts' digits.
+            digits = str(value).strip()
+            number = int(digits) if re.fullmatch(r"-?[0-9]+", digits) else None
+        if number is None or not self.low <= number <= self.high:
+            raise UsageError(f"{_named(param)}: expected a whole number from {self.low} to {self.high}, got {value!r}")
+        return number
+
+
+#: Free text: reasons, names, addresses, times.
+TEXT = Text()
+#: An account name.
+ACCOUNT = AccountName()
+#: A quarantine or exemption id, or a count: from 1 to what the stores can hold.
+POSITIVE = WholeNumber(1)
 
 
 # --- plumbing ----------------------------------------------------------------
@@ -53,9 +144,9 @@ def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def by_option(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--by`` (who, for the audit log)."""
-    return click.option("--by", default=None, help="Who does this, for the audit log (default: your login).")(
-        command
-    )
+    return click.option(
+        "--by", type=TEXT, default=None, help="Who does this, for the audit log (default: your login)."
+    )(command)
 
 
 def chosen_config() -> str | None:
@@ -73,9 +164,11 @@ def who(by: str | None) -> str:
     if by and by.strip():
         return by.strip()
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):
+        login = getpass.getuser()
+        login.encode("utf-8")  # $LOGNAME is bytes from the environment
+    except (KeyError, OSError, UnicodeEncodeError):
         return "unknown"
+    return login
 
 
 def run_async(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
@@ -124,14 +217,56 @@ def when(timestamp: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: What ``say(..., keep=LINES)`` writes as it is: text of several lines (a message).
+LINES = "\n\t"
+
+
+def say(text: str, *, err: bool = False, keep: str = "") -> None:
+    """Write a line for people, every character a terminal could act on escaped.
+
+    All the command's output goes through here (or :func:`print_json`):
+    subjects, senders, reasons and account names come from outside, and an
+    escape sequence among them would otherwise clear the admin's screen or
+    write to their clipboard (see :func:`policyd.texts.printable`).
+
+    :param keep: characters written as they are (:data:`LINES` for text of
+        several lines, whose CRLF line ends are then written as LF).
+    """
+    if "\n" in keep:
+        text = text.replace("\r\n", "\n")
+    click.echo(printable(text, keep), err=err)
+
+
+def json_line(item: Any) -> str:
+    """One compact JSON object on one line, nothing in it a terminal could act on.
+
+    ``json.dumps`` escapes the C0 controls but, without ``ensure_ascii``,
+    writes DEL, the C1 controls and bidi overrides as they are: those are
+    written ``\\uXXXX`` too (they can only be inside strings), while other
+    non-ASCII text stays readable.
+    """
+    text = json.dumps(item, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _json_escape(c) for c in text)
+
+
+def _json_escape(character: str) -> str:
+    code = ord(character)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
 def print_json(item: Any) -> None:
     """One compact JSON object on one line."""
-    click.echo(json.dumps(item, separators=(",", ":"), ensure_ascii=False, sort_keys=True))
+    click.echo(json_line(item))
 
 
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Aligned columns, headers first."""
-    text = [[str(c) for c in row] for row in rows]
+    """Aligned columns, headers first; a cell's controls (a newline too) are escaped."""
+    text = [[printable(str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
     for row in [list(headers), *text]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -166,19 +301,19 @@ def config_group() -> None:
 def config_check() -> None:
     """Validate the configuration file; exit 2 naming the key and line of an error."""
     config = load_config()
-    click.echo(f"{config.source}: configuration OK")
+    say(f"{config.source}: configuration OK")
 
 
 @cli.command()
 @config_option
-@click.option("--server", help="HOST:PORT or socket path (default: from listen.policy).")
-@click.option("--sasl-username", help="Authenticated account.")
-@click.option("--sender", help="Envelope sender.")
-@click.option("--recipient", help="Envelope recipient.")
-@click.option("--client-address", default="127.0.0.1", show_default=True, help="SMTP client address.")
-@click.option("--state", "protocol_state", default="RCPT", show_default=True, help="protocol_state.")
-@click.option("--context", "policy_context", help="policy_context (submission or inbound).")
-@click.option("--attr", "extra", multiple=True, metavar="NAME=VALUE", help="Any other attribute.")
+@click.option("--server", type=TEXT, help="HOST:PORT or socket path (default: from listen.policy).")
+@click.option("--sasl-username", type=TEXT, help="Authenticated account.")
+@click.option("--sender", type=TEXT, help="Envelope sender.")
+@click.option("--recipient", type=TEXT, help="Envelope recipient.")
+@click.option("--client-address", type=TEXT, default="127.0.0.1", show_default=True, help="SMTP client address.")
+@click.option("--state", "protocol_state", type=TEXT, default="RCPT", show_default=True, help="protocol_state.")
+@click.option("--context", "policy_context", type=TEXT, help="policy_context (submission or inbound).")
+@click.option("--attr", "extra", type=TEXT, multiple=True, metavar="NAME=VALUE", help="Any other attribute.")
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read name=value lines from standard input.")
 @json_option
 def check(
@@ -213,7 +348,11 @@ def check(
     attributes.update({k: v for k, v in optional.items() if v is not None})
     pairs = list(extra)
     if from_stdin:
-        pairs += [line for line in sys.stdin.read().splitlines() if line.strip()]
+        try:
+            lines = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"standard input is not UTF-8 text ({error.reason} at byte {error.start})") from None
+        pairs += [line for line in lines.splitlines() if line.strip()]
     for pair in pairs:
         name, equals, value = pair.partition("=")
         if not equals or not name:
@@ -225,12 +364,12 @@ def check(
         word, _, text = action.partition(" ")
         print_json({"action": word, "text": text})
     else:
-        click.echo(action)
+        say(action)
 
 
 @cli.command()
 @config_option
-@click.argument("account", required=False)
+@click.argument("account", type=ACCOUNT, required=False)
 @json_option
 def status(account: str | None, as_json: bool) -> None:
     """Count in the window, limit and block of ACCOUNT (or of the busiest accounts)."""
@@ -247,7 +386,7 @@ def status(account: str | None, as_json: bool) -> None:
             print_json(item.as_dict())
         return
     if account is None and not statuses:
-        click.echo("no account has sent to external recipients in the window")
+        say("no account has sent to external recipients in the window")
         return
     print_table(
         ["ACCOUNT", "SENT", "LIMIT", "WINDOW", "BLOCKED UNTIL", "REASON"],
@@ -282,7 +421,7 @@ def blocks(as_json: bool) -> None:
             print_json(block.as_dict())
         return
     if not found:
-        click.echo("no account is blocked")
+        say("no account is blocked")
         return
     print_table(
         ["ACCOUNT", "SINCE", "UNTIL", "COUNT", "BY", "CLIENTS", "REASON"],
@@ -295,9 +434,9 @@ def blocks(as_json: bool) -> None:
 
 @cli.command()
 @config_option
-@click.argument("account")
-@click.option("--reason", required=True, help="Why (kept in the block and the audit log).")
-@click.option("--for", "duration", help="How long (default and maximum: outbound.block_for).")
+@click.argument("account", type=ACCOUNT)
+@click.option("--reason", type=TEXT, required=True, help="Why (kept in the block and the audit log).")
+@click.option("--for", "duration", type=TEXT, help="How long (default and maximum: outbound.block_for).")
 @by_option
 @json_option
 def block(account: str, reason: str, duration: str | None, by: str | None, as_json: bool) -> None:
@@ -319,13 +458,13 @@ def block(account: str, reason: str, duration: str | None, by: str | None, as_js
     if as_json:
         print_json(made.as_dict())
     else:
-        click.echo(f"{made.account} blocked until {when(made.until)}")
+        say(f"{made.account} blocked until {when(made.until)}")
 
 
 @cli.command()
 @config_option
-@click.argument("account")
-@click.option("--reason", required=True, help="Why (kept in the audit log).")
+@click.argument("account", type=ACCOUNT)
+@click.option("--reason", type=TEXT, required=True, help="Why (kept in the audit log).")
 @by_option
 @json_option
 def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
@@ -340,12 +479,12 @@ def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"account": lifted.account, "unblocked": True})
     else:
-        click.echo(f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
+        say(f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
 
 
 @cli.command()
 @config_option
-@click.option("--limit", default=100, show_default=True, help="How many entries.")
+@click.option("--limit", type=POSITIVE, default=100, show_default=True, help="How many entries.")
 @json_option
 def audit(limit: int, as_json: bool) -> None:
     """List the latest admin actions (who, when, what, why)."""
@@ -373,11 +512,11 @@ def exemption() -> None:
 
 @exemption.command("request")
 @config_option
-@click.argument("account")
-@click.option("--limit", type=int, required=True, help="Hourly limit wanted inside the window.")
-@click.option("--from", "start", required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
-@click.option("--until", "end", required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
-@click.option("--reason", required=True, help="The business reason.")
+@click.argument("account", type=ACCOUNT)
+@click.option("--limit", type=POSITIVE, required=True, help="Hourly limit wanted inside the window.")
+@click.option("--from", "start", type=TEXT, required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
+@click.option("--until", "end", type=TEXT, required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
+@click.option("--reason", type=TEXT, required=True, help="The business reason.")
 @by_option
 @json_option
 def exemption_request(
@@ -397,7 +536,7 @@ def exemption_request(
     if as_json:
         print_json({"id": made.id, "status": made.status})
     else:
-        click.echo(
+        say(
             f"exemption #{made.id} requested for {made.account}: {made.limit}/h "
             f"from {when(made.start)} until {when(made.end)} (pending)"
         )
@@ -420,13 +559,13 @@ def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json
     if as_json:
         print_json(decided.as_dict(now))
     else:
-        click.echo(f"exemption #{decided.id} for {decided.account} {decided.status}")
+        say(f"exemption #{decided.id} for {decided.account} {decided.status}")
 
 
 @exemption.command("approve")
 @config_option
-@click.argument("exemption_id", metavar="ID", type=int)
-@click.option("--reason", default="", help="A note for the audit log.")
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
 @by_option
 @json_option
 def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -436,8 +575,8 @@ def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: b
 
 @exemption.command("deny")
 @config_option
-@click.argument("exemption_id", metavar="ID", type=int)
-@click.option("--reason", required=True, help="Why (told in the audit log).")
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
 @by_option
 @json_option
 def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -447,8 +586,8 @@ def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool
 
 @exemption.command("revoke")
 @config_option
-@click.argument("exemption_id", metavar="ID", type=int)
-@click.option("--reason", required=True, help="Why (told in the audit log).")
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
 @by_option
 @json_option
 def exemption_revoke(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -475,7 +614,7 @@ def exemption_list(status: str | None, as_json: bool) -> None:
             print_json(item.as_dict(now))
         return
     if not chosen:
-        click.echo("no exemption")
+        say("no exemption")
         return
     print_table(
         ["ID", "ACCOUNT", "LIMIT", "FROM", "UNTIL", "STATUS", "BY", "REASON"],
@@ -488,8 +627,8 @@ def exemption_list(status: str | None, as_json: bool) -> None:
 
 @cli.command("score-ip")
 @config_option
-@click.argument("address")
-@click.option("--helo", help="The HELO name the client gave (for the HELO heuristics).")
+@click.argument("address", type=TEXT)
+@click.option("--helo", type=TEXT, help="The HELO name the client gave (for the HELO heuristics).")
 @json_option
 def score_ip(address: str, helo: str | None, as_json: bool) -> None:
     """Explain the network reputation of client ADDRESS: each list and heuristic, total, decision.
@@ -509,7 +648,7 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
         if as_json:
             print_json({"address": str(parsed), "trusted": True, "score": 0, "decision": "DUNNO"})
         else:
-            click.echo(message)
+            say(message)
         return
 
     async def work(reactor: Any) -> tuple[Assessment, str]:
@@ -539,11 +678,11 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
             [(p.source, p.kind, f"{p.points:g}", p.detail) for p in assessment.sources],
         )
     else:
-        click.echo("no zone, network list or heuristic applies")
+        say("no zone, network list or heuristic applies")
     if assessment.allowed_by is not None:
-        click.echo(f"{parsed} is allowlisted by {assessment.allowed_by}")
-    click.echo(f"score {assessment.score:g} (tag_at {inbound.tag_at:g}, reject_at {inbound.reject_at:g})")
-    click.echo(f"decision at RCPT: {action}")
+        say(f"{parsed} is allowlisted by {assessment.allowed_by}")
+    say(f"score {assessment.score:g} (tag_at {inbound.tag_at:g}, reject_at {inbound.reject_at:g})")
+    say(f"decision at RCPT: {action}")
 
 
 # --- content scoring: milter, train, score, quarantine, prefs -------------------------
@@ -576,7 +715,7 @@ def _mail_paths(paths: Sequence[str], option: str) -> list[Any]:
               help="Good mail: a Maildir, a directory of message files, or an mbox (repeatable).")
 @click.option("--spam", "spam", multiple=True, required=True, metavar="PATH",
               help="Spam: a Maildir, a directory of message files, or an mbox (repeatable).")
-@click.option("--passes", type=click.IntRange(1, 50), default=None, help="Passes over the mail (default 6).")
+@click.option("--passes", type=WholeNumber(1, 50), default=None, help="Passes over the mail (default 6).")
 @json_option
 def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_json: bool) -> None:
     """Train the content classifier and replace the model the milter and score use."""
@@ -617,7 +756,7 @@ def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_js
         print_json({"model": str(target), "ham": model.info["ham"], "spam": model.info["spam"],
                     "seconds": round(seconds, 1)})
     else:
-        click.echo(
+        say(
             f"trained on {model.info['ham']} ham and {model.info['spam']} spam in {seconds:.1f}s; "
             f"model written to {target}"
         )
@@ -642,7 +781,7 @@ def _messages_to_score(paths: Sequence[str]) -> Any:
 @cli.command()
 @config_option
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--top", default=8, show_default=True, help="How many reasons to give.")
+@click.option("--top", type=WholeNumber(0), default=8, show_default=True, help="How many reasons to give.")
 @json_option
 def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
     """Score messages (files, Maildirs, directories of files) and explain each score.
@@ -662,7 +801,7 @@ def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
         try:
             raw = content.strip_from_line(file.read_bytes())
         except OSError as error:
-            click.echo(f"policyd: error: {shown}: {error.strerror or error}", err=True)
+            say(f"policyd: error: {shown}: {error.strerror or error}", err=True)
             failed += 1
             continue
         result = scorer.score(raw, explain=top)
@@ -680,18 +819,18 @@ def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
             )
             continue
         verdict = "SPAM" if spam else "not spam"
-        click.echo(
+        say(
             f"{shown}: score {result.points:.2f} -> {verdict} (tag_at {tag_at:g}; "
             f"content {result.content:.2f}, network {result.network:g})"
         )
         if result.subject:
-            click.echo(f"  subject: {result.subject[:100]}")
+            say(f"  subject: {result.subject[:100]}")
         if result.network:
-            click.echo(f"  network: +{result.network:g} from X-Policyd-Network ({result.network_reasons})")
+            say(f"  network: +{result.network:g} from X-Policyd-Network ({result.network_reasons})")
         for reason in result.reasons:
-            click.echo(f"  {reason.points:+7.2f}  {reason.feature[:80]}")
+            say(f"  {reason.points:+7.2f}  {reason.feature[:80]}")
     if not as_json:
-        click.echo(f"(model {source})", err=True)
+        say(f"(model {source})", err=True)
     if failed:
         sys.exit(1)
 
@@ -722,8 +861,8 @@ def quarantine_group() -> None:
 
 @quarantine_group.command("list")
 @config_option
-@click.option("--recipient", help="Only the mail held for this address.")
-@click.option("--limit", default=1000, show_default=True, help="How many entries.")
+@click.option("--recipient", type=TEXT, help="Only the mail held for this address.")
+@click.option("--limit", type=POSITIVE, default=1000, show_default=True, help="How many entries.")
 @json_option
 def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
     """List held messages, newest first."""
@@ -739,7 +878,7 @@ def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
             print_json(entry.as_dict())
         return
     if not entries:
-        click.echo("the quarantine is empty")
+        say("the quarantine is empty")
         return
     print_table(
         ["ID", "HELD", "EXPIRES", "RECIPIENT", "SENDER", "SCORE", "SUBJECT"],
@@ -752,7 +891,7 @@ def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
 
 @quarantine_group.command("show")
 @config_option
-@click.argument("entry_id", metavar="ID", type=int)
+@click.argument("entry_id", metavar="ID", type=POSITIVE)
 @click.option("--raw", is_flag=True, help="Print the whole message as it would be delivered.")
 @json_option
 def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
@@ -766,6 +905,11 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
 
     entry, message = with_quarantine(work)
     if raw:
+        if sys.stdout.isatty():
+            # Read on a screen, not saved: the message's own escapes must not act.
+            text = message.decode("utf-8", "surrogateescape").replace("\r\n", "\n")
+            say(text.removesuffix("\n"), keep=LINES)
+            return
         sys.stdout.buffer.write(message)
         sys.stdout.buffer.flush()
         return
@@ -788,18 +932,18 @@ def quarantine_show(entry_id: int, raw: bool, as_json: bool) -> None:
             ("size", entry.size),
         ],
     )
-    click.echo("")
+    say("")
     for name, value in headers:
-        click.echo(f"{name}: {content.decode_header(value)[:200]}")
+        say(f"{name}: {content.decode_header(value)[:200]}", keep=LINES)
     text = content.extract(message).text
-    click.echo("")
-    click.echo(text[:800])
+    say("")
+    say(text[:800], keep=LINES)
 
 
 @quarantine_group.command("release")
 @config_option
-@click.argument("entry_id", metavar="ID", type=int)
-@click.option("--reason", default="", help="A note for the audit log.")
+@click.argument("entry_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
 @by_option
 @json_option
 def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -814,13 +958,13 @@ def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool
     if as_json:
         print_json({"id": entry.id, "recipient": entry.recipient, "released": True})
     else:
-        click.echo(f"quarantine #{entry.id} released to {entry.recipient}")
+        say(f"quarantine #{entry.id} released to {entry.recipient}")
 
 
 @quarantine_group.command("delete")
 @config_option
-@click.argument("entry_id", metavar="ID", type=int)
-@click.option("--reason", default="", help="A note for the audit log.")
+@click.argument("entry_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
 @by_option
 @json_option
 def quarantine_delete(entry_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -835,7 +979,7 @@ def quarantine_delete(entry_id: int, reason: str, by: str | None, as_json: bool)
     if as_json:
         print_json({"id": entry.id, "recipient": entry.recipient, "deleted": True})
     else:
-        click.echo(f"quarantine #{entry.id} for {entry.recipient} deleted")
+        say(f"quarantine #{entry.id} for {entry.recipient} deleted")
 
 
 @cli.group()
@@ -845,7 +989,7 @@ def prefs() -> None:
 
 @prefs.command("set")
 @config_option
-@click.argument("address")
+@click.argument("address", type=TEXT)
 @click.option("--spam", "choice", required=True, type=click.Choice(["inbox", "quarantine", "default"]),
               help="inbox: delivered tagged; quarantine: held; default: quarantine.default.")
 @by_option
@@ -863,12 +1007,12 @@ def prefs_set(address: str, choice: str, by: str | None, as_json: bool) -> None:
     if as_json:
         print_json({"address": clean, "spam": choice})
     else:
-        click.echo(f"spam for {clean}: {choice}")
+        say(f"spam for {clean}: {choice}")
 
 
 @prefs.command("show")
 @config_option
-@click.argument("addresses", nargs=-1, metavar="[ADDRESS]...")
+@click.argument("addresses", type=TEXT, nargs=-1, metavar="[ADDRESS]...")
 @json_option
 def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
     """Show the spam choice of ADDRESSes (with the default), or every recorded choice."""
@@ -883,7 +1027,7 @@ def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
             print_json({"address": address, "spam": choice})
         return
     if not choices:
-        click.echo(f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})")
+        say(f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})")
         return
     print_table(["ADDRESS", "SPAM"], sorted(choices.items()))
 
@@ -918,10 +1062,10 @@ def digest_send_now(as_json: bool) -> None:
     if as_json:
         print_json(done.as_dict())
     elif not done.queued:
-        click.echo("another process queued this digest at the same moment: nothing more queued")
+        say("another process queued this digest at the same moment: nothing more queued")
     else:
         period = f"held since {when(done.since)}" if done.since is not None else "everything held so far"
-        click.echo(
+        say(
             f"queued {done.recipients} digest(s) listing {done.messages} message(s) ({period}); "
             "policyd serve sends them"
         )
@@ -929,20 +1073,31 @@ def digest_send_now(as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run a command, turning every error into one line and an exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            # A name the locale cannot write is shown escaped, not a crash.
+            stream.reconfigure(errors="backslashreplace")
     try:
         result = cli.main(args=argv, prog_name="policyd", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        error.show()  # a group named alone: its help, as the user asked
+        sys.exit(error.exit_code)
     except click.ClickException as error:
-        error.show()
+        # One line like every other error; it repeats what was typed, escaped like the rest.
+        hint = ""
+        if isinstance(error, click.UsageError) and error.ctx is not None:
+            hint = f" (see {error.ctx.command_path} --help)"
+        say(f"policyd: error: {' '.join(error.format_message().split())}{hint}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Abort:
-        click.echo("policyd: aborted", err=True)
+        say("policyd: aborted", err=True)
         sys.exit(1)
     except PolicydError as error:
-        click.echo(f"policyd: error: {error}", err=True)
+        say(f"policyd: error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:
-        click.echo(f"policyd: internal error: {type(error).__name__}: {error}", err=True)
+        say(f"policyd: internal error: {type(error).__name__}: {error}", err=True)
         sys.exit(70)
     sys.exit(result if isinstance(result, int) else 0)

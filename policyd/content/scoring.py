@@ -11,7 +11,11 @@
   and applies each recipient's choice: ``inbox`` recipients get the tagged
   message, ``quarantine`` recipients are removed from delivery and their
   copy is held (:mod:`policyd.quarantine.held`).  Incoming ``X-Spam-*`` copies
-  are always removed, so users' rules only ever see ours.
+  are always removed, so users' rules only ever see ours.  The header block
+  is judged whole: every Subject is tagged and every copy removed, however
+  many headers come before them; a block beyond the milter's bounds, or one
+  that would take more than :data:`MAX_HEADER_CHANGES` changes, is refused
+  at end of DATA rather than delivered half-changed.
 - :class:`MilterServer` and :func:`run` are ``policyd milter``.
 
 The model is read from :func:`model_path` (``content.model``, else
@@ -51,6 +55,9 @@ from policyd.protocols.milter import (
     CHGHEADER,
     DISCARD,
     INSHEADER,
+    MAX_HEADER_COUNT,
+    MAX_HEADERS,
+    REJECT,
     TEMPFAIL,
     MilterFactory,
     MilterMessage,
@@ -90,6 +97,23 @@ _DIGEST = DIGEST_HEADER.lower()
 
 # Headers removed from every message, by their lower-case names.
 _REMOVED = {name.lower(): name for name in (*SPAM_HEADERS, RELEASE_HEADER, DIGEST_HEADER)}
+
+#: Existing headers changed or removed in one message, at most.  RFC 5322
+#: allows one Subject, and real mail carries a few X-Spam-* copies; Postfix
+#: finds each header it changes by reading the header block from its top,
+#: so thousands of changes to a block of thousands of headers would hold a
+#: cleanup process for minutes.  A message that needs more is refused.
+MAX_HEADER_CHANGES = 100
+
+#: The reply to a message whose header block the milter cannot keep whole
+#: (:data:`policyd.protocols.milter.MAX_HEADERS`, :data:`policyd.protocols.milter.MAX_HEADER_COUNT`).
+HEADERS_TOO_LARGE = (
+    f"552 5.6.0 Message header too large to be checked (at most {MAX_HEADERS // 1024} KiB "
+    f"in {MAX_HEADER_COUNT} fields)"
+)
+
+#: The reply to a message that needs more than :data:`MAX_HEADER_CHANGES` header changes.
+TOO_MANY_COPIES = "554 5.6.0 Too many Subject or X-Spam-* header fields to be checked"
 
 #: Longest wait for in-flight messages at shutdown.
 DRAIN_BOUND = 10.0
@@ -275,23 +299,36 @@ def header_changes(
 ) -> list[Modification]:
     """Header changes for a message: incoming X-Spam-*, release and digest headers removed; tags at tag_at.
 
+    ``headers`` must be the whole header block as the MTA sent it: a change
+    names a header by its name and its rank among the headers of that name
+    (1 for the first), which is how Postfix finds it (not counting its own
+    ``Received`` header, which it never shows a milter; names compared
+    without regard to case).  Every Subject is tagged, not only the first:
+    a reader may show any of them.
+
     :param score: None for a message that is not tagged.
     """
     counts = dict.fromkeys(_REMOVED, 0)
-    for name, _ in headers:
+    subjects: list[str] = []
+    for name, value in headers:
         lower = name.lower()
         if lower in counts:
             counts[lower] += 1
+        elif lower == "subject":
+            subjects.append(value)
     changes: list[Modification] = []
     for lower, count in counts.items():
         # From the last to the first, so each index still means what it meant.
         changes += [change_header(_REMOVED[lower], "", index) for index in range(count, 0, -1)]
     if score is None:
         return changes
-    subjects = [v for h, v in headers if h.lower() == "subject"]
-    subject = tagged_subject(subjects[0] if subjects else None, config.content.tag)
-    if subject is not None:
-        changes.append(change_header("Subject", subject, 1) if subjects else add_header("Subject", subject))
+    tag = config.content.tag
+    if not subjects:
+        changes.append(add_header("Subject", tag))
+    for index, value in enumerate(subjects, 1):
+        subject = tagged_subject(value, tag)
+        if subject is not None:
+            changes.append(change_header("Subject", subject, index))
     status = (
         f"Yes, score={score.points:.1f} tag_at={config.content.tag_at:g} "
         f"content={score.content:.1f} network={score.network:g}"
@@ -302,6 +339,11 @@ def header_changes(
         add_header("X-Spam-Status", status),
     ]
     return changes
+
+
+def _edits(changes: Sequence[Modification]) -> int:
+    """How many existing headers ``changes`` change or remove (each a search of the header block by the MTA)."""
+    return sum(1 for change in changes if change.action == CHGHEADER)
 
 
 def apply_changes(headers: Sequence[tuple[str, str]], changes: Sequence[Modification]) -> list[tuple[str, str]]:
@@ -389,14 +431,27 @@ class SpamFilter:
 
         A message up to ``inline_bytes`` is scored at once, and unless it is
         spam for someone who may have chosen the quarantine, the returned
-        Deferred already has the verdict: most mail never waits.
+        Deferred already has the verdict: most mail never waits.  A message
+        whose header block the MTA connection could not keep whole is
+        refused unscored: its Subject and X-Spam-* copies cannot all be
+        found, whatever its score.
         """
         started = time.monotonic()
+        if not message.headers_complete:
+            return succeed(
+                self._refused(
+                    message,
+                    HEADERS_TOO_LARGE,
+                    f"header block of {message.header_count} fields, {message.header_size} bytes",
+                )
+            )
         if self._our_digest(message):
             # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
             changes = header_changes(message.headers, None, self.config)
             log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
                      message.client_address or "-")
+            if _edits(changes) > MAX_HEADER_CHANGES:
+                return succeed(self._refused(message, TOO_MANY_COPIES, f"{_edits(changes)} header changes"))
             return succeed(Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED)
         body = message.body(self.config.content.max_body)
         # Reasons are only kept with held mail, so only spam needs them.
@@ -410,6 +465,10 @@ class SpamFilter:
         """The verdict for a scored message, once the quarantine took what it holds."""
         spam = score.points >= self.config.content.tag_at
         changes = header_changes(message.headers, score if spam else None, self.config)
+        if _edits(changes) > MAX_HEADER_CHANGES:
+            return succeed(
+                self._refused(message, TOO_MANY_COPIES, f"score={score.points:.2f}, {_edits(changes)} header changes")
+            )
         if spam and message.recipients:
             return Deferred.fromCoroutine(self._spam(message, score, changes, started))
         return succeed(self._verdict(message, score, changes, [], started))
@@ -426,7 +485,9 @@ class SpamFilter:
         """Header changes and removed recipients, or a discard when every recipient's copy is held; logged."""
         spam = score.points >= self.config.content.tag_at
         outcome = "spam" if spam else "ham"
-        if held and len(held) == len(message.recipients):
+        # Recipients beyond those the MTA connection kept are not held: they
+        # get the tagged message, so it is discarded only when held for all.
+        if held and len(held) == message.recipient_count:
             verdict = Verdict((), DISCARD)
             outcome = "spam, held for every recipient"
         else:
@@ -443,6 +504,17 @@ class SpamFilter:
                 f"latency={(time.monotonic() - started) * 1000:.1f}ms",
             )
         return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
+
+    def _refused(self, message: MilterMessage, reply: str, why: str) -> Verdict:
+        """Refuse a message at end of DATA with ``reply`` (logged with ``why``)."""
+        log.warning(
+            "milter %s client=%s refused (%s): %s",
+            message.queue_id or "-",
+            message.client_address or "-",
+            why,
+            reply,
+        )
+        return Verdict((), REJECT, reply)
 
     def _our_digest(self, message: MilterMessage) -> bool:
         """Whether the message is policyd's digest to its (only) recipient, signed with our secret."""

@@ -24,8 +24,13 @@ Bounds, so a broken or hostile MTA connection cannot hurt the others:
 
 - a packet longer than :data:`MAX_PACKET` (Postfix sends body chunks of at
   most 64 KiB), an unknown command, or a command out of place closes that
-  connection, with a log line naming the peer;
-- headers beyond :data:`MAX_HEADERS` bytes are not kept;
+  connection, with a log line naming the peer; only a header that long is
+  read past instead (Postfix sends one when ``header_size_limit`` was raised
+  above it), and its message is marked as not kept whole;
+- every header is kept, in order, up to :data:`MAX_HEADERS` bytes and
+  :data:`MAX_HEADER_COUNT` headers; a message beyond either is marked
+  (:attr:`MilterMessage.headers_complete`) and its headers are counted, not
+  kept, so the filter knows it cannot judge the header block whole;
 - the body is kept in memory up to ``memory_limit`` bytes and in a
   temporary file beyond, up to ``keep_limit`` bytes; past that it is not
   kept (an MTA that waits for a reply to each chunk is asked to skip the
@@ -142,12 +147,18 @@ NO_REPLY_STEPS = (
 #: anything longer is not an MTA speaking the protocol.
 MAX_PACKET = 256 * 1024
 
-#: Header bytes kept per message (names and values); Postfix's default
-#: ``header_size_limit`` is 100 KiB per header, but real mail has a few KiB.
-MAX_HEADERS = 512 * 1024
+#: Header bytes kept per message (names, values and 4 bytes of ``: `` and
+#: CRLF each), every header of a message or none beyond: header changes are
+#: only right when every header is seen.  Real mail has a few KiB; Postfix
+#: bounds each header (``header_size_limit``, 100 KiB) but not their number,
+#: so this bound is ours, as Exim's ``header_maxsize`` (1 MiB) is Exim's.
+MAX_HEADERS = 1024 * 1024
 
-#: Headers kept per message.
-MAX_HEADER_COUNT = 1000
+#: Headers kept per message.  Real mail has a few dozen; Postfix refuses
+#: more than ``hopcount_limit`` (50) Received headers but no other kind.
+#: Bounds the work of judging one header block (a pass over every header,
+#: and Postfix reads the block from the start for each header changed).
+MAX_HEADER_COUNT = 10_000
 
 #: Recipients kept per message (Postfix's ``smtpd_recipient_limit`` is 1000).
 MAX_RECIPIENTS = 10_000
@@ -158,6 +169,7 @@ FILTER_TIMEOUT = 120.0
 
 _HEADER = struct.Struct(">IB")
 _MACRO = MACRO[0]
+_HEADER_CODE = HEADER[0]
 _STAGE_CONNECT = CONNECT[0]
 # Each command byte as bytes, made once.
 _COMMANDS = [bytes([code]) for code in range(256)]
@@ -240,11 +252,33 @@ class Verdict:
     """What to do with a message: changes, then the final reply.
 
     :ivar modifications: applied in order.
-    :ivar reply: :data:`ACCEPT`, :data:`DISCARD` or :data:`TEMPFAIL`.
+    :ivar reply: :data:`ACCEPT`, :data:`DISCARD`, :data:`TEMPFAIL` or :data:`REJECT`.
+    :ivar smtp_reply: with :data:`TEMPFAIL` or :data:`REJECT`, the SMTP reply
+        the client gets (``554 5.6.0 text``, sent as ``SMFIR_REPLYCODE``; its
+        first digit must agree with ``reply``); empty: the MTA's own words.
     """
 
     modifications: tuple[Modification, ...] = ()
     reply: bytes = ACCEPT
+    smtp_reply: str = ""
+
+    def encode(self, actions: int) -> bytes:
+        """The reply packets: the changes that ``actions`` (SMFIF_*) allow, then the final reply."""
+        out = []
+        for change in self.modifications:
+            if change.action in (ADDHEADER, INSHEADER) and not actions & SMFIF_ADDHDRS:
+                continue
+            if change.action == CHGHEADER and not actions & SMFIF_CHGHDRS:
+                continue
+            if change.action == DELRCPT and not actions & SMFIF_DELRCPT:
+                continue
+            out.append(change.encode())
+        if self.smtp_reply and self.reply in (TEMPFAIL, REJECT):
+            # Postfix reads "%%" as "%" in a reply code text.
+            out.append(packet(REPLYCODE, wire(self.smtp_reply.replace("%", "%%")) + b"\0"))
+        else:
+            out.append(packet(self.reply))
+        return b"".join(out)
 
 
 #: Accept the message unchanged.
@@ -258,12 +292,17 @@ class MilterMessage:
     :ivar client_address: its IP address (empty for a local or unknown one).
     :ivar helo: the HELO name, when the MTA sent it.
     :ivar sender: the envelope sender as given (``<a@b>``).
-    :ivar recipients: the envelope recipients as given (``<c@d>``).
-    :ivar headers: (name, value) in order, values as the MTA sent them.
+    :ivar recipients: the envelope recipients as given (``<c@d>``), the first
+        :data:`MAX_RECIPIENTS`.
+    :ivar recipient_count: envelope recipients the MTA sent (kept or not).
+    :ivar headers: (name, value) of every header, in order, values as the MTA
+        sent them; empty beyond the bounds (see :attr:`headers_complete`).
+    :ivar header_count: headers the MTA sent (kept or not).
+    :ivar header_size: bytes of the headers the MTA sent (kept or not).
+    :ivar header_bytes: bytes of the headers kept.
     :ivar macros: every macro received, names without braces (``i``, ``auth_authen``).
     :ivar body_size: body bytes the MTA sent (kept or not).
     :ivar kept: body bytes kept (at most ``keep_limit``).
-    :ivar headers_truncated: some headers were not kept (over the bounds).
     """
 
     def __init__(self, memory_limit: int, keep_limit: int) -> None:
@@ -285,9 +324,12 @@ class MilterMessage:
         """Forget the message (not the connection)."""
         self.sender = ""
         self.recipients: list[str] = []
+        self.recipient_count = 0
         self.headers: list[tuple[str, str]] = []
+        self.header_count = 0
+        self.header_size = 0
         self.header_bytes = 0
-        self.headers_truncated = False
+        self._header_unread = False
         self.body_size = 0
         self.kept = 0
         self.close()
@@ -334,14 +376,48 @@ class MilterMessage:
         """Postfix's queue id (macro ``i``), once known."""
         return self.macros.get("i", "")
 
+    def add_recipient(self, recipient: str) -> None:
+        """Count an envelope recipient; keep it within :data:`MAX_RECIPIENTS`."""
+        self.recipient_count += 1
+        if len(self.recipients) < MAX_RECIPIENTS:
+            self.recipients.append(recipient)
+
+    @property
+    def recipients_complete(self) -> bool:
+        """Whether every envelope recipient was kept."""
+        return len(self.recipients) == self.recipient_count
+
     def add_header(self, name: str, value: str) -> None:
-        """Keep a header, within the bounds."""
+        """Keep a header while the header block is within the bounds; count it in any case.
+
+        A block that outgrows them is dropped whole rather than cut: a
+        filter that saw only part of it would change the wrong header (the
+        index of a change counts headers of one name from the top) or miss
+        one it must change.
+        """
         size = len(name) + len(value) + 4
-        if self.header_bytes + size > MAX_HEADERS or len(self.headers) >= MAX_HEADER_COUNT:
-            self.headers_truncated = True
-            return
-        self.header_bytes += size
-        self.headers.append((name, value))
+        self.note_header(size)
+        if self.headers_complete:
+            self.header_bytes += size
+            self.headers.append((name, value))
+
+    def note_header(self, size: int, read: bool = True) -> None:
+        """Count a header of ``size`` bytes; past the bounds, or once a header was not ``read``, forget them all."""
+        self.header_count += 1
+        self.header_size += size
+        if not read:
+            self._header_unread = True
+        if self.headers and not self.headers_complete:
+            self.headers = []
+            self.header_bytes = 0
+
+    @property
+    def headers_complete(self) -> bool:
+        """Whether :attr:`headers` holds every header the MTA sent (within :data:`MAX_HEADERS` and
+        :data:`MAX_HEADER_COUNT`, none too long to read)."""
+        return (
+            not self._header_unread and self.header_size <= MAX_HEADERS and self.header_count <= MAX_HEADER_COUNT
+        )
 
     def add_body(self, chunk: bytes) -> bool:
         """Keep a body chunk, within ``keep_limit``; False once the limit is reached."""
@@ -429,6 +505,8 @@ class MilterProtocol(Protocol):
         self.message = MilterMessage(memory_limit, keep_limit)
         self._buffer = b""
         self._start = 0
+        # Bytes still to read past of a header longer than MAX_PACKET.
+        self._passing = 0
         self._busy = False
         self._closing = False
         self._processing = False
@@ -501,8 +579,24 @@ class MilterProtocol(Protocol):
         size = len(buffer)
         start = self._start
         try:
-            while size - start >= 5 and not self._busy and not self._closing:
+            while not self._busy and not self._closing:
+                if self._passing:
+                    start = self._pass_header(size - start)
+                    if self._passing:
+                        break
+                    continue
+                if size - start < 5:
+                    break
                 length, command = _HEADER.unpack_from(buffer, start)
+                if length > MAX_PACKET and command == _HEADER_CODE and self.version:
+                    # Postfix sends a header as long as its header_size_limit
+                    # allows.  Closing would let the message through unjudged
+                    # (milter_default_action); it is read past instead, and
+                    # its message can no longer be kept whole.
+                    self.message.note_header(length + 1, read=False)
+                    self._passing = length - 1
+                    start = self._start = start + 5
+                    continue
                 if length < 1 or length > MAX_PACKET:
                     raise ProtocolError(f"packet of {length} bytes (at most {MAX_PACKET})")
                 end = start + 4 + length
@@ -518,9 +612,11 @@ class MilterProtocol(Protocol):
                 start = end
             if self._closing:
                 return
-            if not self._busy and len(self._buffer) - self._start >= 4:
+            if not self._busy and not self._passing and len(self._buffer) - self._start == 4:
+                # A length alone: refused at once when no packet can have it
+                # (a longer one may still be a header, known from its next byte).
                 (length,) = struct.unpack_from(">I", self._buffer, self._start)
-                if length < 1 or length > MAX_PACKET:
+                if length < 1:
                     raise ProtocolError(f"packet of {length} bytes (at most {MAX_PACKET})")
             if self._busy and len(self._buffer) - self._start > 2 * MAX_PACKET:
                 raise ProtocolError("MTA sent too much while its message was being scored")
@@ -530,6 +626,15 @@ class MilterProtocol(Protocol):
         if self._start:
             self._buffer = self._buffer[self._start :]
             self._start = 0
+
+    def _pass_header(self, available: int) -> int:
+        """Read past up to ``available`` bytes of an overlong header; the new read position."""
+        passed = min(self._passing, available)
+        self._passing -= passed
+        self._start += passed
+        if not self._passing:
+            self._reply(SMFIP_NR_HDR)
+        return self._start
 
     def _fail(self, problem: str) -> None:
         log.warning("bad milter input from %s: %s; closing connection", self.peer, problem)
@@ -579,8 +684,8 @@ class MilterProtocol(Protocol):
             self._reply(SMFIP_NR_MAIL)
         elif command == RCPT:
             strings = nul_strings(data)
-            if strings and len(self.message.recipients) < MAX_RECIPIENTS:
-                self.message.recipients.append(text(strings[0]))
+            if strings:
+                self.message.add_recipient(text(strings[0]))
             self._reply(SMFIP_NR_RCPT)
         elif command == DATA:
             self._reply(SMFIP_NR_DATA)
@@ -648,17 +753,7 @@ class MilterProtocol(Protocol):
         decided.addCallbacks(self._decided, self._failed)
 
     def _decided(self, verdict: Verdict) -> None:
-        out = []
-        for change in verdict.modifications:
-            if change.action in (ADDHEADER, INSHEADER) and not self.actions & SMFIF_ADDHDRS:
-                continue
-            if change.action == CHGHEADER and not self.actions & SMFIF_CHGHDRS:
-                continue
-            if change.action == DELRCPT and not self.actions & SMFIF_DELRCPT:
-                continue
-            out.append(change.encode())
-        out.append(packet(verdict.reply))
-        self._finish(b"".join(out))
+        self._finish(verdict.encode(self.actions))
 
     def _failed(self, failure: Failure) -> None:
         log.error(

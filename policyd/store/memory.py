@@ -102,7 +102,7 @@ class MemoryStore:
         """See :meth:`policyd.store.Store.busiest`."""
         counts = [(a, len(self._window(a, now, window))) for a in list(self.sends)]
         counts = [c for c in counts if c[1]]
-        return succeed(sorted(counts, key=lambda c: (-c[1], c[0]))[:limit])
+        return succeed(sorted(counts, key=lambda c: (-c[1], c[0]))[: max(limit, 0)])
 
     def block_of(self, account: str, *, now: float) -> Deferred[Block | None]:
         """See :meth:`policyd.store.Store.block_of`."""
@@ -182,7 +182,7 @@ class MemoryStore:
 
     def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
         """See :meth:`policyd.store.Store.audit`."""
-        return succeed(self.entries[-limit:])
+        return succeed(self.entries[-limit:] if limit > 0 else [])
 
     def prune(self, *, now: float, window: float) -> Deferred[int]:
         """See :meth:`policyd.store.Store.prune`."""
@@ -219,7 +219,7 @@ class MemoryStore:
             and (recipient is None or entry.recipient == recipient)
             and (since is None or entry.at > since)
         ]
-        return succeed(sorted(live, key=lambda e: (-e.at, -e.id))[:limit])
+        return succeed(sorted(live, key=lambda e: (-e.at, -e.id))[: max(limit, 0)])
 
     def quarantine_delete(self, entry_id: int) -> Deferred[bool]:
         """See :meth:`policyd.store.Store.quarantine_delete`."""

@@ -47,6 +47,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
 from policyd.errors import StoreError
+from policyd.statefiles import private_directory, private_file, withhold_from_others
 from policyd.store import (
     MAX_BLOCK_CLIENTS,
     Admission,
@@ -222,6 +223,22 @@ PRUNE_BATCH = 500
 CHECKPOINT_EVERY = 1.0
 
 
+#: SQLite's integers are 64-bit signed.
+_LARGEST = 2**63 - 1
+
+
+def _stored(row_id: int) -> bool:
+    """Whether a row could have this id: one beyond 64 bits (from a URL, say) is no entry,
+    not an OverflowError."""
+    return -_LARGEST - 1 <= row_id <= _LARGEST
+
+
+def _limit(limit: int) -> int:
+    """A LIMIT as the other stores read it: none below 0 (SQLite reads a negative one as no
+    limit at all), and no overflow for a huge one."""
+    return max(0, min(limit, _LARGEST))
+
+
 def _file_state(path: str) -> tuple[int, int]:
     """A file's size and modification time (nanoseconds): what changes when it is written."""
     found = os.stat(path)
@@ -272,8 +289,8 @@ class SQLiteStore:
         self.checkpoints = 0
         self._checkpointer: LoopingCall | None = None
         try:
-            if path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if path not in ("", ":memory:"):
+                self._make_private()
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             self.db.execute("PRAGMA journal_mode = WAL")
@@ -327,6 +344,20 @@ class SQLiteStore:
 
         reactor: Any = self.reactor
         deferToThreadPool(reactor, reactor.getThreadPool(), work).addErrback(failed).addBoth(done)
+
+    def _make_private(self) -> None:
+        """Create the file 0600 (its directory 0700) before SQLite opens it, whatever the umask.
+
+        It holds quarantined mail.  SQLite gives the ``-wal`` and ``-shm``
+        files it makes the mode of the database file, so they are private
+        too.  Files an earlier version made readable by all lose the others'
+        permissions.
+        """
+        database = Path(self.path)
+        private_directory(database.parent)
+        if not private_file(database):
+            for suffix in ("", "-wal", "-shm"):
+                withhold_from_others(Path(self.path + suffix))
 
     def _give_files_to_directory_owner(self) -> None:
         """When root (an admin command) creates the files, hand them to the service user.
@@ -664,7 +695,7 @@ class SQLiteStore:
             rows = db.execute(
                 "SELECT account, COUNT(*) AS n FROM sends WHERE at > ? GROUP BY account "
                 "ORDER BY n DESC, account LIMIT ?",
-                (now - window, limit),
+                (now - window, _limit(limit)),
             )
             return [(account, int(count)) for account, count in rows]
 
@@ -814,7 +845,7 @@ class SQLiteStore:
             row = db.execute("SELECT * FROM exemptions WHERE id = ?", (exemption_id,)).fetchone()
             return None if row is None else Exemption(*row)
 
-        return self._run(work)
+        return self._run(work) if _stored(exemption_id) else succeed(None)
 
     def exemptions(self) -> Deferred[list[Exemption]]:
         """See :meth:`policyd.store.Store.exemptions`."""
@@ -847,7 +878,7 @@ class SQLiteStore:
             rows = db.execute(
                 "SELECT at, who, action, subject, reason FROM "
                 "(SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
-                (limit,),
+                (_limit(limit),),
             )
             return [AuditEntry(*row) for row in rows]
 
@@ -922,7 +953,7 @@ class SQLiteStore:
             ).fetchone()
             return None if row is None else (_held(row[:-1]), bytes(row[-1]))
 
-        return self._run(work)
+        return self._run(work) if _stored(entry_id) else succeed(None)
 
     def quarantine_list(
         self, *, now: float, recipient: str | None = None, limit: int = 1000, since: float | None = None
@@ -935,14 +966,14 @@ class SQLiteStore:
                 rows = db.execute(
                     "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons FROM quarantine "
                     "WHERE until > ? AND at > ? ORDER BY at DESC, id DESC LIMIT ?",
-                    (now, after, limit),
+                    (now, after, _limit(limit)),
                 )
             else:
                 rows = db.execute(
                     "SELECT id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons FROM quarantine "
                     "WHERE recipient = ? AND until > ? AND at > ? "
                     "ORDER BY at DESC, id DESC LIMIT ?",
-                    (recipient, now, after, limit),
+                    (recipient, now, after, _limit(limit)),
                 )
             return [_held(row) for row in rows]
 
@@ -955,7 +986,7 @@ class SQLiteStore:
             db.execute("DELETE FROM release_claims WHERE id = ?", (entry_id,))
             return db.execute("DELETE FROM quarantine WHERE id = ?", (entry_id,)).rowcount > 0
 
-        return self._run(work, write=True)
+        return self._run(work, write=True) if _stored(entry_id) else succeed(False)
 
     def claim_release(self, entry_id: int, *, now: float, lease: float) -> Deferred[bool]:
         """See :meth:`policyd.store.Store.claim_release`."""
@@ -968,7 +999,7 @@ class SQLiteStore:
             )
             return taken.rowcount > 0
 
-        return self._run(work, write=True)
+        return self._run(work, write=True) if _stored(entry_id) else succeed(False)
 
     def end_claim(self, entry_id: int) -> Deferred[None]:
         """See :meth:`policyd.store.Store.end_claim`."""
@@ -976,7 +1007,7 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> None:
             db.execute("DELETE FROM release_claims WHERE id = ?", (entry_id,))
 
-        return self._run(work, write=True)
+        return self._run(work, write=True) if _stored(entry_id) else succeed(None)
 
     def quarantine_expire(self, *, now: float) -> Deferred[int]:
         """See :meth:`policyd.store.Store.quarantine_expire`."""

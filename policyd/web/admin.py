@@ -10,8 +10,14 @@
 - ``/self-service/...``: the quarantine digest's release and preference
   pages for recipients, opened by signed links (:mod:`policyd.web.selfservice`).
 
-Pages are plain HTML with labels and no script; forms carry a CSRF token
-signed with the admin token.
+Pages are plain HTML with labels and no script.  Forms carry a token bound
+to their purpose (and, on ``/admin``, to the admin user), signed with the
+admin token; an admin decision must also come from the page's own origin
+(:func:`same_origin`).  No page may be framed.  The public form counts
+requests per client (:class:`~policyd.web.limits.ClientRate`) and answers
+alike whether or not the account exists.  What any client may cost the
+process on the wire (body size, time, connections) is bounded by
+:mod:`policyd.web.limits`.
 """
 
 from __future__ import annotations
@@ -19,28 +25,59 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import ipaddress
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from policyd.admin import Admin, parse_when
+from policyd.admin import Admin, UnknownAccount, normalise_account, parse_when
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics
-from policyd.store import Block, Exemption
+from policyd.store import AuditEntry, Block, Exemption
+from policyd.web import limits as httplimits
+from policyd.web.limits import ClientRate, LimitedSite, client_key
 
 log = logging.getLogger("policyd.http")
 
 #: Largest request body read (JSON or form): admin calls are small.
-MAX_BODY = 64 * 1024
+MAX_BODY = httplimits.MAX_BODY
 #: How long a form's CSRF token stays valid.
 FORM_TTL = 3600
+
+#: What a form token is for: the public exemption form, or decisions on ``/admin``.
+EXEMPTION_FORM = "exemption"
+ADMIN_FORM = "admin"
+
+#: Requests one client may send the public form at once, and seconds to earn one more.
+FORM_BURST = 5
+FORM_EVERY = 60.0
+
+#: Largest ``?limit=`` of the audit API: the log is read in one go.
+AUDIT_AT_MOST = 10_000
+
+#: Largest exemption id (SQLite integers are 64-bit signed).
+ID_AT_MOST = 2**63 - 1
+
+#: Headers of every answer: no page may be framed, load anything from
+#: elsewhere, run a script, or post a form to another site; no content type
+#: is guessed; the admin page's own posts keep their ``Origin``.
+HEADERS = {
+    "x-frame-options": "DENY",
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
 
 
 def _when(timestamp: float) -> str:
@@ -69,9 +106,11 @@ class AdminSite:
         self.metrics = metrics
         self.token = token
         self.self_service = self_service
+        #: Requests to the public form, per client.
+        self.form_rate = ClientRate(admin.clock, FORM_BURST, FORM_EVERY)
 
     def site(self) -> Site:
-        """The twisted.web site to listen with."""
+        """The twisted.web site to listen with (held to :mod:`policyd.web.limits`)."""
         root = _Index()
         root.putChild(b"", root)
         root.putChild(b"metrics", _MetricsPage(self))
@@ -82,36 +121,119 @@ class AdminSite:
         root.putChild(b"api", api)
         if self.self_service is not None:
             root.putChild(b"self-service", self.self_service)
-        site = Site(root)
-        site.noisy = False
-        site.displayTracebacks = False
-        return site
+        return LimitedSite(root, self.admin.clock, headers=HEADERS)
 
     # --- authentication ----------------------------------------------------
 
     def bearer_ok(self, request: Request) -> bool:
-        """Whether the request carries the admin token as a Bearer token."""
-        header = (request.getHeader("authorization") or "").strip()
-        scheme, _, value = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), self.token)
+        """Whether the request carries the admin token as a Bearer token.
+
+        Compared as bytes: a header in any encoding is a wrong token, not an error.
+        """
+        header = (request.getHeader(b"authorization") or b"").strip()
+        scheme, _, value = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token.encode())
 
     def basic_ok(self, request: Request) -> bool:
-        """Whether HTTP Basic credentials carry the admin token as password."""
+        """Whether HTTP Basic credentials carry the admin token as password (compared as bytes)."""
         password = request.getPassword()
-        return bool(password) and hmac.compare_digest(password.decode("utf-8", "replace"), self.token)
+        return bool(password) and hmac.compare_digest(password, self.token.encode())
 
-    def csrf(self, now: float | None = None) -> str:
-        """A form token: a time and its HMAC under the admin token."""
+    def csrf(self, purpose: str, user: str = "", now: float | None = None) -> str:
+        """A form token: a time and its HMAC, under the admin token, over purpose, user and time.
+
+        :param purpose: what the form does (:data:`EXEMPTION_FORM`, :data:`ADMIN_FORM`).
+        :param user: who it was given to (the admin user; empty on the public form).
+        """
         stamp = str(int(now if now is not None else time.time()))
-        mac = hmac.new(self.token.encode(), f"form:{stamp}".encode(), hashlib.sha256).hexdigest()[:32]
+        # JSON keeps the three parts apart whatever characters the user name holds.
+        signed = json.dumps(["form", purpose, user, stamp]).encode()
+        mac = hmac.new(self.token.encode(), signed, hashlib.sha256).hexdigest()[:32]
         return f"{stamp}.{mac}"
 
-    def csrf_ok(self, value: str) -> bool:
-        """Whether a form token is ours and fresh."""
-        stamp, _, mac = value.partition(".")
-        if not stamp.isdigit() or time.time() - int(stamp) > FORM_TTL:
+    def csrf_ok(self, value: str, purpose: str, user: str = "") -> bool:
+        """Whether a form token is ours, fresh, and was given for this purpose to this user."""
+        stamp, _, _ = value.partition(".")
+        if not re.fullmatch(r"[0-9]{1,12}", stamp) or time.time() - int(stamp) > FORM_TTL:
             return False
-        return hmac.compare_digest(self.csrf(int(stamp)), value)
+        return hmac.compare_digest(self.csrf(purpose, user, int(stamp)).encode(), value.encode())
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a state-changing request comes from a page of this site.
+
+    A browser sends ``Origin`` with every POST; it must name the host the
+    request was sent to (``Host``, or ``X-Forwarded-Host`` from a reverse
+    proxy that rewrites ``Host``; a page of another site can set neither).
+    The scheme is not compared: a proxy in front may speak HTTPS.  ``null``
+    (an opaque origin: a sandboxed frame, a ``data:`` page) is refused.
+    Without ``Origin``, ``Referer`` is checked the same way when present;
+    with neither, the request is not from a browser page (curl, scripts),
+    so cross-site forgery is not in question and the form token suffices.
+    """
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        origin = request.getHeader(b"referer")
+        if origin is None:
+            return True
+    here = _authority(origin.strip())
+    if here is None:
+        return False
+    hosts = [request.getHeader(b"host") or b""]
+    for forwarded in request.requestHeaders.getRawHeaders(b"x-forwarded-host") or []:
+        hosts += forwarded.split(b",")
+    return any(_same_authority(here, _authority(b"//" + host.strip())) for host in hosts if host.strip())
+
+
+def _authority(url: bytes) -> tuple[str, int | None] | None:
+    """(host, port) of a URL; the port is None when the URL gives none; None for no host."""
+    try:
+        parts = urlsplit(url.decode("ascii"))
+        port = parts.port
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not parts.hostname:
+        return None
+    if port is None and parts.scheme in ("http", "https"):
+        port = 80 if parts.scheme == "http" else 443
+    return parts.hostname, port
+
+
+def _same_authority(origin: tuple[str, int | None], host: tuple[str, int | None] | None) -> bool:
+    if host is None or origin[0] != host[0]:
+        return False
+    # A Host header without a port names the scheme's default one.
+    return host[1] is None and origin[1] in (80, 443) or host[1] == origin[1]
+
+
+def client_address(request: Request) -> str:
+    """Who is counted for the public form's rate: the client address, an IPv6 one by its /64.
+
+    A request from loopback (or a local socket) that carries
+    ``X-Forwarded-For`` came through a reverse proxy on this host: the
+    address that proxy appended (the last one) is the client's.
+    """
+    peer = request.getClientAddress()
+    host = peer.host if isinstance(peer, IPv4Address | IPv6Address) else None
+    if host is None or ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+        if forwarded:
+            last = forwarded[-1].split(b",")[-1].strip().decode("ascii", "replace")
+            try:
+                return client_key(str(ipaddress.ip_address(last)))
+            except ValueError:
+                pass
+    return client_key(host or "local")
+
+
+def printable(text: str, longest: int = 64) -> str:
+    """Client-given text fit for the audit log: control characters replaced, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text.strip())[:longest]
+
+
+def _user(request: Request) -> str:
+    """The HTTP Basic user name, as the audit log shows it."""
+    return printable(request.getUser().decode("utf-8", "replace"))
 
 
 def _respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, bytes]]], page: bool = False) -> Any:
@@ -174,7 +296,8 @@ def _json_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: thousands of nested brackets fit in the body limit.
         raise _Handled(400, "request body is not JSON") from None
     if not isinstance(data, dict):
         raise _Handled(400, "request body must be a JSON object")
@@ -198,10 +321,12 @@ def _field(data: dict[str, Any], name: str, kind: type = str, required: bool = T
             raise _Handled(400, f"missing field {name!r}")
         return None
     if kind is int:
-        try:
+        # A JSON whole number, or one written as digits; not true, 1.5 or "1e3".
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
             return int(value)
-        except (TypeError, ValueError):
-            raise _Handled(400, f"field {name!r} must be a whole number") from None
+        raise _Handled(400, f"field {name!r} must be a whole number")
     if not isinstance(value, str):
         raise _Handled(400, f"field {name!r} must be text")
     return value
@@ -218,6 +343,28 @@ _STYLE = (
     "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;padding:.3rem;text-align:left}"
     ".error{color:#a00}.ok{color:#060}"
 )
+
+
+def _whole(text: str, what: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` written in ASCII digits (400 otherwise)."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
+        raise _Handled(400, f"{what} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def _query(request: Request, name: str) -> str | None:
+    """The first value of a query parameter, as text."""
+    values = request.args.get(name.encode()) if request.args else None
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _when_field(text: str, now: float) -> float:
+    """A time from a form or the API (:func:`policyd.admin.parse_when`); a year out of range is a usage error."""
+    try:
+        return parse_when(text, now)
+    except (OverflowError, OSError):
+        raise _Handled(400, f"{text!r}: not a time policyd can handle") from None
 
 
 def _page(title: str, body: str) -> tuple[int, str, bytes]:
@@ -292,7 +439,7 @@ class _RequestForm(Resource):
             '<label for="reason">Business reason</label>'
             f'<textarea id="reason" name="reason" rows="4" required>{html.escape(values.get("reason", ""))}'
             "</textarea>"
-            f'<input type="hidden" name="csrf" value="{self.owner.csrf()}">'
+            f'<input type="hidden" name="csrf" value="{self.owner.csrf(EXEMPTION_FORM)}">'
             '<button type="submit">Send the request</button></form>',
         )
 
@@ -300,32 +447,61 @@ class _RequestForm(Resource):
         return _respond(request, lambda: self._submit(request), page=True)
 
     async def _submit(self, request: Request) -> tuple[int, str, bytes]:
+        wait = self.owner.form_rate.take(client_address(request))
+        if wait:
+            return self._too_many(request, wait)
         values = _form(request)
-        if not self.owner.csrf_ok(values.get("csrf", "")):
+        if not self.owner.csrf_ok(values.get("csrf", ""), EXEMPTION_FORM):
             return await self._show(values, "The form has expired; please send it again.")
         admin = self.owner.admin
         organisation = values.get("organisation", "").strip()
         reason = values.get("reason", "").strip()
+        now = admin.clock.seconds()
         try:
-            now = admin.clock.seconds()
+            account = normalise_account(values.get("account", ""))
             limit = int(values.get("limit", "0") or 0)
+            start, end = _when_field(values.get("start", ""), now), _when_field(values.get("end", ""), now)
+            by = f"web:{printable(account)}"
             made = await admin.request_exemption(
-                values.get("account", ""),
-                limit,
-                parse_when(values.get("start", ""), now),
-                parse_when(values.get("end", ""), now),
-                f"{reason} (organisation: {organisation})" if organisation and reason else reason,
-                f"web:{values.get('account', '').strip().lower()}",
+                account, limit, start, end,
+                f"{reason} (organisation: {organisation})" if organisation and reason else reason, by,
             )
+        except UnknownAccount:
+            # Answered like a recorded request, so that the form does not tell
+            # who has an account; the administrators see the attempt in the
+            # audit log, and nothing is pending.
+            log.info("exemption form: request for unknown account %r (client %s) not recorded",
+                     account, client_address(request))
+            await admin.store.record(AuditEntry(now, by, "exemption-refused", printable(account, 320),
+                                                "not a valid account"))
+            return self._received(account, limit, start, end)
+        except _Handled as error:
+            return await self._show(values, str(error))
         except (PolicydError, ValueError) as error:
             return await self._show(values, str(error) if isinstance(error, PolicydError) else "Invalid number.")
+        return self._received(made.account, made.limit, made.start, made.end)
+
+    @staticmethod
+    def _received(account: str, limit: int, start: float, end: float) -> tuple[int, str, bytes]:
+        """The same answer whether or not the account exists."""
         _, kind, body = _page(
             "Request received",
-            f'<p class="ok" role="status">Your request number <strong>{made.id}</strong> for '
-            f"{html.escape(made.account)} ({made.limit} messages an hour, {_when(made.start)} to "
-            f"{_when(made.end)}) waits for an administrator.</p>",
+            f'<p class="ok" role="status">Your request for {html.escape(account)} ({limit} messages an hour, '
+            f"{_when(start)} to {_when(end)}) is recorded: an administrator will review it.</p>",
         )
         return 201, kind, body
+
+    @staticmethod
+    def _too_many(request: Request, wait: float) -> tuple[int, str, bytes]:
+        minutes = max(1, math.ceil(wait / 60))
+        request.setHeader("retry-after", str(math.ceil(wait)))
+        _, kind, body = _page(
+            "Too many requests",
+            '<p class="error" role="alert">This form was sent too many times from your network in a short '
+            f"while. Nothing was recorded. Please try again in {minutes} minute{'s' if minutes > 1 else ''}, "
+            "or ask your helpdesk.</p>",
+        )
+        return 429, kind, body
 
 
 class _AdminPage(Resource):
@@ -346,13 +522,13 @@ class _AdminPage(Resource):
     def render_GET(self, request: Request) -> Any:
         if not self.owner.basic_ok(request):
             return self._challenge(request)
-        return _respond(request, lambda: self._list(""), page=True)
+        return _respond(request, lambda: self._list(request, ""), page=True)
 
-    async def _list(self, note: str) -> tuple[int, str, bytes]:
+    async def _list(self, request: Request, note: str) -> tuple[int, str, bytes]:
         admin = self.owner.admin
         now = admin.clock.seconds()
         pending = [e for e in await admin.exemptions() if e.state(now) == "pending"]
-        token = self.owner.csrf()
+        token = self.owner.csrf(ADMIN_FORM, _user(request))
         rows = "".join(
             f"<tr><td>{e.id}</td><td>{html.escape(e.account)}</td><td>{e.limit}</td>"
             f"<td>{_when(e.start)} – {_when(e.end)}</td><td>{html.escape(e.reason)}</td><td>"
@@ -378,20 +554,25 @@ class _AdminPage(Resource):
         return _respond(request, lambda: self._decide(request), page=True)
 
     async def _decide(self, request: Request) -> tuple[int, str, bytes]:
+        if not same_origin(request):
+            log.warning("admin page: decision posted from another site (Origin %r) refused",
+                        (request.getHeader(b"origin") or request.getHeader(b"referer") or b"").decode("ascii", "replace"))
+            raise _Handled(403, "This request came from another site; nothing was changed.")
         values = _form(request)
-        if not self.owner.csrf_ok(values.get("csrf", "")):
-            return await self._list("The page had expired; nothing was changed.")
+        if not self.owner.csrf_ok(values.get("csrf", ""), ADMIN_FORM, _user(request)):
+            _, kind, body = await self._list(request, "The page had expired; nothing was changed.")
+            return 403, kind, body
         admin = self.owner.admin
-        user = request.getUser().decode("utf-8", "replace") or "admin"
-        ident = int(values.get("id", "0") or 0)
+        by = f"web:{_user(request) or 'admin'}"
+        ident = _whole(values.get("id", ""), "the request number", 1, ID_AT_MOST)
         try:
             if values.get("action") == "approve":
-                done = await admin.approve(ident, f"web:{user}", values.get("reason", ""))
+                done = await admin.approve(ident, by, values.get("reason", ""))
             else:
-                done = await admin.deny(ident, f"web:{user}", values.get("reason", "") or "denied")
+                done = await admin.deny(ident, by, values.get("reason", "") or "denied")
         except PolicydError as error:
-            return await self._list(str(error))
-        return await self._list(f"Request {done.id} for {done.account}: {done.status}.")
+            return await self._list(request, str(error))
+        return await self._list(request, f"Request {done.id} for {done.account}: {done.status}.")
 
 
 class _Api(Resource):
@@ -416,15 +597,16 @@ class _Api(Resource):
         admin = self.owner.admin
         method = request.method.decode()
         parts = [p.decode("utf-8", "replace") for p in request.postpath or [] if p]
-        by = f"api:{(request.getHeader('x-policyd-by') or 'admin').strip()[:64]}"
+        named = printable((request.getHeader(b"x-policyd-by") or b"").decode("utf-8", "replace"))
+        by = f"api:{named or 'admin'}"
         now = admin.clock.seconds()
         if method == "GET" and parts == ["blocks"]:
             return _json(200, [b.as_dict() for b in await admin.blocks()])
         if method == "GET" and len(parts) == 2 and parts[0] == "status":
             return _json(200, (await admin.status(parts[1])).as_dict())
         if method == "GET" and parts == ["audit"]:
-            assert request.args is not None
-            limit = int((request.args.get(b"limit") or [b"100"])[0] or 100)
+            given = _query(request, "limit")
+            limit = 100 if given is None else _whole(given, "limit", 1, AUDIT_AT_MOST)
             return _json(200, [e.as_dict() for e in await admin.audit(limit)])
         if method == "POST" and parts == ["unblock"]:
             data = _json_body(request)
@@ -441,15 +623,15 @@ class _Api(Resource):
             requested: Exemption = await admin.request_exemption(
                 _field(data, "account"),
                 _field(data, "limit", int),
-                parse_when(_field(data, "from"), now),
-                parse_when(_field(data, "until"), now),
+                _when_field(_field(data, "from"), now),
+                _when_field(_field(data, "until"), now),
                 _field(data, "reason"),
                 by,
             )
             return _json(201, {"id": requested.id, "status": requested.status})
-        if method == "POST" and len(parts) == 3 and parts[0] == "exemptions" and parts[1].isdigit():
+        if method == "POST" and len(parts) == 3 and parts[0] == "exemptions":
+            ident, action = _whole(parts[1], "an exemption id", 1, ID_AT_MOST), parts[2]
             data = _json_body(request)
-            ident, action = int(parts[1]), parts[2]
             reason = _field(data, "reason", required=action != "approve") or ""
             if action == "approve":
                 decided = await admin.approve(ident, by, reason)

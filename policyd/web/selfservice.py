@@ -335,7 +335,9 @@ class SelfServicePages(Resource):
     def _answer(self, request: Request, post: bool) -> Any:
         from policyd.web.admin import _respond
 
-        language = choose_language(request.getHeader("accept-language"), self.service.config.language)
+        # Read as bytes: a header that is not UTF-8 picks no language, it is no error.
+        accept = (request.getHeader(b"accept-language") or b"").decode("ascii", "replace")
+        language = choose_language(accept, self.service.config.language)
         request.setHeader("referrer-policy", "no-referrer")
         request.setHeader("x-frame-options", "DENY")
         request.setHeader(

@@ -354,3 +354,26 @@ async def test_digest_is_queued_once_per_period(store: Store) -> None:
     assert await store.queue_digest(since=T0, until=T0 + 86400.25, notices=[]) is True
     assert await store.digest_mark() == T0 + 86400.25
     assert await store.pending_notices() == 1
+
+
+#: Beyond what SQLite and Redis hold as integers: an id or a count an outsider may send.
+HUGE = 2**70
+
+
+@pytest_twisted.ensureDeferred
+async def test_ids_beyond_64_bits_are_unknown_and_limits_are_bounded(store: Store) -> None:
+    """An id beyond 64 bits is no such entry; a limit of 0 or less lists nothing, a huge one lists all."""
+    entry = await store.quarantine(held(), RAW)
+    await store.record(AuditEntry(T0, "jane", "block", "alice", "phished"))
+    await admit(store)
+    assert await store.quarantined(HUGE, now=T0) is None
+    assert await store.quarantined(-HUGE, now=T0) is None
+    assert await store.exemption(HUGE) is None
+    assert await store.quarantine_delete(HUGE) is False
+    for limit in (0, -5, -HUGE):
+        assert await store.audit(limit=limit) == []
+        assert await store.quarantine_list(now=T0, limit=limit) == []
+        assert await store.busiest(now=T0, window=HOUR, limit=limit) == []
+    assert len(await store.audit(limit=HUGE)) == 1
+    assert [e.id for e in await store.quarantine_list(now=T0, limit=HUGE)] == [entry.id]
+    assert await store.busiest(now=T0, window=HOUR, limit=HUGE) == [("alice", 1)]

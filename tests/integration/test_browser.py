@@ -66,7 +66,7 @@ async def test_request_approve_and_limit_applied(server: PolicyServer) -> None:
     """A user asks in the browser; the admin sees it pending and approves; the account gets the higher limit."""
     url = base(server)
     confirmation = await deferToThread(submit_request, url)
-    assert "Your request number 1 for carol@example.org (6 messages an hour" in confirmation
+    assert "Your request for carol@example.org (6 messages an hour" in confirmation
     listed, status = await deferToThread(approve_as_admin, url, token(server))
     assert "carol@example.org" in listed and "Reunion invitations" in listed
     assert status == "Request 1 for carol@example.org: approved."

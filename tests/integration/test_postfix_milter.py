@@ -237,3 +237,134 @@ def test_network_reputation_and_content_together(
     finally:
         assert server.stop() == 0, server.output()
         assert milter.stop() == 0, milter.output()
+
+
+# --- the header block is judged whole (SPEC 6, last bullet) ------------------------------
+
+#: Forged copies of policyd's headers, in the case variants a sender may write.
+FORGED = [("X-Spam-Flag", "NO"), ("x-spam-flag", "NO"), ("X-SPAM-STATUS", "No, score=-100"),
+          ("x-Spam-Score", "-100.0")]
+
+
+def filler(count: int, size: int = 1) -> list[tuple[str, str]]:
+    """``count`` harmless headers with values of ``size`` bytes."""
+    return [(f"X-Filler-{n}", "f" * size) for n in range(count)]
+
+
+def send_headers(
+    mta: PostfixInstance, recipients: list[str], headers: list[tuple[str, str]], body: str = SPAM_BODY
+) -> tuple[int, str]:
+    """Send a message with exactly these headers (and From, To, Message-ID, Date); DATA's final (code, text)."""
+    import smtplib
+    from email.utils import formatdate, make_msgid
+
+    lines = [f"{name}: {value}" for name, value in headers]
+    lines += ["From: spammer@example.net", "To: undisclosed-recipients:;",
+              f"Message-ID: {make_msgid(domain='client.example.net')}", f"Date: {formatdate()}"]
+    data = ("\r\n".join(lines) + "\r\n\r\n" + body.replace("\n", "\r\n")).encode()
+    with mta.connect(mta.inbound_port) as client:
+        assert client.mail("spammer@example.net")[0] == 250
+        for recipient in recipients:
+            assert client.rcpt(recipient)[0] == 250, mta.log_tail()
+        try:
+            code, text = client.data(data)
+        except smtplib.SMTPDataError as refused:
+            code, text = refused.smtp_code, refused.smtp_error
+        return code, text.decode("utf-8", "replace")
+
+
+def headers_named(delivery: Delivery) -> list[tuple[str, str]]:
+    """Every header of a delivered message, (name, value) in order, values as they came."""
+    from email import message_from_bytes, policy
+
+    return list(message_from_bytes(delivery.data, policy=policy.compat32).items())
+
+
+def judged_whole(delivery: Delivery, sent: list[tuple[str, str]]) -> None:
+    """As many Subjects as sent, each tagged; only policyd's X-Spam-*; every filler header sent, in order."""
+    found = headers_named(delivery)
+    subjects = [v for n, v in found if n.lower() == "subject"]
+    assert len(subjects) == len([n for n, _ in sent if n.lower() == "subject"]), subjects
+    assert all(v.startswith("*{spam}* ") for v in subjects), subjects
+    spam = [(n, v) for n, v in found if n.lower().startswith("x-spam-")]
+    assert sorted(n for n, _ in spam) == ["X-Spam-Flag", "X-Spam-Score", "X-Spam-Status"], spam
+    assert dict(spam)["X-Spam-Flag"] == "YES" and dict(spam)["X-Spam-Status"].startswith("Yes")
+    assert [h for h in found if h[0].startswith("X-Filler-")] == [h for h in sent if h[0].startswith("X-Filler-")]
+
+
+def test_a_thousand_headers_before_the_subject_through_postfix(
+    site: tuple[Milter, PostfixInstance, SmtpSink],
+) -> None:
+    """1,000 headers, a forged X-Spam-Flag: NO, then Subject: the recipient sees only the tagged Subject and ours."""
+    _, mta, sink = site
+    sent = [*filler(1000), ("X-Spam-Flag", "NO"), ("Subject", SPAM_SUBJECT)]
+    assert send_headers(mta, ["bob@example.org"], sent)[0] == 250
+    (bob,) = arrived(sink, "bob@example.org")
+    judged_whole(bob, sent)
+    assert headers(bob, "Subject") == [f"*{{spam}}* {SPAM_SUBJECT}"]
+    assert headers(bob, "X-Spam-Flag") == ["YES"]
+
+
+def test_two_subjects_through_postfix(site: tuple[Milter, PostfixInstance, SmtpSink]) -> None:
+    """Two Subject headers: the recipient gets both tagged, not only the first."""
+    _, mta, sink = site
+    sent = [("Subject", SPAM_SUBJECT), *FORGED, ("Subject", "Second subject")]
+    assert send_headers(mta, ["bob@example.org"], sent)[0] == 250
+    (bob,) = arrived(sink, "bob@example.org")
+    judged_whole(bob, sent)
+    assert headers(bob, "Subject") == [f"*{{spam}}* {SPAM_SUBJECT}", "*{spam}* Second subject"]
+
+
+def test_more_than_512_kib_of_headers_through_postfix(site: tuple[Milter, PostfixInstance, SmtpSink]) -> None:
+    """630 KiB of headers (lines under the 998 bytes SMTP allows), forged copies in four cases, two Subjects last."""
+    _, mta, sink = site
+    sent = [*filler(700, 900), *FORGED, ("Subject", SPAM_SUBJECT), ("subject", "again")]
+    assert sum(len(n) + len(v) + 4 for n, v in sent) > 512 * 1024
+    assert send_headers(mta, ["bob@example.org"], sent)[0] == 250
+    (bob,) = arrived(sink, "bob@example.org")
+    judged_whole(bob, sent)
+    assert len([n for n, _ in headers_named(bob) if n.startswith("X-Filler-")]) == 700
+
+
+def test_a_header_block_beyond_the_bound_is_refused_through_postfix(
+    site: tuple[Milter, PostfixInstance, SmtpSink],
+) -> None:
+    """Over 1 MiB of headers: the client is told 552 5.6.0 at end of DATA and nothing is delivered or held."""
+    milter, mta, sink = site
+    milter.cli("prefs", "set", "carol@example.org", "--spam", "quarantine")
+    sent = [*filler(1200, 900), ("X-Spam-Flag", "NO"), ("Subject", SPAM_SUBJECT)]
+    code, text = send_headers(mta, ["bob@example.org", "carol@example.org"], sent)
+    assert code == 552 and text.startswith("5.6.0 Message header too large"), (code, text)
+    mta.wait_queue_empty()
+    assert sink.snapshot() == []
+    assert milter.cli("quarantine", "list", "--json") == ""
+    assert "refused (header block of 1206 fields" in milter.output()
+
+
+def test_a_held_copy_keeps_every_header_through_postfix(site: tuple[Milter, PostfixInstance, SmtpSink]) -> None:
+    """Held for a quarantine recipient, then released: the copy has all 1,000 headers, both Subjects tagged."""
+    milter, mta, sink = site
+    milter.cli("prefs", "set", "carol@example.org", "--spam", "quarantine")
+    sent = [("Subject", SPAM_SUBJECT), *filler(1000), ("x-spam-flag", "NO"), ("Subject", "Second subject")]
+    assert send_headers(mta, ["bob@example.org", "carol@example.org"], sent)[0] == 250
+    (bob,) = arrived(sink, "bob@example.org")
+    judged_whole(bob, sent)
+    (held,) = [json.loads(line) for line in milter.cli("quarantine", "list", "--json").splitlines()]
+    assert held["recipient"] == "carol@example.org"
+    milter.cli("quarantine", "release", str(held["id"]))
+    (carol,) = arrived(sink, "carol@example.org")
+    judged_whole(carol, sent)
+    assert headers(carol, "Subject") == [f"*{{spam}}* {SPAM_SUBJECT}", "*{spam}* Second subject"]
+    assert [n for n, _ in headers_named(carol) if n.startswith("X-Filler-")] == [f"X-Filler-{n}" for n in range(1000)]
+
+
+def test_spam_needing_too_many_header_changes_is_refused_through_postfix(
+    site: tuple[Milter, PostfixInstance, SmtpSink],
+) -> None:
+    """101 Subject headers on spam: refused with 554 5.6.0 at end of DATA rather than delivered half-tagged."""
+    _, mta, sink = site
+    sent = [("Subject", f"{SPAM_SUBJECT} {n}") for n in range(101)]
+    code, text = send_headers(mta, ["bob@example.org"], sent)
+    assert code == 554 and text.startswith("5.6.0 Too many Subject"), (code, text)
+    mta.wait_queue_empty()
+    assert sink.snapshot() == []

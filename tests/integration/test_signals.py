@@ -1,6 +1,6 @@
 """Signals of a real ``policyd serve`` process: SIGTERM drains, SIGHUP reloads.
 
-tests/test_cli.py already proves that SIGTERM exits 0 and that SIGHUP with a
+tests/integration/test_cli.py already proves that SIGTERM exits 0 and that SIGHUP with a
 broken file keeps the old limit; these tests cover what Postfix sees: a
 request in flight at SIGTERM, a store that hangs during the stop, every
 answered request stored, and reloads on connections that stay open (Postfix

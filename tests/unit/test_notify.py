@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import email
+import email.message
+import email.policy
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -104,6 +108,28 @@ def test_mail_text_names_account_count_clients_and_command() -> None:
     assert "192.0.2.10" in text
     assert 'policyd unblock alice@example.org --reason "..."' in text
     assert "Auto-Submitted: auto-generated" in text
+
+
+def test_unblock_command_is_quoted_for_the_shell(tmp_path: Path) -> None:
+    """The notice's unblock line, pasted into sh, passes a hostile account name as one argument and runs nothing."""
+    account = "o'neil`touch one`$(touch two); touch three"
+    service, _, _, clock, outgoing = setup()
+    attempt(service, account=account, times=4)
+    clock.advance(0)
+    body = email.message_from_bytes(outgoing.mails[0][2], policy=email.policy.default)
+    assert isinstance(body, email.message.EmailMessage)
+    (line,) = [x.strip() for x in body.get_content().splitlines() if x.strip().startswith("policyd unblock")]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "policyd"
+    fake.write_text('#!/bin/sh\nprintf "%s\\0" "$@" > "$0.args"\n', encoding="utf-8")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["sh", "-c", line], cwd=tmp_path, env=env, check=True, timeout=10)
+    assert (bin_dir / "policyd.args").read_bytes().split(b"\0")[:-1] == [
+        b"unblock", account.encode(), b"--reason", b"...",
+    ]
+    assert not [p.name for p in tmp_path.iterdir() if p.name in ("one", "two", "three")]
 
 
 def test_french_notice() -> None:

@@ -81,7 +81,7 @@ class RedisHeldMail(RedisConnection):
                 for e in found
                 if (recipient is None or e.recipient == recipient) and (since is None or e.at > since)
             ]
-            return sorted(chosen, key=lambda e: (-e.at, -e.id))[:limit]
+            return sorted(chosen, key=lambda e: (-e.at, -e.id))[: max(limit, 0)]
 
         return self._call(work, "quarantine list")
 

@@ -41,7 +41,8 @@ class RedisRecords(RedisConnection):
         async def work() -> list[AuditEntry]:
             if limit <= 0:
                 return []
-            lines = cast(list[str], await self.client.lrange(AUDIT, -limit, -1))
+            # The list holds AUDIT_CAP entries at most; a larger index is out of Redis's range.
+            lines = cast(list[str], await self.client.lrange(AUDIT, -min(limit, AUDIT_CAP), -1))
             return [AuditEntry(**json.loads(line)) for line in lines]
 
         return self._call(work, "audit")

@@ -460,12 +460,94 @@ def test_factory_bounds_connections_and_checks_clients() -> None:
     assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2)) is None
 
 
-def test_headers_beyond_the_bound_are_not_kept() -> None:
-    """A flood of headers is cut at the bound and marked truncated."""
+def test_every_header_within_the_bounds_is_kept_in_order() -> None:
+    """Up to MAX_HEADER_COUNT headers and MAX_HEADERS bytes, every header is kept, in order."""
     message = MilterMessage(1024, 4096)
-    for n in range(milter.MAX_HEADER_COUNT + 10):
+    for n in range(milter.MAX_HEADER_COUNT):
         message.add_header(f"X-{n}", "v")
-    assert len(message.headers) == milter.MAX_HEADER_COUNT and message.headers_truncated
+    assert message.headers_complete and message.header_count == milter.MAX_HEADER_COUNT
+    assert message.headers == [(f"X-{n}", "v") for n in range(milter.MAX_HEADER_COUNT)]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        [(f"X-{n}", "v") for n in range(milter.MAX_HEADER_COUNT)],
+        [("X-Big", "v" * (milter.MAX_HEADERS - len("X-Big") - 4))],
+    ],
+    ids=["as many headers as kept", "as many bytes as kept"],
+)
+def test_a_header_block_beyond_the_bounds_is_dropped_whole(block: list[tuple[str, str]]) -> None:
+    """At a bound the block is kept; one header more and none is kept (a part would pass for the whole)."""
+    message = MilterMessage(1024, 4096)
+    for name, value in block:
+        message.add_header(name, value)
+    assert message.headers_complete and len(message.headers) == len(block)
+    message.add_header("Subject", "one more")
+    assert not message.headers_complete and message.headers == [] and message.header_bytes == 0
+    assert message.header_count == len(block) + 1
+    message.new_message()
+    assert message.headers_complete and message.header_count == message.header_size == 0
+
+
+def test_a_header_longer_than_a_packet_is_read_past_and_the_message_still_decided() -> None:
+    """Postfix may send a header beyond MAX_PACKET: the connection stays, the filter hears the block was not kept."""
+    filter = Recorder()
+    verdicts: list[bool] = []
+
+    def judge(message: MilterMessage) -> Deferred[Verdict]:
+        verdicts.append(message.headers_complete)
+        return filter(message)
+
+    _, protocol = make(judge)
+    mta = FakeMTA(protocol)
+    mta.negotiate()
+    mta.connect()
+    mta.mail("a@example.net")
+    mta.rcpt("b@example.org")
+    huge = FakeMTA.packet(b"L", b"X-Huge\0" + b"h" * (MAX_PACKET + 10) + b"\0")
+    # In pieces, as a socket delivers it.
+    for start in range(0, len(huge), 65536):
+        mta.send_raw(huge[start : start + 65536])
+    mta.header("Subject", "after it")
+    mta.body(b"x")
+    assert [r.command for r in mta.end()] == [b"a"]
+    assert verdicts == [False] and not mta.closed
+    assert filter.seen[0]["headers"] == []
+    assert [r.command for r in mta.message("a@example.net", ["b@example.org"], HEADERS, b"x")] == [b"a"]
+    assert verdicts == [False, True] and filter.seen[1]["headers"] == HEADERS
+
+
+def test_an_old_mta_gets_its_reply_to_an_overlong_header_once_read() -> None:
+    """An MTA that waits for a reply to each header gets it after the last byte of an overlong one."""
+    _, protocol = make(Recorder())
+    mta = FakeMTA(protocol, steps=0)
+    mta.negotiate()
+    mta.connect()
+    mta.mail("a@example.net")
+    huge = FakeMTA.packet(b"L", b"X-Huge\0" + b"h" * (MAX_PACKET + 10) + b"\0")
+    mta.send_raw(huge[:-1])
+    assert mta.replies() == []
+    mta.send_raw(huge[-1:])
+    assert [r.command for r in mta.replies()] == [b"c"]
+
+
+def test_a_refusal_is_sent_as_the_smtp_reply_it_names() -> None:
+    """A REJECT verdict with an SMTP reply goes out as SMFIR_REPLYCODE (NUL-terminated, % doubled)."""
+    mta = started(Recorder(Verdict((), milter.REJECT, "554 5.6.0 Too many, 100% sure")))
+    (reply,) = mta.message("a@example.net", ["b@example.org"], HEADERS, b"x")
+    assert reply.command == b"y" and reply.data == b"554 5.6.0 Too many, 100%% sure\0"
+    mta = started(Recorder(Verdict((), milter.REJECT)))
+    assert [r.command for r in mta.message("a@example.net", ["b@example.org"], HEADERS, b"x")] == [b"r"]
+
+
+def test_recipients_beyond_the_bound_are_counted() -> None:
+    """Past MAX_RECIPIENTS, recipients are counted but not kept, so a filter knows the list is partial."""
+    message = MilterMessage(1024, 4096)
+    for n in range(milter.MAX_RECIPIENTS + 2):
+        message.add_recipient(f"<r{n}@example.org>")
+    assert len(message.recipients) == milter.MAX_RECIPIENTS and message.recipient_count == milter.MAX_RECIPIENTS + 2
+    assert not message.recipients_complete
 
 
 def test_drained_waits_for_messages_being_scored() -> None:
