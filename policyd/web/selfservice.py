@@ -57,6 +57,7 @@ from policyd.quarantine.preferences import (
 )
 from policyd.reactor import RunBlocking, in_thread
 from policyd.store import SPAM_CHOICES, Quarantined, Store
+from policyd.web.pages import Answer, document, form_fields, respond
 
 log = logging.getLogger("policyd.selfservice")
 
@@ -201,16 +202,9 @@ _STYLE = (
 
 
 def _document(language: str, title: str, body: str) -> bytes:
-    return (
-        f'<!doctype html><html lang="{language}"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<meta name="robots" content="noindex">'
-        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>"
-        f"<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>"
-    ).encode()
+    return document(language, title, body, _STYLE, index=False)
 
 
-Answer = tuple[int, str, bytes]
 
 
 # --- what serve needs --------------------------------------------------------------
@@ -333,8 +327,6 @@ class SelfServicePages(Resource):
         return self._answer(request, post=True)
 
     def _answer(self, request: Request, post: bool) -> Any:
-        from policyd.web.admin import _respond
-
         # Read as bytes: a header that is not UTF-8 picks no language, it is no error.
         accept = (request.getHeader(b"accept-language") or b"").decode("ascii", "replace")
         language = choose_language(accept, self.service.config.language)
@@ -355,7 +347,7 @@ class SelfServicePages(Resource):
                 work = (lambda: page.release_post(request)) if post else page.release
             else:
                 work = (lambda: page.preference_post(request)) if post else page.preference
-        return _respond(request, lambda: _or_busy(work, language))
+        return respond(request, lambda: _or_busy(work, language))
 
     def _not_found(self, language: str) -> Callable[[], Awaitable[Answer]]:
         async def answer() -> Answer:
@@ -518,13 +510,11 @@ class Page:
 
     async def release_post(self, request: Request) -> Answer:
         """POST: release the message to the link's recipient, once."""
-        from policyd.web.admin import _form
-
         try:
             link = self.verify(RELEASE)
         except LinkError as error:
             return self.refused(error)
-        values = _form(request)
+        values = form_fields(request)
         if not self.service.signer.form_ok(values.get("csrf", ""), self.token):
             log.info("self-service: release form with a stale or forged token")
             answer = await self.release(self.t["form.expired"])
@@ -582,13 +572,11 @@ class Page:
 
     async def preference_post(self, request: Request) -> Answer:
         """POST: record the address's choice (it wins over provisioning)."""
-        from policyd.web.admin import _form
-
         try:
             link = self.verify(PREFERENCE)
         except LinkError as error:
             return self.refused(error)
-        values = _form(request)
+        values = form_fields(request)
         if not self.service.signer.form_ok(values.get("csrf", ""), self.token):
             log.info("self-service: preference form with a stale or forged token")
             return await self.preference(self.t["form.expired"], status=403)

@@ -528,7 +528,7 @@ def request_with(headers: dict[bytes, bytes], peer: Any = None) -> Any:
 ])
 def test_same_origin_compares_host_and_port(headers: dict[bytes, bytes], same: bool) -> None:
     """Origin (or Referer) must name the requested host and port; the scheme may differ behind a proxy."""
-    from policyd.web.admin import same_origin
+    from policyd.web.pages import same_origin
 
     assert same_origin(request_with(headers)) is same
 
@@ -537,7 +537,7 @@ def test_the_form_counts_the_address_a_local_proxy_saw() -> None:
     """X-Forwarded-For counts only from loopback, by its last address; elsewhere the peer counts."""
     from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 
-    from policyd.web.admin import client_address
+    from policyd.web.pages import client_address
 
     forwarded = {b"x-forwarded-for": b"203.0.113.9, 2001:db8:5:6::7"}
     assert client_address(request_with(forwarded, IPv4Address("TCP", "127.0.0.1", 1))) == "2001:db8:5:6::/64"

@@ -1,0 +1,260 @@
+"""What every page and API answer of the HTTP listener shares.
+
+Answers are ``(status, content type, body)``; :func:`respond` writes one
+with :data:`HEADERS` and turns errors into clean answers (JSON for the API,
+a page for people).  Request bodies are read within :data:`MAX_BODY`; form
+and JSON fields are checked here, each refusal a 400 that says why.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.web.server import NOT_DONE_YET, Request
+
+from policyd.errors import PolicydError
+from policyd.web.limits import MAX_BODY, client_key
+
+log = logging.getLogger("policyd.http")
+
+#: An answer: status, content type, body.
+Answer = tuple[int, str, bytes]
+
+#: Headers of every answer: no page may be framed, load anything from
+#: elsewhere, run a script, or post a form to another site; no content type
+#: is guessed; the admin page's own posts keep their ``Origin``.
+HEADERS = {
+    "x-frame-options": "DENY",
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+    "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
+
+
+class HttpError(Exception):
+    """An HTTP error to answer with: status and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a state-changing request comes from a page of this site.
+
+    A browser sends ``Origin`` with every POST; it must name the host the
+    request was sent to (``Host``, or ``X-Forwarded-Host`` from a reverse
+    proxy that rewrites ``Host``; a page of another site can set neither).
+    The scheme is not compared: a proxy in front may speak HTTPS.  ``null``
+    (an opaque origin: a sandboxed frame, a ``data:`` page) is refused.
+    Without ``Origin``, ``Referer`` is checked the same way when present;
+    with neither, the request is not from a browser page (curl, scripts),
+    so cross-site forgery is not in question and the form token suffices.
+    """
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        origin = request.getHeader(b"referer")
+        if origin is None:
+            return True
+    here = _authority(origin.strip())
+    if here is None:
+        return False
+    hosts = [request.getHeader(b"host") or b""]
+    for forwarded in request.requestHeaders.getRawHeaders(b"x-forwarded-host") or []:
+        hosts += forwarded.split(b",")
+    return any(_same_authority(here, _authority(b"//" + host.strip())) for host in hosts if host.strip())
+
+
+def _authority(url: bytes) -> tuple[str, int | None] | None:
+    """(host, port) of a URL; the port is None when the URL gives none; None for no host."""
+    try:
+        parts = urlsplit(url.decode("ascii"))
+        port = parts.port
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not parts.hostname:
+        return None
+    if port is None and parts.scheme in ("http", "https"):
+        port = 80 if parts.scheme == "http" else 443
+    return parts.hostname, port
+
+
+def _same_authority(origin: tuple[str, int | None], host: tuple[str, int | None] | None) -> bool:
+    if host is None or origin[0] != host[0]:
+        return False
+    # A Host header without a port names the scheme's default one.
+    return host[1] is None and origin[1] in (80, 443) or host[1] == origin[1]
+
+
+def client_address(request: Request) -> str:
+    """Who is counted for the public form's rate: the client address, an IPv6 one by its /64.
+
+    A request from loopback (or a local socket) that carries
+    ``X-Forwarded-For`` came through a reverse proxy on this host: the
+    address that proxy appended (the last one) is the client's.
+    """
+    peer = request.getClientAddress()
+    host = peer.host if isinstance(peer, IPv4Address | IPv6Address) else None
+    if host is None or ipaddress.ip_address(host.split("%")[0]).is_loopback:
+        forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
+        if forwarded:
+            last = forwarded[-1].split(b",")[-1].strip().decode("ascii", "replace")
+            try:
+                return client_key(str(ipaddress.ip_address(last)))
+            except ValueError:
+                pass
+    return client_key(host or "local")
+
+
+def printable(text: str, longest: int = 64) -> str:
+    """Client-given text fit for the audit log: control characters replaced, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text.strip())[:longest]
+
+
+def respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, bytes]]], page: bool = False) -> Any:
+    """Run ``work`` and write (status, content type, body); errors become clean answers.
+
+    :param page: the answer is a page for people: errors are pages too, not JSON.
+    """
+
+    async def run() -> None:
+        try:
+            status, kind, body = await work()
+        except HttpError as error:
+            status, kind, body = error_answer(error.status, str(error), page)
+        except PolicydError as error:
+            status, kind, body = error_answer(400, str(error), page)
+        except Exception as error:
+            log.exception("HTTP %s %s failed", request.method.decode(), request.uri.decode(errors="replace"))
+            if page:
+                # People get a page that says what to do; the log line has the details.
+                status, kind, body = error_answer(500, "policyd could not do this just now. Please try again in a "
+                                            "few minutes, or ask your administrators.", page)
+            else:
+                status, kind, body = error_answer(500, f"internal error: {type(error).__name__}", page)
+        if request.finished or request._disconnected:
+            return
+        request.setResponseCode(status)
+        request.setHeader("content-type", kind)
+        request.setHeader("cache-control", "no-store")
+        request.setHeader("x-content-type-options", "nosniff")
+        request.write(body)
+        request.finish()
+
+    Deferred.fromCoroutine(run())
+    return NOT_DONE_YET
+
+
+def error_answer(status: int, message: str, page: bool) -> tuple[int, str, bytes]:
+    """An error answer: a JSON object ``{"error": …}``, or a page for people."""
+    if not page:
+        return status, "application/json", json.dumps({"error": message}).encode()
+    _, kind, body = html_page("Something went wrong", f'<p class="error" role="alert">{html.escape(message)}</p>')
+    return status, kind, body
+
+
+def json_answer(status: int, data: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(data, separators=(",", ":")).encode()
+
+
+def read_body(request: Request) -> bytes:
+    assert request.content is not None
+    data = request.content.read(MAX_BODY + 1)
+    if len(data) > MAX_BODY:
+        raise HttpError(413, f"request body larger than {MAX_BODY} bytes")
+    return bytes(data)
+
+
+def json_body(request: Request) -> dict[str, Any]:
+    raw = read_body(request)
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        # RecursionError: thousands of nested brackets fit in the body limit.
+        raise HttpError(400, "request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "request body must be a JSON object")
+    return data
+
+
+def form_fields(request: Request) -> dict[str, str]:
+    read_body(request)
+    assert request.args is not None
+    return {
+        k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+        for k, v in request.args.items()
+        if v
+    }
+
+
+def field(data: dict[str, Any], name: str, kind: type = str, required: bool = True) -> Any:
+    value = data.get(name)
+    if value is None or value == "":
+        if required:
+            raise HttpError(400, f"missing field {name!r}")
+        return None
+    if kind is int:
+        # A JSON whole number, or one written as digits; not true, 1.5 or "1e3".
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+            return int(value)
+        raise HttpError(400, f"field {name!r} must be a whole number")
+    if not isinstance(value, str):
+        raise HttpError(400, f"field {name!r} must be text")
+    return value
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:42rem;margin:1rem auto;padding:0 1rem;line-height:1.5}"
+    "label{display:block;margin-top:.8rem;font-weight:600}"
+    "input,textarea{width:100%;padding:.4rem;font-size:1rem;box-sizing:border-box}"
+    "button{margin-top:1rem;padding:.5rem 1.2rem;font-size:1rem}"
+    "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;padding:.3rem;text-align:left}"
+    ".error{color:#a00}.ok{color:#060}"
+)
+
+
+def whole_number(text: str, what: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` written in ASCII digits (400 otherwise)."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{1,19}", text) or not low <= int(text) <= high:
+        raise HttpError(400, f"{what} must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def query(request: Request, name: str) -> str | None:
+    """The first value of a query parameter, as text."""
+    values = request.args.get(name.encode()) if request.args else None
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def document(language: str, title: str, body: str, style: str = STYLE, index: bool = True) -> bytes:
+    """A whole HTML page: its language declared, the title as its heading, no script.
+
+    :param index: whether search engines may index it (self-service pages: no).
+    """
+    robots = "" if index else '<meta name="robots" content="noindex">'
+    return (
+        f'<!doctype html><html lang="{language}"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"{robots}<title>{html.escape(title)}</title><style>{style}</style></head>"
+        f"<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>"
+    ).encode()
+
+
+def html_page(title: str, body: str) -> Answer:
+    """A page in English (the admin page and the exemption form)."""
+    return 200, "text/html; charset=utf-8", document("en", title, body)
