@@ -36,18 +36,25 @@ class PolicyService:
     :param config: the configuration in force; :meth:`reload` replaces it.
     :param store: the state store.
     :param clock: time source.
+    :param on_block: told of every new block (the notifier's kick).
+    :param metrics: the server's Prometheus metrics; None keeps none.
     """
 
     def __init__(
-        self, config: Config, store: Store, clock: IReactorTime, on_block: Callable[[Block], None] | None = None
+        self,
+        config: Config,
+        store: Store,
+        clock: IReactorTime,
+        on_block: Callable[[Block], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.on_block = on_block
         #: Prometheus metrics, when the server keeps them.
-        self.metrics: Metrics | None = None
-        self.quota = OutboundQuota(config, store, clock, on_block=self._blocked)
-        self.reputation = NetworkReputation(config, clock)
+        self.metrics = metrics
+        self.quota = OutboundQuota(config, store, clock, on_block=self._blocked, metrics=metrics)
+        self.reputation = NetworkReputation(config, clock, metrics=metrics)
         self.configure(config)
 
     def configure(self, config: Config) -> None:

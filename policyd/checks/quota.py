@@ -122,6 +122,7 @@ class OutboundQuota:
     :param store: where counts and blocks live.
     :param clock: time source (the reactor, or a fake clock in tests).
     :param on_block: told of every new block (notifications, audit).
+    :param metrics: the server's Prometheus metrics; None keeps none.
     """
 
     name = "quota"
@@ -132,6 +133,7 @@ class OutboundQuota:
         store: QuotaStore,
         clock: IReactorTime,
         on_block: Callable[[Block], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         #: Whether the store answers within its own bound (no timer per request then).
@@ -142,8 +144,7 @@ class OutboundQuota:
         #: Recipients the fallback limiter let through, to count in the store when it is back.
         self.unwritten: deque[Charge] = deque(maxlen=MAX_UNWRITTEN)
         self._writing_back = False
-        #: Prometheus metrics, when the server keeps them.
-        self.metrics: Metrics | None = None
+        self.metrics = metrics
         #: Approved exemptions not yet over, by account; refreshed from the store.
         self.exemptions: dict[str, list[Exemption]] = {}
         self._next_refresh = 0.0

@@ -194,17 +194,19 @@ class NetworkReputation:
     :param clock: the reactor (which also carries the DNS queries), or a fake
         clock in tests together with ``resolver``.
     :param resolver: an ``IResolver`` to use instead of ``dns.nameservers``.
+    :param metrics: the server's Prometheus metrics (DNS problems by zone); None keeps none.
     """
 
     name = "reputation"
 
-    def __init__(self, config: Config, clock: IReactorTime, resolver: IResolver | None = None) -> None:
+    def __init__(
+        self, config: Config, clock: IReactorTime, resolver: IResolver | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.clock = clock
         self._resolver = resolver
         self.tagged = TaggedInstances(clock)
         self.lists: list[WatchedNetworks] = []
-        #: Prometheus metrics, when the server keeps them (DNS problems by zone).
-        self.metrics: Metrics | None = None
+        self.metrics = metrics
         self.dns: DnsblClient | None = None
         self._dns_config: Dns | None = None
         self._secret: bytes | None = None

@@ -396,6 +396,7 @@ class PolicyFactory(ConnectionTracking, Factory):
         their file permissions guard them).
     :param on_failure: reply when ``decide`` fails unexpectedly.
     :param on_close: told when a connection ends (the session of its requests).
+    :param on_bad_request: told of every connection closed for bad input (metrics).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -408,14 +409,14 @@ class PolicyFactory(ConnectionTracking, Factory):
         allowed_clients: NetworkSet,
         on_failure: Action = DUNNO,
         on_close: Callable[[object], None] | None = None,
+        on_bad_request: Callable[[], None] | None = None,
     ) -> None:
         self.decide = decide
         self.limits = limits
         self.allowed_clients = allowed_clients
         self.on_failure = on_failure
         self.on_close = on_close
-        #: Told of every connection closed for bad input (metrics).
-        self.on_bad_request: Callable[[], None] | None = None
+        self.on_bad_request = on_bad_request
         self._start_tracking()
 
     def buildProtocol(self, addr: Any) -> PolicyProtocol | None:  # type: ignore[override]

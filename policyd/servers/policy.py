@@ -53,22 +53,22 @@ class PolicyServer:
         self.config = config
         self.path = path
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
-        self.notifier = Notifier(config, self.store, reactor)
-        self.self_service = SelfService.from_config(config, self.store, reactor, kick=self.notifier.kick)
-        self.notifier.digest = self.self_service.mail
-        self.service = PolicyService(config, self.store, reactor, on_block=lambda _: self.notifier.kick())
+        self.metrics = Metrics()
+        # The digest job kicks the notifier, which writes the digest's mail:
+        # the self-service parts come first, told to kick through the server.
+        self.self_service = SelfService.from_config(config, self.store, reactor, kick=self._kick_notifier)
+        self.notifier = Notifier(config, self.store, reactor, digest=self.self_service.mail)
+        self.service = PolicyService(
+            config, self.store, reactor, on_block=lambda _: self.notifier.kick(), metrics=self.metrics
+        )
         self.factory = PolicyFactory(
             self.service.decide,
             config.limits,
             NetworkSet(config.allowed_clients),
             on_failure=self.service.quota.on_error,
             on_close=self.service.connection_closed,
+            on_bad_request=self.metrics.bad_requests.inc,
         )
-        self.metrics = Metrics()
-        self.service.metrics = self.metrics
-        self.service.quota.metrics = self.metrics
-        self.service.reputation.metrics = self.metrics
-        self.factory.on_bad_request = self.metrics.bad_requests.inc
         self.port: IListeningPort | None = None
         self.http_port: IListeningPort | None = None
         self._gauges = LoopingCall(self.refresh_gauges)
@@ -77,6 +77,10 @@ class PolicyServer:
         self._log_flusher.clock = reactor
         self._pruner = LoopingCall(self.prune)
         self._pruner.clock = reactor
+
+    def _kick_notifier(self) -> None:
+        """Have the notifier look at the outbox now (digests were queued)."""
+        self.notifier.kick()
 
     @inlineCallbacks
     def start(self) -> Any:

@@ -73,11 +73,11 @@ def clock() -> Clock:
 
 
 def checker(
-    inbound: str = "", top: str = "", zone: TestZone | None = None
+    inbound: str = "", top: str = "", zone: TestZone | None = None, metrics: Metrics | None = None
 ) -> tuple[NetworkReputation, Clock, TestZone]:
     fake = clock()
     zone = zone if zone is not None else TestZone()
-    return NetworkReputation(conf(inbound, top), fake, resolver=zone), fake, zone
+    return NetworkReputation(conf(inbound, top), fake, resolver=zone, metrics=metrics), fake, zone
 
 
 def start(reputation: NetworkReputation, **attributes: str) -> list[Verdict]:
@@ -390,8 +390,8 @@ def test_breaker_trial_failure_reopens_it() -> None:
 
 def test_dns_problems_are_counted_in_the_metrics() -> None:
     """Timeouts, errors and breaker skips are counted per zone in policyd_dns_errors."""
-    reputation, fake, zone = checker(ZONE, "dns:\n  timeout: 1s\n  breaker_failures: 2\n")
-    metrics = reputation.metrics = Metrics()
+    metrics = Metrics()
+    reputation, fake, zone = checker(ZONE, "dns:\n  timeout: 1s\n  breaker_failures: 2\n", metrics=metrics)
     zone.silence("1.2.0.192.bl.test")
     zone.servfail("2.2.0.192.bl.test")
     start(reputation, client_address="192.0.2.1")
