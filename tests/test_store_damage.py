@@ -6,6 +6,7 @@ file holds; the one-line error names the file and the way back.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import time
@@ -15,7 +16,7 @@ import pytest
 import pytest_twisted
 
 from policyd.errors import StoreDamaged
-from policyd.store.sqlite import SQLiteStore
+from policyd.store.sqlite import SQLiteStore, recover_command
 from policyd.testing import rcpt
 from tests.servers import POLICYD, PolicydServer, ask, free_port
 from tests.store_contract import HOUR
@@ -83,9 +84,30 @@ def test_server_refuses_a_damaged_file_with_one_line(tmp_path: Path, command: st
     assert result.returncode == 2, result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.strip()]
     assert line.startswith(f"policyd: error: SQLite store {database} is damaged (")
-    assert f"sqlite3 {database} .recover" in line and "restore it from a backup" in line
+    assert f"sqlite3 {database} .dump | " in line and "restore it from a backup" in line
     assert "Traceback" not in result.stdout + result.stderr
     assert time.monotonic() - started < 10
+
+
+def test_the_way_back_the_error_gives_keeps_what_can_be_read(tmp_path: Path) -> None:
+    """The command in the error, then its two steps: the server starts again and still enforces alice's block."""
+    database = tmp_path / "state.db"
+    state_with_a_block(database)
+    damage_a_middle_page(database)
+    port = free_port()
+    config = config_for(database, port)
+    refused = subprocess.run([POLICYD, "serve", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    command = recover_command(str(database), f"{database}.recovered")
+    assert f"keep what can be read: {command}; then delete state.db-wal and state.db-shm and " in refused.stderr
+    subprocess.run(["sh", "-c", command], check=True, capture_output=True, timeout=60)
+    for journal in ("state.db-wal", "state.db-shm"):
+        (tmp_path / journal).unlink(missing_ok=True)
+    os.replace(f"{database}.recovered", database)
+    server = PolicydServer(config, port).start()
+    try:
+        assert ask(port, rcpt(sasl_username="alice", recipient="x@gmail.com")).startswith("REJECT")
+    finally:
+        assert server.stop() == 0, server.output()
 
 
 def test_server_still_starts_on_a_sound_file_and_enforces_its_blocks(tmp_path: Path) -> None:
@@ -111,7 +133,7 @@ def test_damage_found_while_serving_is_logged_and_the_fallback_answers(tmp_path:
         assert ask(port, rcpt(sasl_username="user3", recipient="x@gmail.com")) == "DUNNO"
         assert ask(port, rcpt(sasl_username="user4", recipient="x@gmail.com")) == "DUNNO"
         output = server.output()
-        assert f"SQLite store {database} is damaged (" in output and ".recover" in output
+        assert f"SQLite store {database} is damaged (" in output and "keep what can be read" in output
         assert "Traceback" not in output
     finally:
         assert server.stop() == 0, server.output()
@@ -139,7 +161,7 @@ async def test_store_error_for_damage_is_store_damaged(tmp_path: Path) -> None:
     store = SQLiteStore(str(database))
     try:
         damage_a_middle_page(database)
-        with pytest.raises(StoreDamaged, match="is damaged .* .recover"):
+        with pytest.raises(StoreDamaged, match="is damaged .* keep what can be read: sqlite3 "):
             await store.usage("user3", now=now, window=HOUR)
     finally:
         await store.close()

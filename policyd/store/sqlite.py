@@ -252,13 +252,29 @@ def _damage(error: BaseException) -> bool:
 
 
 def damaged(path: str, detail: str) -> StoreDamaged:
-    """The one-line error for a damaged database: what SQLite saw and what the admin can do."""
+    """The one-line error for a damaged database: what SQLite saw and what the admin can do.
+
+    The way back uses ``.dump``, which Debian's ``sqlite3`` has (its
+    ``.recover`` needs a library built with ``sqlite_dbpage``, which
+    Debian's is not): the dump skips what it cannot read and then ends in
+    ROLLBACK, which ``sed`` makes a COMMIT.  The old file's ``-wal`` must go
+    with it, or SQLite would replay it onto the new file.
+    """
     detail = " ".join(detail.replace("*** in database main ***", "").split())
-    quoted = shlex.quote(path)
+    name = Path(path).name
+    recovered = f"{path}.recovered"
     return StoreDamaged(
-        f"SQLite store {path} is damaged ({detail}): stop policyd, then restore it from a backup, or "
-        f"keep what can be read with: sqlite3 {quoted} .recover | sqlite3 {shlex.quote(path + '.recovered')} "
-        "and move that file in its place"
+        f"SQLite store {path} is damaged ({detail}): stop policyd, then restore it from a backup, or keep what "
+        f"can be read: {recover_command(path, recovered)}; then delete {name}-wal and {name}-shm and "
+        f"move {Path(recovered).name} over {name}"
+    )
+
+
+def recover_command(path: str, recovered: str) -> str:
+    """A shell command that copies what can be read of the database ``path`` into a new file ``recovered``."""
+    return (
+        f"sqlite3 {shlex.quote(path)} .dump | sed 's/^ROLLBACK; -- due to errors$/COMMIT;/' "
+        f"| sqlite3 {shlex.quote(recovered)}"
     )
 
 
