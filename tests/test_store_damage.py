@@ -1,7 +1,9 @@
 """A SQLite file with a damaged page: servers refuse to start, and say what to do.
 
 Starting on the fallback limiter alone would not enforce the blocks the
-file holds; the one-line error names the file and the way back.
+file holds; the one-line error names the file and the way back.  Held mail
+is not checked at start (it is most of the file): a damaged message is
+found when it is read.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.python.failure import Failure
 
 from policyd.errors import StoreDamaged
+from policyd.store import Quarantined
 from policyd.store.sqlite import SQLiteStore, recover_command
 from policyd.testing import rcpt
 from tests.servers import POLICYD, PolicydServer, ask, free_port
@@ -108,6 +112,62 @@ def test_the_way_back_the_error_gives_keeps_what_can_be_read(tmp_path: Path) -> 
         assert ask(port, rcpt(sasl_username="alice", recipient="x@gmail.com")).startswith("REJECT")
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_damaged_held_mail_leaves_the_server_up_and_is_found_when_read(tmp_path: Path) -> None:
+    """A damaged page of held mail (unchecked at start): serve enforces alice's block; showing that message is exit 2."""
+    database = tmp_path / "state.db"
+    now = state_with_a_block(database)
+    store = SQLiteStore(str(database))
+    for n in range(40):
+        entry = Quarantined(0, "bob@example.org", "x@example.net", f"held {n}", 9.0, now, now + HOUR, 30_000)
+        store.quarantine(entry, b"Subject: held\r\n\r\n" + bytes([65 + n % 26]) * 30_000)
+    store.close()
+    with sqlite3.connect(database) as db:
+        (size,) = db.execute("PRAGMA page_size").fetchone()
+        (count,) = db.execute("PRAGMA page_count").fetchone()
+    db.close()
+    with open(database, "r+b") as file:
+        file.seek((count - 20) * size)  # among the last messages' pages, far from the other tables
+        file.write(b"\xa5" * size)
+    port = free_port()
+    config = config_for(database, port)
+    server = PolicydServer(config, port).start()
+    try:
+        assert ask(port, rcpt(sasl_username="alice", recipient="x@gmail.com")).startswith("REJECT")
+    finally:
+        assert server.stop() == 0, server.output()
+    unreadable = [n for n in range(1, 41) if run_show_in_memory(database, n, now) is None]
+    assert 0 < len(unreadable) < 40
+    sound = next(n for n in range(1, 41) if n not in unreadable)
+    shown = subprocess.run(
+        [POLICYD, "quarantine", "show", str(sound), "--raw", "-c", str(config)], capture_output=True, timeout=60
+    )
+    assert shown.returncode == 0 and shown.stdout.startswith(b"Subject: held")
+    refused = subprocess.run(
+        [POLICYD, "quarantine", "show", str(unreadable[0]), "--raw", "-c", str(config)], capture_output=True,
+        text=True, timeout=60,
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"policyd: error: SQLite store {database} is damaged (")
+    assert len(refused.stderr.splitlines()) == 1
+
+
+def run_show_in_memory(database: Path, entry_id: int, now: float) -> bytes | None:
+    """The held message ``entry_id`` as the store reads it, or None when reading it finds damage."""
+    store = SQLiteStore(str(database))
+    try:
+        found = store.quarantined(entry_id, now=now)
+        outcome: list[object] = []
+        found.addBoth(outcome.append)
+        (result,) = outcome
+        if isinstance(result, Failure):
+            assert result.check(StoreDamaged), result
+            return None
+        assert isinstance(result, tuple)
+        return bytes(result[1])
+    finally:
+        store.close()
 
 
 def test_server_still_starts_on_a_sound_file_and_enforces_its_blocks(tmp_path: Path) -> None:
