@@ -18,6 +18,15 @@ class StoreError(PolicydError):
     """The state store could not answer (unreachable, locked, corrupt, too slow)."""
 
 
+class StoreDamaged(StoreError):
+    """The state store's file is damaged: an admin must restore or recover it.
+
+    Exit status 2, like a configuration error: trying again will not help.
+    """
+
+    exit_code = 2
+
+
 class UsageError(PolicydError):
     """A command was given an argument that cannot be acted upon."""
 

@@ -98,11 +98,13 @@ class WholeNumber(click.ParamType):
         if isinstance(value, int) and not isinstance(value, bool):
             number: int | None = value
         else:
-            # Plain ASCII digits: int() would also take "1_000" and other scripts' digits.
+            # Plain ASCII digits (int() would also take "1_000" and other scripts'
+            # digits), and not thousands of them (int() refuses over 4300).
             digits = str(value).strip()
-            number = int(digits) if re.fullmatch(r"-?[0-9]+", digits) else None
+            number = int(digits) if re.fullmatch(r"-?[0-9]{1,40}", digits) else None
         if number is None or not self.low <= number <= self.high:
-            raise UsageError(f"{_named(param)}: expected a whole number from {self.low} to {self.high}, got {value!r}")
+            given = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+            raise UsageError(f"{_named(param)}: expected a whole number from {self.low} to {self.high}, got {given!r}")
         return number
 
 

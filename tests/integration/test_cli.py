@@ -176,6 +176,7 @@ def test_errors_for_admin_mistakes(tmp_path: Path) -> None:
         (["quarantine", "release", str(2**63)], "ID: expected a whole number from 1 to"),
         (["quarantine", "delete", "abc"], "ID: expected a whole number from 1 to"),
         (["audit", "--limit", "-5"], "--limit: expected a whole number from 1 to"),
+        (["audit", "--limit", "9" * 5000], "--limit: expected a whole number from 1 to"),
         (["quarantine", "list", "--limit", "0"], "--limit: expected a whole number from 1 to"),
         (["exemption", "request", "alice", "--limit", str(2**64), "--from", "now", "--until", "+1h",
           "--reason", "x"], "--limit: expected a whole number from 1 to"),

@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from policyd.errors import ConfigError, StoreError
+from policyd.errors import ConfigError, StoreDamaged, StoreError
 from policyd.store import Block, Charge, Outcome, open_store
 from policyd.store.memory import MemoryStore
 from policyd.store.sqlite import SQLiteStore
@@ -75,10 +75,10 @@ async def test_two_sqlite_connections_never_overshoot(tmp_path: Path) -> None:
 
 
 def test_sqlite_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
-    """A corrupt or foreign file is a one-line StoreError, not a traceback."""
+    """A corrupt or foreign file is a one-line StoreError (StoreDamaged: exit 2), not a traceback."""
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="cannot open SQLite store"):
+    with pytest.raises(StoreDamaged, match=r"SQLite store .* is damaged \(file is not a database\)"):
         SQLiteStore(str(path))
 
 
