@@ -22,8 +22,8 @@ from policyd.errors import StoreDamaged
 from policyd.store import Quarantined
 from policyd.store.sqlite import SQLiteStore, recover_command
 from policyd.testing import rcpt
-from tests.servers import POLICYD, PolicydServer, ask, free_port
-from tests.store_contract import HOUR
+from tests.harness.servers import POLICYD, PolicydServer, ask, free_port
+from tests.harness.store_contract import HOUR
 
 #: Counted recipients written before the damage: enough for a file of a few hundred pages.
 ROWS = 20_000
