@@ -33,7 +33,7 @@ async def a_moment() -> None:
     """Long enough for a server's store to write its counts and look at other processes' writes."""
     from twisted.internet.task import deferLater
 
-    from policyd.store.sqlite import WRITE_EVERY
+    from policyd.store.sqlite.connection import WRITE_EVERY
 
     await deferLater(reactor, 3 * WRITE_EVERY, lambda: None)
 
@@ -107,7 +107,7 @@ async def test_server_counts_at_once_and_writes_them_together(tmp_path: Path) ->
     """A server answers a count at once; the counts of WRITE_EVERY share a commit, then others see them."""
     from twisted.internet.task import deferLater
 
-    from policyd.store.sqlite import WRITE_EVERY
+    from policyd.store.sqlite.connection import WRITE_EVERY
 
     path = str(tmp_path / "state.db")
     grouped = SQLiteStore(path, reactor=reactor)
@@ -326,7 +326,7 @@ async def test_block_lists_the_most_recent_clients(tmp_path: Path) -> None:
 @pytest_twisted.ensureDeferred
 async def test_prune_works_in_batches_until_nothing_old_is_left(tmp_path: Path) -> None:
     """More old rows than one batch are all pruned, a batch per reactor turn; the window stays."""
-    from policyd.store.sqlite import PRUNE_BATCH
+    from policyd.store.sqlite.connection import PRUNE_BATCH
 
     server = SQLiteStore(str(tmp_path / "state.db"), reactor=reactor)
     old = 2 * PRUNE_BATCH + 7
