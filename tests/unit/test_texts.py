@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from policyd.cli import json_line
+from policyd.cli.common import json_line
 from policyd.texts import printable
 
 

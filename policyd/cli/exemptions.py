@@ -1,0 +1,137 @@
+"""``policyd exemption request|approve|deny|revoke|list``: bulk-send exemptions, one occasion each."""
+
+from __future__ import annotations
+
+import click
+
+from policyd.admin import Admin, parse_when
+from policyd.cli.common import (
+    ACCOUNT,
+    POSITIVE,
+    TEXT,
+    by_option,
+    cli,
+    config_option,
+    json_option,
+    print_json,
+    print_table,
+    say,
+    when,
+    who,
+    with_admin,
+)
+from policyd.store import Exemption
+
+
+@cli.group()
+def exemption() -> None:
+    """Bulk-send exemptions: request, approve, deny, revoke, list."""
+
+
+@exemption.command("request")
+@config_option
+@click.argument("account", type=ACCOUNT)
+@click.option("--limit", type=POSITIVE, required=True, help="Hourly limit wanted inside the window.")
+@click.option("--from", "start", type=TEXT, required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
+@click.option("--until", "end", type=TEXT, required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
+@click.option("--reason", type=TEXT, required=True, help="The business reason.")
+@by_option
+@json_option
+def exemption_request(
+    account: str, limit: int, start: str, end: str, reason: str, by: str | None, as_json: bool
+) -> None:
+    """Request an exemption for ACCOUNT (pending until an admin approves it)."""
+
+    async def work(admin: Admin) -> Exemption:
+        now = admin.clock.seconds()
+        return await admin.request_exemption(
+            account, limit, parse_when(start, now), parse_when(end, now), reason, who(by)
+        )
+
+    made = with_admin(work)
+    if as_json:
+        print_json({"id": made.id, "status": made.status})
+    else:
+        say(
+            f"exemption #{made.id} requested for {made.account}: {made.limit}/h "
+            f"from {when(made.start)} until {when(made.end)} (pending)"
+        )
+
+
+def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+
+    async def work(admin: Admin) -> tuple[Exemption, float]:
+        if action == "approve":
+            decided = await admin.approve(exemption_id, who(by), reason)
+        elif action == "deny":
+            decided = await admin.deny(exemption_id, who(by), reason)
+        else:
+            decided = await admin.revoke(exemption_id, who(by), reason)
+        return decided, admin.clock.seconds()
+
+    decided, now = with_admin(work)
+    if as_json:
+        print_json(decided.as_dict(now))
+    else:
+        say(f"exemption #{decided.id} for {decided.account} {decided.status}")
+
+
+@exemption.command("approve")
+@config_option
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
+@by_option
+@json_option
+def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Approve request ID: its limit applies inside its window only, once."""
+    _decide("approve", exemption_id, reason, by, as_json)
+
+
+@exemption.command("deny")
+@config_option
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
+@by_option
+@json_option
+def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Deny request ID."""
+    _decide("deny", exemption_id, reason, by, as_json)
+
+
+@exemption.command("revoke")
+@config_option
+@click.argument("exemption_id", metavar="ID", type=POSITIVE)
+@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
+@by_option
+@json_option
+def exemption_revoke(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+    """Withdraw approved exemption ID before its window ends."""
+    _decide("revoke", exemption_id, reason, by, as_json)
+
+
+@exemption.command("list")
+@config_option
+@click.option("--status", type=click.Choice(["pending", "approved", "denied", "revoked", "expired"]))
+@json_option
+def exemption_list(status: str | None, as_json: bool) -> None:
+    """List exemptions (all, or those with one status)."""
+
+    async def work(admin: Admin) -> tuple[list[Exemption], float]:
+        return await admin.exemptions(), admin.clock.seconds()
+
+    found, now = with_admin(work)
+    chosen = [e for e in found if status is None or e.state(now) == status]
+    if as_json:
+        for item in chosen:
+            print_json(item.as_dict(now))
+        return
+    if not chosen:
+        say("no exemption")
+        return
+    print_table(
+        ["ID", "ACCOUNT", "LIMIT", "FROM", "UNTIL", "STATUS", "BY", "REASON"],
+        [
+            (e.id, e.account, e.limit, when(e.start), when(e.end), e.state(now), e.requested_by, e.reason)
+            for e in chosen
+        ],
+    )
