@@ -164,10 +164,12 @@ def error_answer(status: int, message: str, page: bool) -> tuple[int, str, bytes
 
 
 def json_answer(status: int, data: Any) -> tuple[int, str, bytes]:
+    """A JSON answer, compact."""
     return status, "application/json", json.dumps(data, separators=(",", ":")).encode()
 
 
 def read_body(request: Request) -> bytes:
+    """The request body, refused (413) past :data:`MAX_BODY`."""
     assert request.content is not None
     data = request.content.read(MAX_BODY + 1)
     if len(data) > MAX_BODY:
@@ -176,6 +178,7 @@ def read_body(request: Request) -> bytes:
 
 
 def json_body(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; 400 when it is not one."""
     raw = read_body(request)
     if not raw.strip():
         return {}
@@ -190,6 +193,7 @@ def json_body(request: Request) -> dict[str, Any]:
 
 
 def form_fields(request: Request) -> dict[str, str]:
+    """A form's fields as text (the first value of each), the body read within its bound."""
     read_body(request)
     assert request.args is not None
     return {
@@ -200,6 +204,7 @@ def form_fields(request: Request) -> dict[str, str]:
 
 
 def field(data: dict[str, Any], name: str, kind: type = str, required: bool = True) -> Any:
+    """One field of a form or JSON body, as ``kind`` (text or a whole number); 400 when missing or wrong."""
     value = data.get(name)
     if value is None or value == "":
         if required:

@@ -58,6 +58,7 @@ def milliseconds(seconds: float) -> int:
 
 
 def one_line(error: BaseException, secrets: Sequence[str]) -> str:
+    """An error as one line, with the URL's passwords left out."""
     text = " ".join(str(error).split()) or type(error).__name__
     for secret in secrets:
         if secret:

@@ -53,15 +53,18 @@ BLOCK_FIELDS = ("since", "until", "reason", "count", "clients", "by")
 
 
 def window_key(account: str) -> str:
+    """The sorted set of an account's counted recipients."""
     return f"{PREFIX}window:{account}"
 
 
 def instance_key(account: str, instance: str) -> str:
+    """The recipients counted for one transaction of an account (for give-back)."""
     # The length keeps ("a:b", "c") and ("a", "b:c") apart.
     return f"{PREFIX}instance:{len(account)}:{account}:{instance}"
 
 
 def block_key(account: str) -> str:
+    """The hash of an account's block."""
     return f"{PREFIX}block:{account}"
 
 

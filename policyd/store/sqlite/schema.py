@@ -112,6 +112,7 @@ def held_entry(row: Sequence[Any]) -> Quarantined:
 
 
 def block_of_row(row: tuple[str, float, float, str, int, str, str]) -> Block:
+    """A block from its row in ``blocks``."""
     account, since, until, reason, count, clients, by = row
     return Block(account, since, until, reason, count, tuple(json.loads(clients)), by)
 
