@@ -14,9 +14,8 @@ from policyd.cli.common import (
     cli,
     config_option,
     json_option,
-    print_json,
-    print_table,
-    say,
+    show,
+    show_list,
     when,
     who,
     with_admin,
@@ -38,26 +37,20 @@ def status(account: str | None, as_json: bool) -> None:
         return [await admin.status(account)]
 
     statuses = with_admin(work)
-    if as_json:
-        for item in statuses:
-            print_json(item.as_dict())
-        return
-    if account is None and not statuses:
-        say("no account has sent to external recipients in the window")
-        return
-    print_table(
+    show_list(
+        as_json,
+        statuses,
+        Status.as_dict,
         ["ACCOUNT", "SENT", "LIMIT", "WINDOW", "BLOCKED UNTIL", "REASON"],
-        [
-            (
-                s.account,
-                s.count,
-                s.limit,
-                configuration.format_duration(s.window),
-                when(s.block.until) if s.block else "-",
-                s.block.reason if s.block else "-",
-            )
-            for s in statuses
-        ],
+        lambda s: (
+            s.account,
+            s.count,
+            s.limit,
+            configuration.format_duration(s.window),
+            when(s.block.until) if s.block else "-",
+            s.block.reason if s.block else "-",
+        ),
+        empty=None if account else "no account has sent to external recipients in the window",
     )
 
 
@@ -71,19 +64,13 @@ def blocks(as_json: bool) -> None:
         return await admin.blocks()
 
     found = with_admin(work)
-    if as_json:
-        for block in found:
-            print_json(block.as_dict())
-        return
-    if not found:
-        say("no account is blocked")
-        return
-    print_table(
+    show_list(
+        as_json,
+        found,
+        Block.as_dict,
         ["ACCOUNT", "SINCE", "UNTIL", "COUNT", "BY", "CLIENTS", "REASON"],
-        [
-            (b.account, when(b.since), when(b.until), b.count, b.by, ",".join(b.clients) or "-", b.reason)
-            for b in found
-        ],
+        lambda b: (b.account, when(b.since), when(b.until), b.count, b.by, ",".join(b.clients) or "-", b.reason),
+        empty="no account is blocked",
     )
 
 
@@ -108,10 +95,7 @@ def block(account: str, reason: str, duration: str | None, by: str | None, as_js
         return await admin.block(account, reason, who(by), seconds)
 
     made = with_admin(work)
-    if as_json:
-        print_json(made.as_dict())
-    else:
-        say(f"{made.account} blocked until {when(made.until)}")
+    show(as_json, made.as_dict(), f"{made.account} blocked until {when(made.until)}")
 
 
 @cli.command()
@@ -127,10 +111,7 @@ def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
         return await admin.unblock(account, reason, who(by))
 
     lifted = with_admin(work)
-    if as_json:
-        print_json({"account": lifted.account, "unblocked": True})
-    else:
-        say(f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
+    show(as_json, {"account": lifted.account, "unblocked": True}, f"{lifted.account} unblocked (was blocked since {when(lifted.since)}: {lifted.reason})")
 
 
 @cli.command()
@@ -144,11 +125,10 @@ def audit(limit: int, as_json: bool) -> None:
         return await admin.audit(limit)
 
     entries = with_admin(work)
-    if as_json:
-        for entry in entries:
-            print_json(entry.as_dict())
-        return
-    print_table(
+    show_list(
+        as_json,
+        entries,
+        AuditEntry.as_dict,
         ["WHEN", "WHO", "ACTION", "SUBJECT", "REASON"],
-        [(when(e.at), e.who, e.action, e.subject, e.reason) for e in entries],
+        lambda e: (when(e.at), e.who, e.action, e.subject, e.reason),
     )

@@ -264,6 +264,32 @@ def print_json(item: Any) -> None:
     click.echo(json_line(item))
 
 
+def show(as_json: bool, data: Any, text: str) -> None:
+    """One result: its JSON object with ``--json``, else a line for people."""
+    if as_json:
+        print_json(data)
+    else:
+        say(text)
+
+
+def show_list(
+    as_json: bool,
+    items: Sequence[T],
+    as_dict: Callable[[T], Any],
+    headers: Sequence[str],
+    row: Callable[[T], Sequence[Any]],
+    empty: str | None = None,
+) -> None:
+    """A list: one JSON object per item with ``--json``, else a table (or ``empty`` when there is none)."""
+    if as_json:
+        for item in items:
+            print_json(as_dict(item))
+    elif not items and empty is not None:
+        say(empty)
+    else:
+        print_table(headers, [row(item) for item in items])
+
+
 def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Aligned columns, headers first; a cell's controls (a newline too) are escaped."""
     text = [[printable(str(c)) for c in row] for row in rows]

@@ -17,6 +17,7 @@ from policyd.cli.common import (
     load_config,
     print_json,
     say,
+    show,
 )
 from policyd.content import classifier
 from policyd.content import features as content
@@ -75,14 +76,7 @@ def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_js
     except OSError as error:
         raise PolicydError(f"cannot write the model {target}: {error.strerror or error}") from None
     seconds = time.monotonic() - started
-    if as_json:
-        print_json({"model": str(target), "ham": model.info["ham"], "spam": model.info["spam"],
-                    "seconds": round(seconds, 1)})
-    else:
-        say(
-            f"trained on {model.info['ham']} ham and {model.info['spam']} spam in {seconds:.1f}s; "
-            f"model written to {target}"
-        )
+    show(as_json, {"model": str(target), "ham": model.info["ham"], "spam": model.info["spam"], "seconds": round(seconds, 1)}, f"trained on {model.info['ham']} ham and {model.info['spam']} spam in {seconds:.1f}s; " f"model written to {target}")
 
 
 def _messages_to_score(paths: Sequence[str]) -> Any:

@@ -13,9 +13,8 @@ from policyd.cli.common import (
     cli,
     config_option,
     json_option,
-    print_json,
-    print_table,
-    say,
+    show,
+    show_list,
     when,
     who,
     with_admin,
@@ -49,13 +48,7 @@ def exemption_request(
         )
 
     made = with_admin(work)
-    if as_json:
-        print_json({"id": made.id, "status": made.status})
-    else:
-        say(
-            f"exemption #{made.id} requested for {made.account}: {made.limit}/h "
-            f"from {when(made.start)} until {when(made.end)} (pending)"
-        )
+    show(as_json, {"id": made.id, "status": made.status}, f"exemption #{made.id} requested for {made.account}: {made.limit}/h " f"from {when(made.start)} until {when(made.end)} (pending)")
 
 
 def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
@@ -70,43 +63,28 @@ def _decide(action: str, exemption_id: int, reason: str, by: str | None, as_json
         return decided, admin.clock.seconds()
 
     decided, now = with_admin(work)
-    if as_json:
-        print_json(decided.as_dict(now))
-    else:
-        say(f"exemption #{decided.id} for {decided.account} {decided.status}")
+    show(as_json, decided.as_dict(now), f"exemption #{decided.id} for {decided.account} {decided.status}")
 
 
-@exemption.command("approve")
-@config_option
-@click.argument("exemption_id", metavar="ID", type=POSITIVE)
-@click.option("--reason", type=TEXT, default="", help="A note for the audit log.")
-@by_option
-@json_option
-def exemption_approve(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
-    """Approve request ID: its limit applies inside its window only, once."""
-    _decide("approve", exemption_id, reason, by, as_json)
+def _decision(action: str, summary: str, reason_help: str, reason_required: bool) -> None:
+    """Add ``policyd exemption ACTION ID``: one decision on one exemption, audited."""
+
+    @exemption.command(action, help=summary)
+    @config_option
+    @click.argument("exemption_id", metavar="ID", type=POSITIVE)
+    @click.option("--reason", type=TEXT, required=reason_required, default=None if reason_required else "",
+                  help=reason_help)
+    @by_option
+    @json_option
+    def decide(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
+        _decide(action, exemption_id, reason, by, as_json)
 
 
-@exemption.command("deny")
-@config_option
-@click.argument("exemption_id", metavar="ID", type=POSITIVE)
-@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
-@by_option
-@json_option
-def exemption_deny(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
-    """Deny request ID."""
-    _decide("deny", exemption_id, reason, by, as_json)
-
-
-@exemption.command("revoke")
-@config_option
-@click.argument("exemption_id", metavar="ID", type=POSITIVE)
-@click.option("--reason", type=TEXT, required=True, help="Why (told in the audit log).")
-@by_option
-@json_option
-def exemption_revoke(exemption_id: int, reason: str, by: str | None, as_json: bool) -> None:
-    """Withdraw approved exemption ID before its window ends."""
-    _decide("revoke", exemption_id, reason, by, as_json)
+_decision("approve", "Approve request ID: its limit applies inside its window only, once.",
+          "A note for the audit log.", reason_required=False)
+_decision("deny", "Deny request ID.", "Why (told in the audit log).", reason_required=True)
+_decision("revoke", "Withdraw approved exemption ID before its window ends.", "Why (told in the audit log).",
+          reason_required=True)
 
 
 @exemption.command("list")
@@ -121,17 +99,11 @@ def exemption_list(status: str | None, as_json: bool) -> None:
 
     found, now = with_admin(work)
     chosen = [e for e in found if status is None or e.state(now) == status]
-    if as_json:
-        for item in chosen:
-            print_json(item.as_dict(now))
-        return
-    if not chosen:
-        say("no exemption")
-        return
-    print_table(
+    show_list(
+        as_json,
+        chosen,
+        lambda e: e.as_dict(now),
         ["ID", "ACCOUNT", "LIMIT", "FROM", "UNTIL", "STATUS", "BY", "REASON"],
-        [
-            (e.id, e.account, e.limit, when(e.start), when(e.end), e.state(now), e.requested_by, e.reason)
-            for e in chosen
-        ],
+        lambda e: (e.id, e.account, e.limit, when(e.start), when(e.end), e.state(now), e.requested_by, e.reason),
+        empty="no exemption",
     )

@@ -21,6 +21,8 @@ from policyd.cli.common import (
     print_table,
     run_async,
     say,
+    show,
+    show_list,
     when,
     who,
 )
@@ -66,19 +68,13 @@ def quarantine_list(recipient: str | None, limit: int, as_json: bool) -> None:
         return await quarantine.entries(recipient, limit)
 
     entries = with_quarantine(work)
-    if as_json:
-        for entry in entries:
-            print_json(entry.as_dict())
-        return
-    if not entries:
-        say("the quarantine is empty")
-        return
-    print_table(
+    show_list(
+        as_json,
+        entries,
+        Quarantined.as_dict,
         ["ID", "HELD", "EXPIRES", "RECIPIENT", "SENDER", "SCORE", "SUBJECT"],
-        [
-            (e.id, when(e.at), when(e.until), e.recipient, e.sender or "<>", f"{e.score:.1f}", e.subject[:60])
-            for e in entries
-        ],
+        lambda e: (e.id, when(e.at), when(e.until), e.recipient, e.sender or "<>", f"{e.score:.1f}", e.subject[:60]),
+        empty="the quarantine is empty",
     )
 
 
@@ -143,10 +139,7 @@ def quarantine_release(entry_id: int, reason: str, by: str | None, as_json: bool
         return await quarantine.release(entry_id, who(by), reason)
 
     entry = with_quarantine(work, secret=True)
-    if as_json:
-        print_json({"id": entry.id, "recipient": entry.recipient, "released": True})
-    else:
-        say(f"quarantine #{entry.id} released to {entry.recipient}")
+    show(as_json, {"id": entry.id, "recipient": entry.recipient, "released": True}, f"quarantine #{entry.id} released to {entry.recipient}")
 
 
 @quarantine_group.command("delete")
@@ -162,10 +155,7 @@ def quarantine_delete(entry_id: int, reason: str, by: str | None, as_json: bool)
         return await quarantine.delete(entry_id, who(by), reason)
 
     entry = with_quarantine(work)
-    if as_json:
-        print_json({"id": entry.id, "recipient": entry.recipient, "deleted": True})
-    else:
-        say(f"quarantine #{entry.id} for {entry.recipient} deleted")
+    show(as_json, {"id": entry.id, "recipient": entry.recipient, "deleted": True}, f"quarantine #{entry.id} for {entry.recipient} deleted")
 
 
 @cli.group()
@@ -189,10 +179,7 @@ def prefs_set(address: str, choice: str, by: str | None, as_json: bool) -> None:
         return await quarantine.set_choice(address, spam, who(by))
 
     clean = with_quarantine(work)
-    if as_json:
-        print_json({"address": clean, "spam": choice})
-    else:
-        say(f"spam for {clean}: {choice}")
+    show(as_json, {"address": clean, "spam": choice}, f"spam for {clean}: {choice}")
 
 
 @prefs.command("show")
@@ -206,14 +193,14 @@ def prefs_show(addresses: tuple[str, ...], as_json: bool) -> None:
         return await quarantine.choices(list(addresses) if addresses else None)
 
     choices = with_quarantine(work)
-    if as_json:
-        for address, choice in choices.items():
-            print_json({"address": address, "spam": choice})
-        return
-    if not choices:
-        say(f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})")
-        return
-    print_table(["ADDRESS", "SPAM"], sorted(choices.items()))
+    show_list(
+        as_json,
+        sorted(choices.items()),
+        lambda item: {"address": item[0], "spam": item[1]},
+        ["ADDRESS", "SPAM"],
+        lambda item: item,
+        empty=f"no recorded choice (everyone gets quarantine.default: {load_config().quarantine.default})",
+    )
 
 
 @cli.group("digest")

@@ -19,6 +19,7 @@ from policyd.cli.common import (
     print_table,
     run_async,
     say,
+    show,
 )
 from policyd.errors import UsageError
 from policyd.netlists import NetworkSet, parse_address
@@ -129,10 +130,7 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
     config = load_config()
     if parsed in NetworkSet(config.trusted_networks):
         message = f"{parsed} is in trusted_networks: its mail is outbound and not scored"
-        if as_json:
-            print_json({"address": str(parsed), "trusted": True, "score": 0, "decision": "DUNNO"})
-        else:
-            say(message)
+        show(as_json, {"address": str(parsed), "trusted": True, "score": 0, "decision": "DUNNO"}, message)
         return
 
     async def work(reactor: Any) -> tuple[Assessment, str]:
