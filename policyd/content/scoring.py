@@ -347,28 +347,46 @@ def _edits(changes: Sequence[Modification]) -> int:
 
 
 def apply_changes(headers: Sequence[tuple[str, str]], changes: Sequence[Modification]) -> list[tuple[str, str]]:
-    """The headers after ``changes``, as the MTA applies them (for the quarantined copy)."""
-    result = list(headers)
+    """The headers after ``changes``, as Postfix applies them (for the quarantined copy).
+
+    A change names the ``index``-th header of that name (names compared
+    without regard to case, index 0 taken as 1), counted as the headers are
+    at that moment; an empty value deletes it, a change of a header that is
+    not there appends it.  Each header's position is looked up once, so a
+    block of thousands of headers costs one pass, not one per change.
+    """
+    names = [name for name, _ in headers]
+    values: list[str | None] = [value for _, value in headers]  # None: deleted
+
+    def positions() -> dict[str, list[int]]:
+        """Where the live headers of each (lower-case) name are, in order."""
+        found: dict[str, list[int]] = {}
+        for position, name in enumerate(names):
+            if values[position] is not None:
+                found.setdefault(name.lower(), []).append(position)
+        return found
+
+    places = positions()
     for change in changes:
-        if change.action == ADDHEADER:
-            result.append((change.name, change.value))
-        elif change.action == INSHEADER:
-            result.insert(min(change.index, len(result)), (change.name, change.value))
-        elif change.action == CHGHEADER:
-            seen = 0
-            for position, (name, _) in enumerate(result):
-                if name.lower() == change.name.lower():
-                    seen += 1
-                    if seen == change.index:
-                        if change.value:
-                            result[position] = (name, change.value)
-                        else:
-                            del result[position]
-                        break
+        same = places.setdefault(change.name.lower(), [])
+        index = max(change.index, 1)
+        if change.action == CHGHEADER and index <= len(same):
+            if change.value:
+                values[same[index - 1]] = change.value
             else:
-                if change.value:
-                    result.append((change.name, change.value))
-    return result
+                values[same.pop(index - 1)] = None
+        elif change.action == ADDHEADER or (change.action == CHGHEADER and change.value):
+            same.append(len(names))
+            names.append(change.name)
+            values.append(change.value)
+        elif change.action == INSHEADER:
+            # Never sent by this milter: the simple way is good enough.
+            live = [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
+            live.insert(min(change.index, len(live)), (change.name, change.value))
+            names = [n for n, _ in live]
+            values = [v for _, v in live]
+            places = positions()
+    return [(n, v) for n, v in zip(names, values, strict=True) if v is not None]
 
 
 def message_bytes(headers: Sequence[tuple[str, str]], body: bytes) -> bytes:

@@ -60,7 +60,9 @@ def hostile(rng: random.Random) -> tuple[bytes, bool]:
     if shape == 0:
         return rng.randbytes(rng.randrange(1, 64)), True  # raw garbage
     if shape == 1:
-        return (0x7FFFFFFF).to_bytes(4, "big") + b"B", True  # absurd length
+        # An absurd length: closes, except on a header, which is read past
+        # (and swallows the rest of the batch).
+        return (0x7FFFFFFF).to_bytes(4, "big") + rng.choice([b"B", b"L"]), True
     if shape == 2:
         return (0).to_bytes(4, "big"), True  # empty packet
     if shape == 3:

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import email
 import email.policy
+import random
 
 import pytest
 
-from policyd.content.scoring import HEADERS_TOO_LARGE, MAX_HEADER_CHANGES, TOO_MANY_COPIES
+from policyd.content.scoring import (
+    HEADERS_TOO_LARGE,
+    MAX_HEADER_CHANGES,
+    TOO_MANY_COPIES,
+    apply_changes,
+)
 from policyd.protocols import milter
-from policyd.protocols.milter import MilterProtocol
+from policyd.protocols.milter import MilterProtocol, add_header, change_header
 from policyd.testing import FakeMTA, MilterReply
 from tests.unit.quarantine.test_held import HAMMY, SPAMMY, Site, added, changed, kinds
 
@@ -185,3 +191,23 @@ def test_recipients_beyond_the_kept_ones_get_the_tagged_message() -> None:
     assert b"d" not in kinds(replies) and kinds(replies)[-1] == b"a"
     assert kinds(replies).count(b"-") == milter.MAX_RECIPIENTS
     assert changed(replies, "Subject") == [(1, f"{TAG} Buy now")]
+
+
+def test_the_held_copy_is_edited_as_postfix_edits_the_delivered_one() -> None:
+    """apply_changes gives what Postfix delivers, for random changes, deletions and additions in any case."""
+    rng = random.Random(15)
+    names = ["Subject", "subject", "X-Spam-Flag", "x-spam-flag", "Received", "X-Other"]
+    for _ in range(200):
+        headers = [(rng.choice(names), f"v{n}") for n in range(rng.randrange(0, 40))]
+        changes = []
+        for _ in range(rng.randrange(1, 15)):
+            name, index = rng.choice(names), rng.randrange(0, 12)
+            value = rng.choice(["", "", "new"])
+            changes.append(add_header(name, "added") if rng.random() < 0.2 else change_header(name, value, index))
+        replies = [MilterReply(packet[4:5], packet[5:]) for packet in (c.encode() for c in changes)]
+        # Postfix reads a change of header 0 as one of header 1.
+        expected = as_postfix_applies(
+            headers, [MilterReply(r.command, (1).to_bytes(4, "big") + r.data[4:]) if r.command == b"m" and r.index == 0
+                      else r for r in replies]
+        )
+        assert apply_changes(headers, changes) == expected, (headers, changes)
