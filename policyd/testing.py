@@ -155,7 +155,7 @@ class FakeMTA:
     """Drives a milter protocol in memory the way Postfix does (milter protocol 6).
 
     Connect it to any :class:`~twisted.internet.interfaces.IProtocol` (a
-    :class:`policyd.protocols.milter.MilterProtocol`): it writes packets into the
+    :class:`policyd.protocols.milter_session.MilterProtocol`): it writes packets into the
     protocol and reads the replies from a ``StringTransport``, waiting for
     a reply only where the negotiated steps say one comes.
 

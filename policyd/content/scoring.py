@@ -5,7 +5,7 @@
   whose token verifies with the install's secret, made for this client,
   and above the first ``Received`` header) plus content points from the
   classifier (:mod:`policyd.content.classifier`).
-- :class:`SpamFilter` is the milter's filter (:data:`policyd.protocols.milter.Filter`):
+- :class:`SpamFilter` is the milter's filter (:data:`policyd.protocols.milter_session.Filter`):
   at ``content.tag_at`` and above it tags the Subject ``*{spam}* ...``
   (once), sets ``X-Spam-Flag``, ``X-Spam-Score`` and ``X-Spam-Status``,
   and applies each recipient's choice: ``inbox`` recipients get the tagged
@@ -59,14 +59,14 @@ from policyd.protocols.milter import (
     MAX_HEADERS,
     REJECT,
     TEMPFAIL,
-    MilterFactory,
-    MilterMessage,
     Modification,
     Verdict,
     add_header,
     change_header,
     delete_recipient,
 )
+from policyd.protocols.milter_message import MilterMessage
+from policyd.protocols.milter_session import MilterFactory
 from policyd.quarantine.held import (
     DIGEST_HEADER,
     RELEASE_HEADER,
@@ -445,7 +445,7 @@ class SpamFilter:
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
-        """Decide one message (the :data:`policyd.protocols.milter.Filter` interface): score, tag, apply each choice.
+        """Decide one message (the :data:`policyd.protocols.milter_session.Filter` interface): score, tag, apply each choice.
 
         A message up to ``inline_bytes`` is scored at once, and unless it is
         spam for someone who may have chosen the quarantine, the returned

@@ -12,15 +12,14 @@ from twisted.internet.task import Clock
 from policyd.protocols import milter
 from policyd.protocols.milter import (
     MAX_PACKET,
-    MilterFactory,
-    MilterMessage,
-    MilterProtocol,
     Verdict,
     add_header,
     change_header,
     delete_recipient,
     insert_header,
 )
+from policyd.protocols.milter_message import MilterMessage
+from policyd.protocols.milter_session import MilterFactory, MilterProtocol
 from policyd.testing import FakeMTA
 
 HEADERS = [("From", "Alice <alice@example.net>"), ("To", "bob@example.org"), ("Subject", "Hello")]

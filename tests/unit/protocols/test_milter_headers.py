@@ -22,7 +22,8 @@ from policyd.content.scoring import (
     apply_changes,
 )
 from policyd.protocols import milter
-from policyd.protocols.milter import MilterProtocol, add_header, change_header
+from policyd.protocols.milter import add_header, change_header
+from policyd.protocols.milter_session import MilterProtocol
 from policyd.testing import FakeMTA, MilterReply
 from tests.unit.quarantine.test_held import HAMMY, SPAMMY, Site, added, changed, kinds
 

@@ -18,7 +18,9 @@ from policyd.content import features as content
 from policyd.content.classifier import Model, Reason
 from policyd.content.scoring import ContentScorer, SpamFilter, apply_changes, tagged_subject
 from policyd.errors import PolicydError, UsageError
-from policyd.protocols.milter import ACCEPT_UNCHANGED, MilterMessage, MilterProtocol, change_header
+from policyd.protocols.milter import ACCEPT_UNCHANGED, change_header
+from policyd.protocols.milter_message import MilterMessage
+from policyd.protocols.milter_session import MilterProtocol
 from policyd.quarantine.held import RELEASE_HEADER, Quarantine, release_header, released_for
 from policyd.store import Quarantined
 from policyd.store.memory import MemoryStore
