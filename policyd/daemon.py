@@ -9,14 +9,26 @@ SIGTERM, and turn a start-up failure into one line and a non-zero exit.
 from __future__ import annotations
 
 import gc
+import logging
 import signal
 from collections.abc import Callable
 from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
 
 from policyd import config as configuration
 from policyd import logs
 from policyd.config import Config
 from policyd.errors import PolicydError
+
+#: Longest wait for in-flight requests or messages at shutdown; Postfix waits
+#: longer for a reply (100 s for a policy, 300 s for a milter), but a stop must
+#: not hang.
+DRAIN_BOUND = 10.0
 
 
 class Daemon(Protocol):
@@ -30,6 +42,105 @@ class Daemon(Protocol):
 
     def reload(self) -> bool:
         """Re-read the configuration; a bad one is refused and the old one kept."""
+
+
+class Drainable(Protocol):
+    """A server factory that can say when its in-flight work is done."""
+
+    def drained(self) -> Deferred[None]:
+        """Fires once nothing is in flight."""
+
+
+class BaseServer:
+    """What both daemons share: listening, housekeeping loops, reload, drain.
+
+    A subclass builds its parts complete in its constructor, registers its
+    loops with :meth:`every`, applies a reloaded configuration in
+    :meth:`configure`, and writes its own ``start`` and ``stop`` from
+    :meth:`listen`, :meth:`start_loops`, :meth:`stop_loops` and :meth:`drain`.
+
+    :param reactor: the reactor (asyncio reactor in production).
+    :param config: the validated configuration.
+    :param path: the configuration file, re-read on SIGHUP.
+    :param log: the daemon's logger (``policyd.server``, ``policyd.milter``).
+    """
+
+    def __init__(self, reactor: Any, config: Config, path: str | None, log: logging.Logger) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.path = path
+        self.log = log
+        self._loops: list[tuple[LoopingCall, float, bool]] = []
+
+    def every(self, seconds: float, work: Callable[[], object], now: bool = False) -> None:
+        """Run ``work`` every ``seconds`` once started (at once too when ``now``)."""
+        loop = LoopingCall(work)
+        loop.clock = self.reactor
+        self._loops.append((loop, seconds, now))
+
+    def start_loops(self) -> None:
+        """Start the housekeeping loops."""
+        for loop, seconds, now in self._loops:
+            loop.start(seconds, now=now)
+
+    def stop_loops(self) -> None:
+        """Stop the housekeeping loops (a run in progress finishes)."""
+        for loop, _, _ in self._loops:
+            if loop.running:
+                loop.stop()
+
+    @inlineCallbacks
+    def listen(self, key: str, where: str, factory: Any) -> Any:
+        """Listen on the endpoint ``where`` (the value of config key ``key``); fires with the port.
+
+        :raises PolicydError: naming the key, when the endpoint is wrong or busy.
+        """
+        try:
+            endpoint = serverFromString(self.reactor, where)
+        except (KeyError, IndexError, ValueError) as error:
+            detail = "no socket was passed by systemd" if where.startswith("systemd:") else str(error)
+            raise PolicydError(f"{key}: cannot use {where}: {detail}") from None
+        try:
+            port: IListeningPort = yield endpoint.listen(factory)
+        except Exception as error:
+            raise PolicydError(f"{key}: cannot listen on {where}: {error}") from None
+        return port
+
+    def configure(self, config: Config) -> None:
+        """Apply a reloaded configuration to the parts, all of it or none.
+
+        :raises PolicydError: when part of it cannot be applied; the running
+            configuration then stays.
+        """
+        raise NotImplementedError
+
+    def reload(self) -> bool:
+        """Re-read the configuration; a bad one is refused and the old one kept.
+
+        ``store.url`` and ``listen.*`` need a restart: their running values stay.
+        """
+        try:
+            new = configuration.load(self.path)
+            if new.store.url != self.config.store.url or new.listen != self.config.listen:
+                self.log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
+                new = attrs.evolve(new, store=self.config.store, listen=self.config.listen)
+            self.configure(new)
+        except PolicydError as error:
+            self.log.error("reload refused, keeping the running configuration: %s", error)
+            return False
+        self.config = new
+        self.log.info("configuration reloaded from %s", self.path)
+        return True
+
+    @inlineCallbacks
+    def drain(self, factory: Drainable, what: str) -> Any:
+        """Wait, at most :data:`DRAIN_BOUND` seconds, until ``factory`` has nothing in flight."""
+        drained = factory.drained()
+        drained.addTimeout(DRAIN_BOUND, self.reactor)
+        try:
+            yield drained
+        except Exception:
+            self.log.warning("shutdown: %s still in flight after %ss; closing anyway", what, DRAIN_BOUND)
 
 
 def run_daemon(path: str | None, build: Callable[[Any, Config, str], Daemon], threads: int | None = None) -> None:

@@ -21,7 +21,7 @@ from policyd.cli.common import (
 )
 from policyd.content import classifier
 from policyd.content import features as content
-from policyd.content.scoring import ContentScorer, header_secret, load_model, model_path
+from policyd.content.scorer import ContentScorer, header_secret, load_model, model_path
 from policyd.errors import PolicydError, UsageError
 
 

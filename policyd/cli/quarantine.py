@@ -27,7 +27,7 @@ from policyd.cli.common import (
     who,
 )
 from policyd.content import features as content
-from policyd.content.scoring import header_secret
+from policyd.content.scorer import header_secret
 from policyd.quarantine.digest import DigestJob, DigestRun
 from policyd.quarantine.held import Quarantine
 from policyd.store import Quarantined, open_store

@@ -171,6 +171,6 @@ def score_ip(address: str, helo: str | None, as_json: bool) -> None:
 @config_option
 def milter() -> None:
     """Run the content-scoring milter in the foreground (Postfix smtpd_milters)."""
-    from policyd.content.scoring import run
+    from policyd.servers.milter import run
 
     run(chosen_config())

@@ -6,14 +6,13 @@ import logging
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import LoopingCall
 
 from policyd import config as configuration
 from policyd import logs
+from policyd.admin import Admin
 from policyd.config import Config
-from policyd.daemon import run_daemon
+from policyd.daemon import DRAIN_BOUND, BaseServer, run_daemon
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
@@ -22,13 +21,10 @@ from policyd.policy import PolicyService
 from policyd.protocols.policy import PolicyFactory
 from policyd.statefiles import load_secret, state_file
 from policyd.store import Store, open_store
+from policyd.web.admin import AdminSite
 from policyd.web.selfservice import SelfService
 
 log = logging.getLogger("policyd.server")
-
-#: Longest wait for in-flight requests at shutdown; Postfix gives up on a
-#: policy reply after 100 s by default, but a stop must not hang.
-DRAIN_BOUND = 10.0
 
 #: Longest wait, after the drain, for replies to leave before connections are cut.
 CLOSE_BOUND = 2.0
@@ -40,7 +36,7 @@ PRUNE_EVERY = 10.0
 GAUGES_EVERY = 5.0
 
 
-class PolicyServer:
+class PolicyServer(BaseServer):
     """A running policy server: listener, service and housekeeping.
 
     :param reactor: the reactor (asyncio reactor in production).
@@ -49,9 +45,7 @@ class PolicyServer:
     """
 
     def __init__(self, reactor: Any, config: Config, path: str | None = None) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.path = path
+        super().__init__(reactor, config, path, log)
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
         self.metrics = Metrics()
         # The digest job kicks the notifier, which writes the digest's mail:
@@ -71,12 +65,9 @@ class PolicyServer:
         )
         self.port: IListeningPort | None = None
         self.http_port: IListeningPort | None = None
-        self._gauges = LoopingCall(self.refresh_gauges)
-        self._gauges.clock = reactor
-        self._log_flusher = LoopingCall(logs.flush)
-        self._log_flusher.clock = reactor
-        self._pruner = LoopingCall(self.prune)
-        self._pruner.clock = reactor
+        self.every(PRUNE_EVERY, self.prune)
+        self.every(GAUGES_EVERY, self.refresh_gauges, now=True)
+        self.every(logs.FLUSH_EVERY, logs.flush)
 
     def _kick_notifier(self) -> None:
         """Have the notifier look at the outbox now (digests were queued)."""
@@ -85,23 +76,12 @@ class PolicyServer:
     @inlineCallbacks
     def start(self) -> Any:
         """Listen and start housekeeping; fires with the listening port."""
-        where = self.config.listen.policy
-        try:
-            endpoint = serverFromString(self.reactor, where)
-        except (KeyError, IndexError, ValueError) as error:
-            detail = "no socket was passed by systemd" if where.startswith("systemd:") else str(error)
-            raise PolicydError(f"listen.policy: cannot use {where}: {detail}") from None
-        try:
-            self.port = yield endpoint.listen(self.factory)
-        except Exception as error:
-            raise PolicydError(f"listen.policy: cannot listen on {where}: {error}") from None
-        self._pruner.start(PRUNE_EVERY, now=False)
+        self.port = yield self.listen("listen.policy", self.config.listen.policy, self.factory)
         self.notifier.start()
         if self.config.listen.http:
-            yield self.start_http()
+            yield self.start_http(self.config.listen.http)
         self.self_service.start()
-        self._gauges.start(GAUGES_EVERY, now=True)
-        self._log_flusher.start(logs.FLUSH_EVERY, now=False)
+        self.start_loops()
         log.info(
             "policyd serving policy requests on %s (store %s, limit %d per %s)",
             self.config.listen.policy,
@@ -112,10 +92,8 @@ class PolicyServer:
         return self.port
 
     @inlineCallbacks
-    def start_http(self) -> Any:
-        """Listen on listen.http: metrics, admin API, exemption pages."""
-        from policyd.admin import Admin
-        from policyd.web.admin import AdminSite
+    def start_http(self, where: str) -> Any:
+        """Listen on ``where`` (listen.http): metrics, admin API, exemption and self-service pages."""
 
         path = state_file(self.config, "http.token", self.config.http.token_file)
         try:
@@ -124,13 +102,9 @@ class PolicyServer:
             raise PolicydError(f"http.token_file: {error}") from None
         admin = Admin(self.config, self.store, self.reactor)
         site = AdminSite(admin, self.metrics, token, self.self_service.pages()).site()
-        endpoint = serverFromString(self.reactor, self.config.listen.http)
-        try:
-            self.http_port = yield endpoint.listen(site)
-        except Exception as error:
-            raise PolicydError(f"listen.http: cannot listen on {self.config.listen.http}: {error}") from None
+        self.http_port = yield self.listen("listen.http", where, site)
         self.self_service.listening(getattr(self.http_port.getHost(), "port", None))
-        log.info("HTTP (metrics, admin API) on %s; admin token in %s", self.config.listen.http, path)
+        log.info("HTTP (metrics, admin API) on %s; admin token in %s", where, path)
 
     @inlineCallbacks
     def refresh_gauges(self) -> Any:
@@ -151,43 +125,26 @@ class PolicyServer:
             lambda f: log.error("pruning the store failed: %s", f.getErrorMessage())
         )
 
-    def reload(self) -> bool:
-        """Re-read the configuration; a bad one is refused and the old one kept."""
-        try:
-            new = configuration.load(self.path)
-            if new.store.url != self.config.store.url or new.listen != self.config.listen:
-                log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
-            self.service.configure(new)
-            self.notifier.configure(new)
-            self.self_service.configure(new)
-        except PolicydError as error:
-            log.error("reload refused, keeping the running configuration: %s", error)
-            return False
-        self.config = new
-        self.factory.limits = new.limits
-        self.factory.allowed_clients = NetworkSet(new.allowed_clients)
+    def configure(self, config: Config) -> None:
+        """Apply a reloaded configuration to the service, the notifier, the pages and the listener's bounds."""
+        self.service.configure(config)
+        self.notifier.configure(config)
+        self.self_service.configure(config)
+        self.factory.limits = config.limits
+        self.factory.allowed_clients = NetworkSet(config.allowed_clients)
         self.factory.on_failure = self.service.quota.on_error
-        log.info("configuration reloaded from %s", self.path)
-        return True
 
     @inlineCallbacks
     def stop(self) -> Any:
         """Stop accepting, answer what is in flight (bounded), close the store."""
-        for loop in (self._pruner, self._gauges, self._log_flusher):
-            if loop.running:
-                loop.stop()
+        self.stop_loops()
         yield self.self_service.stop()
         if self.http_port is not None:
             yield self.http_port.stopListening()
         if self.port is not None:
             yield self.port.stopListening()
         stopping = self.notifier.stop()
-        drained = self.factory.drained()
-        drained.addTimeout(DRAIN_BOUND, self.reactor)
-        try:
-            yield drained
-        except Exception:
-            log.warning("shutdown: requests still in flight after %ss; closing anyway", DRAIN_BOUND)
+        yield self.drain(self.factory, "requests")
         # Let the replies already written reach their clients before the
         # reactor goes: wait (bounded) until every connection has closed.
         closed = self.factory.all_closed()

@@ -136,7 +136,7 @@ def test_empty_model_is_neutral() -> None:
 
 def test_shipped_model_loads_and_scores() -> None:
     """The default model shipped with policyd loads and tells obvious spam from a work mail."""
-    from policyd.content.scoring import shipped_model
+    from policyd.content.scorer import shipped_model
 
     shipped = Model.load(shipped_model())
     spam = content.extract(

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from policyd.content.scoring import (
+from policyd.content.spamfilter import (
     HEADERS_TOO_LARGE,
     MAX_HEADER_CHANGES,
     TOO_MANY_COPIES,

@@ -16,7 +16,8 @@ from twisted.internet.task import Clock
 from policyd.checks.network_header import sign_header
 from policyd.content import features as content
 from policyd.content.classifier import Model, Reason
-from policyd.content.scoring import ContentScorer, SpamFilter, apply_changes, tagged_subject
+from policyd.content.scorer import ContentScorer
+from policyd.content.spamfilter import SpamFilter, apply_changes, tagged_subject
 from policyd.errors import PolicydError, UsageError
 from policyd.protocols.milter import ACCEPT_UNCHANGED, change_header
 from policyd.protocols.milter_message import MilterMessage

@@ -1,53 +1,32 @@
-"""Content scoring: the score of a message, and what the milter does with it.
+"""What the milter does with a score: tag, set the X-Spam headers, apply each recipient's choice.
 
-- :class:`ContentScorer` gives a message's :class:`Score`: network points
-  from the ``X-Policyd-Network`` header that Postfix added (only a copy
-  whose token verifies with the install's secret, made for this client,
-  and above the first ``Received`` header) plus content points from the
-  classifier (:mod:`policyd.content.classifier`).
-- :class:`SpamFilter` is the milter's filter (:data:`policyd.protocols.milter_session.Filter`):
-  at ``content.tag_at`` and above it tags the Subject ``*{spam}* ...``
-  (once), sets ``X-Spam-Flag``, ``X-Spam-Score`` and ``X-Spam-Status``,
-  and applies each recipient's choice: ``inbox`` recipients get the tagged
-  message, ``quarantine`` recipients are removed from delivery and their
-  copy is held (:mod:`policyd.quarantine.held`).  Incoming ``X-Spam-*`` copies
-  are always removed, so users' rules only ever see ours.  The header block
-  is judged whole: every Subject is tagged and every copy removed, however
-  many headers come before them; a block beyond the milter's bounds, or one
-  that would take more than :data:`MAX_HEADER_CHANGES` changes, is refused
-  at end of DATA rather than delivered half-changed.
-- :class:`MilterServer` and :func:`run` are ``policyd milter``.
-
-The model is read from :func:`model_path` (``content.model``, else
-``content.model`` beside the SQLite store, else
-``/var/lib/policyd/content.model``), or, before any ``policyd train``, the
-model shipped with policyd.  A running milter picks up a retrained model by
-itself within :data:`MODEL_CHECK` seconds.
+:class:`SpamFilter` is the milter's filter (:data:`policyd.protocols.milter_session.Filter`):
+at ``content.tag_at`` and above it tags the Subject ``*{spam}* ...``
+(once), sets ``X-Spam-Flag``, ``X-Spam-Score`` and ``X-Spam-Status``, and
+applies each recipient's choice: ``inbox`` recipients get the tagged
+message, ``quarantine`` recipients are removed from delivery and their copy
+is held (:mod:`policyd.quarantine.held`).  Incoming ``X-Spam-*`` copies are
+always removed, so users' rules only ever see ours.  The header block is
+judged whole: every Subject is tagged and every copy removed, however many
+headers come before them; a block beyond the milter's bounds, or one that
+would take more than :data:`MAX_HEADER_CHANGES` changes, is refused at end
+of DATA rather than delivered half-changed.
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import attrs
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 
-from policyd import config as configuration
 from policyd import logs
 from policyd.config import Config
 from policyd.content import features as content
-from policyd.content.classifier import Model, ModelError, Reason
-from policyd.errors import PolicydError
-from policyd.netlists import NetworkSet
+from policyd.content.scorer import SUMMARY_REASONS, ContentScorer, Score
 from policyd.protocols.milter import (
     ACCEPT,
     ACCEPT_UNCHANGED,
@@ -58,7 +37,6 @@ from policyd.protocols.milter import (
     MAX_HEADER_COUNT,
     MAX_HEADERS,
     REJECT,
-    TEMPFAIL,
     Modification,
     Verdict,
     add_header,
@@ -66,7 +44,6 @@ from policyd.protocols.milter import (
     delete_recipient,
 )
 from policyd.protocols.milter_message import MilterMessage
-from policyd.protocols.milter_session import MilterFactory
 from policyd.quarantine.held import (
     DIGEST_HEADER,
     RELEASE_HEADER,
@@ -75,20 +52,11 @@ from policyd.quarantine.held import (
     released_for,
 )
 from policyd.quarantine.preferences import Preferences
-from policyd.store import Quarantined, Store, open_store
+from policyd.reactor import inline
+from policyd.store import Quarantined, Store
 
 log = logging.getLogger("policyd.milter")
 
-T = TypeVar("T")
-
-#: File name of a trained model beside the SQLite store (or in /var/lib/policyd).
-MODEL_NAME = "content.model"
-
-#: How often a running milter looks whether the model file changed.
-MODEL_CHECK = 5.0
-
-#: How often held mail past its retention is removed.
-EXPIRE_EVERY = 600.0
 
 #: Headers a sender may not set: ours, replaced on every message.
 SPAM_HEADERS = ("X-Spam-Flag", "X-Spam-Score", "X-Spam-Status")
@@ -115,8 +83,6 @@ HEADERS_TOO_LARGE = (
 #: The reply to a message that needs more than :data:`MAX_HEADER_CHANGES` header changes.
 TOO_MANY_COPIES = "554 5.6.0 Too many Subject or X-Spam-* header fields to be checked"
 
-#: Longest wait for in-flight messages at shutdown.
-DRAIN_BOUND = 10.0
 
 #: Messages up to this size (header fields and kept body) are scored on the
 #: reactor thread: typical mail takes a fraction of a millisecond there, less
@@ -125,160 +91,6 @@ DRAIN_BOUND = 10.0
 #: thread pool, so a big message never holds up the other connections for
 #: long.
 INLINE_BYTES = 64 * 1024
-
-#: Reasons worked out for a spam score (kept with held mail, see :meth:`Score.summary`).
-SUMMARY_REASONS = 8
-
-
-def model_path(config: Config) -> Path:
-    """Where ``policyd train`` writes the model and the milter and ``policyd score`` read it."""
-    from policyd.statefiles import state_file
-
-    return state_file(config, MODEL_NAME, config.content.model)
-
-
-def shipped_model() -> Path:
-    """The model that comes with policyd (trained on the SpamAssassin public corpus)."""
-    return Path(str(importlib.resources.files("policyd") / "models" / "default.model"))
-
-
-def load_model(config: Config) -> tuple[Model, Path]:
-    """The trained model, else the shipped one; and the file it came from.
-
-    :raises PolicydError: when the file exists but cannot be used.
-    """
-    path = model_path(config)
-    if not path.exists():
-        path = shipped_model()
-    try:
-        return Model.load(path), path
-    except ModelError as error:
-        raise PolicydError(f"content model: {error}") from None
-
-
-def header_secret(config: Config, create: bool) -> bytes | None:
-    """The install's header secret (:mod:`policyd.checks.reputation`), or None when unusable.
-
-    :param create: create it when missing (the milter does; ``policyd score`` only reads).
-    """
-    from policyd.checks.network_header import header_secret_path, load_header_secret
-
-    path = header_secret_path(config)
-    if path is None:
-        return None
-    if not create and not path.exists():
-        return None
-    try:
-        return load_header_secret(path)
-    except (OSError, ValueError) as problem:
-        log.error("header secret %s unusable (%s): network points and releases are not trusted", path, problem)
-        return None
-
-
-@attrs.frozen
-class Score:
-    """A message's score and why.
-
-    :ivar points: network + content points, compared with ``content.tag_at``.
-    :ivar content: the classifier's points.
-    :ivar network: points of the trusted ``X-Policyd-Network`` header (0 without one).
-    :ivar network_reasons: that header's reasons (empty without one).
-    :ivar reasons: the features that weigh most, strongest first.
-    :ivar subject: the decoded Subject.
-    """
-
-    points: float
-    content: float
-    network: float = 0.0
-    network_reasons: str = ""
-    reasons: tuple[Reason, ...] = ()
-    subject: str = ""
-
-    def summary(self, top: int = 5) -> tuple[str, ...]:
-        """Short reasons for headers and the quarantine list."""
-        found = [f"network:{self.network_reasons}"] if self.network else []
-        found += [r.feature for r in self.reasons if r.points > 0][:top]
-        return tuple(found)
-
-
-class ContentScorer:
-    """Scores messages: network points of the trusted header + content points.
-
-    :param model: the classifier.
-    :param secret: the header secret; None: no header is trusted.
-    :param max_bytes: bytes of a message scored (``content.max_body``).
-    """
-
-    def __init__(self, model: Model, secret: bytes | None, max_bytes: int = 1024 * 1024) -> None:
-        self.model = model
-        self.secret = secret
-        self.max_bytes = max_bytes
-
-    def network_points(
-        self, headers: Sequence[tuple[str, str]], client: str | None = None
-    ) -> tuple[float, str]:
-        """Points and reasons of the first genuine ``X-Policyd-Network`` header above any ``Received``.
-
-        Postfix puts the header it was told to PREPEND on top of the message;
-        a copy the sender wrote comes below Postfix's own ``Received``
-        header and, lacking the secret, never verifies anyway.
-        """
-        from policyd.checks.network_header import HEADER, parse_header, verify_header
-
-        if self.secret is None:
-            return 0.0, ""
-        for name, value in headers:
-            lower = name.lower()
-            if lower == "received":
-                break
-            if lower != HEADER.lower():
-                continue
-            points = verify_header(value, self.secret, client=client or None)
-            if points is not None:
-                return points, parse_header(value).get("reasons", "")
-        return 0.0, ""
-
-    def score(
-        self,
-        raw: bytes,
-        client: str | None = None,
-        headers: Sequence[tuple[str, str]] | None = None,
-        explain: int = 8,
-    ) -> Score:
-        """The score of a message as bytes (its first ``max_bytes``).
-
-        :param client: the SMTP client address, which a trusted header must name.
-        :param headers: the headers as the MTA gave them (else those of ``raw``).
-        :param explain: how many reasons to give.
-        """
-        found, body = content.split_message(raw[: self.max_bytes])
-        return self.score_message(found if headers is None else headers, body, client, explain)
-
-    def score_message(
-        self,
-        headers: Sequence[tuple[str, str]],
-        body: bytes,
-        client: str | None = None,
-        explain: int = 8,
-        explain_at: float | None = None,
-    ) -> Score:
-        """The score of a message as the milter has it: header fields, then the body (its first ``max_bytes``).
-
-        :param client: the SMTP client address, which a trusted header must name.
-        :param explain: how many reasons to give.
-        :param explain_at: give reasons only to a score this high (None: always);
-            the milter only needs them for the mail it may quarantine.
-        """
-        features = content.message_features(headers, body[: self.max_bytes])
-        network, network_reasons = self.network_points(headers, client)
-        threshold = None if explain_at is None else explain_at - network
-        points, reasons = self.model.assess(features, explain, threshold)
-        return Score(
-            round(points + network, 3), round(points, 3), network, network_reasons, tuple(reasons), features.subject
-        )
-
-
-# --- what the milter does with a score --------------------------------------------------
 
 
 def tagged_subject(value: str | None, tag: str) -> str | None:
@@ -395,21 +207,6 @@ def message_bytes(headers: Sequence[tuple[str, str]], body: bytes) -> bytes:
     for name, value in headers:
         lines.append(f"{name}: {value.replace(chr(13) + chr(10), chr(10)).replace(chr(10), chr(13) + chr(10))}\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape") + b"\r\n" + body
-
-
-def in_thread(reactor: Any) -> Callable[..., Deferred[Any]]:
-    """Run CPU work (parsing, scoring) in the reactor's thread pool, off the event loop."""
-    from twisted.internet.threads import deferToThreadPool
-
-    def run(work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
-
-    return run
-
-
-def inline(work: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
-    """Run work at once (tests, and callers already off the event loop)."""
-    return succeed(work(*args, **kwargs))
 
 
 class SpamFilter:
@@ -595,148 +392,3 @@ class SpamFilter:
                 continue
             held.append(recipient)
         return held
-
-
-# --- the server ---------------------------------------------------------------------
-
-
-class MilterServer:
-    """A running ``policyd milter``: listener, filter, model reloads, quarantine expiry.
-
-    :param reactor: the reactor.
-    :param config: the validated configuration.
-    :param path: the configuration file, re-read on SIGHUP.
-    """
-
-    def __init__(self, reactor: Any, config: Config, path: str | None = None) -> None:
-        self.reactor = reactor
-        self.config = config
-        self.path = path
-        model, self.model_file = load_model(config)
-        self._model_stamp = self._stamp()
-        self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
-        self.scorer = ContentScorer(model, header_secret(config, create=True), config.content.max_body)
-        self.filter = SpamFilter(
-            config,
-            self.store,
-            reactor,
-            self.scorer,
-            in_thread(reactor),
-            Preferences(config, self.store, reactor, in_thread(reactor)),
-        )
-        self.factory = MilterFactory(
-            self.filter,
-            reactor,
-            NetworkSet(config.allowed_clients),
-            config.limits.max_connections,
-            memory_limit=config.content.max_body,
-            keep_limit=config.quarantine.max_size,
-            idle_timeout=float(config.limits.idle_timeout),
-            on_error=TEMPFAIL if config.content.on_error == "tempfail" else ACCEPT,
-        )
-        self.port: IListeningPort | None = None
-        # Verdict lines are buffered (logs.decisions): pushed out every FLUSH_EVERY.
-        self._loops = [LoopingCall(self.check_model), LoopingCall(self.expire), LoopingCall(logs.flush)]
-        for loop in self._loops:
-            loop.clock = reactor
-
-    def _stamp(self) -> tuple[float, int] | None:
-        try:
-            stat = os.stat(model_path(self.config))
-        except OSError:
-            return None
-        return stat.st_mtime, stat.st_size
-
-    @inlineCallbacks
-    def start(self) -> Any:
-        """Listen; fires with the listening port."""
-        endpoint = serverFromString(self.reactor, self.config.listen.milter)
-        try:
-            self.port = yield endpoint.listen(self.factory)
-        except Exception as error:
-            raise PolicydError(f"listen.milter: cannot listen on {self.config.listen.milter}: {error}") from None
-        self._loops[0].start(MODEL_CHECK, now=False)
-        self._loops[1].start(EXPIRE_EVERY, now=True)
-        self._loops[2].start(logs.FLUSH_EVERY, now=False)
-        log.info(
-            "policyd milter listening on %s (model %s, tag_at %g, spam default %s)",
-            self.config.listen.milter,
-            self.model_file,
-            self.config.content.tag_at,
-            self.config.quarantine.default,
-        )
-        return self.port
-
-    def check_model(self) -> None:
-        """Load the model again when ``policyd train`` replaced it."""
-        stamp = self._stamp()
-        if stamp == self._model_stamp:
-            return
-        self._model_stamp = stamp
-        try:
-            model, self.model_file = load_model(self.config)
-        except PolicydError as error:
-            log.error("%s: keeping the running model", error)
-            return
-        self.scorer.model = model
-        log.info("content model loaded from %s", self.model_file)
-
-    def expire(self) -> Deferred[Any]:
-        """Forget held mail past its retention."""
-
-        def expired(count: int) -> None:
-            if count:
-                log.info("quarantine: %d expired message(s) removed", count)
-
-        done = self.store.quarantine_expire(now=self.reactor.seconds()).addCallback(expired)
-        return done.addErrback(lambda f: log.error("quarantine expiry failed: %s", f.getErrorMessage()))
-
-    def reload(self) -> bool:
-        """Re-read the configuration and the model; a bad configuration is refused."""
-        try:
-            new = configuration.load(self.path)
-        except PolicydError as error:
-            log.error("reload refused, keeping the running configuration: %s", error)
-            return False
-        if new.store.url != self.config.store.url or new.listen != self.config.listen:
-            log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
-            new = attrs.evolve(new, store=self.config.store, listen=self.config.listen)
-        self.config = new
-        self.filter.config = new
-        self.filter.preferences.configure(new)
-        self.scorer.max_bytes = new.content.max_body
-        self._model_stamp = None
-        self.check_model()
-        log.info("configuration reloaded from %s", self.path)
-        return True
-
-    @inlineCallbacks
-    def stop(self) -> Any:
-        """Stop accepting, answer the messages being scored (bounded), close the store."""
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        if self.port is not None:
-            yield self.port.stopListening()
-        drained = self.factory.drained()
-        drained.addTimeout(DRAIN_BOUND, self.reactor)
-        try:
-            yield drained
-        except Exception:
-            log.warning("shutdown: messages still being scored after %ss; closing anyway", DRAIN_BOUND)
-        for connection in list(self.factory.connections):
-            connection.transport.loseConnection()
-        yield DeferredList([self.store.close()], consumeErrors=True)
-        log.info("policyd milter stopped")
-        logs.flush()
-
-
-def run(path: str | None) -> None:
-    """Run the milter in the foreground until SIGTERM or SIGINT.
-
-    :raises PolicydError: when the configuration, model, store or listener fails.
-    """
-    from policyd.daemon import run_daemon
-
-    run_daemon(path, MilterServer, threads=4)
-
