@@ -90,6 +90,20 @@ def state_file(config: Config, name: str, configured: str | None = None) -> Path
     return Path(STATE_DIR) / name
 
 
+def secret_file(config: Config, name: str, configured: str | None = None) -> Path | None:
+    """Where a per-install secret lives (:func:`state_file`); None for a ``memory://``
+    store with no file configured: nothing of such a store outlives the process, so
+    its secrets are the process's own (:func:`process_secret`) and no file is made."""
+    if not configured and config.store.url.startswith("memory://"):
+        return None
+    return state_file(config, name, configured)
+
+
+def process_secret() -> bytes:
+    """A secret of this process only: what a ``memory://`` store signs with."""
+    return secrets.token_hex(32).encode()
+
+
 def load_secret(path: Path, what: str = "secret") -> bytes:
     """Read a secret, creating it on first use (random, mode 0600).
 

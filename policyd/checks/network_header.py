@@ -18,7 +18,7 @@ from policyd.config import Config
 from policyd.netlists import (
     parse_address,
 )
-from policyd.statefiles import load_secret, state_file
+from policyd.statefiles import load_secret, secret_file
 
 #: The header added at level 1; the milter adds its points to the content's.
 HEADER = "X-Policyd-Network"
@@ -128,9 +128,7 @@ def header_secret_path(config: Config) -> Path | None:
     SQLite database, else in the state directory.  The policy server and
     the milter of one host read the same file.
     """
-    if not config.inbound.header_secret and config.store.url.startswith("memory://"):
-        return None
-    return state_file(config, SECRET_NAME, config.inbound.header_secret)
+    return secret_file(config, SECRET_NAME, config.inbound.header_secret)
 
 
 def load_header_secret(path: Path) -> bytes:

@@ -28,7 +28,6 @@ wrote: see :func:`sign_header` and :func:`verify_header`.
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +58,7 @@ from policyd.netlists import (
     parse_code_filter,
 )
 from policyd.protocols.policy import DUNNO, Action, Request
+from policyd.statefiles import process_secret
 from policyd.texts import Texts
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ class NetworkReputation:
                     "store.url is memory:// and inbound.header_secret is not set: headers are signed "
                     "with a secret of this process only, which the milter cannot verify"
                 )
-                self._secret = secrets.token_hex(32).encode()
+                self._secret = process_secret()
             else:
                 try:
                     self._secret = load_header_secret(path)
@@ -381,7 +381,7 @@ class NetworkReputation:
                         path,
                         problem,
                     )
-                    self._secret = secrets.token_hex(32).encode()
+                    self._secret = process_secret()
         return self._secret
 
     # --- scoring ------------------------------------------------------------

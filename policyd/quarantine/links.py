@@ -21,13 +21,13 @@ import hashlib
 import hmac
 import json
 import logging
-import secrets
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config
+from policyd.statefiles import load_secret, process_secret, secret_file
 from policyd.store import Quarantined
 
 log = logging.getLogger("policyd.links")
@@ -175,8 +175,5 @@ def link_secret(config: Config) -> bytes:
     :raises OSError: when the file cannot be read or created.
     :raises ValueError: when it holds too short a secret.
     """
-    from policyd.statefiles import load_secret, state_file
-
-    if not config.quarantine.link_secret and config.store.url.startswith("memory://"):
-        return secrets.token_hex(32).encode()
-    return load_secret(state_file(config, SECRET_NAME, config.quarantine.link_secret), "link secret")
+    path = secret_file(config, SECRET_NAME, config.quarantine.link_secret)
+    return process_secret() if path is None else load_secret(path, "link secret")

@@ -30,7 +30,6 @@ import email.parser
 import email.policy
 import html
 import logging
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -56,6 +55,7 @@ from policyd.quarantine.preferences import (
     Preferences,
 )
 from policyd.reactor import RunBlocking, in_thread
+from policyd.statefiles import process_secret
 from policyd.store import SPAM_CHOICES, Quarantined, Store
 from policyd.web.pages import Answer, document, form_fields, respond
 
@@ -261,7 +261,7 @@ class SelfService:
         if not wanted:
             # No pages, no digest: no file is created; a secret of this process
             # only, so nothing signed with it is ever forgeable.
-            return cls(config, store, reactor, secrets.token_hex(32).encode(), None, kick)
+            return cls(config, store, reactor, process_secret(), None, kick)
         try:
             secret = link_secret(config)
         except (OSError, ValueError) as error:
