@@ -83,7 +83,7 @@ def test_explain_names_the_telling_features(model: Model) -> None:
     assert len(reasons) == 5
     assert abs(reasons[0].points) >= abs(reasons[-1].points)
     named = {r.feature for r in reasons}
-    assert named & {"gratuit", "casino", "cadeau", "subject:gagnez", "text n-grams"}
+    assert named & {"gratuit", "casino", "cadeau", "gagnez", "text n-grams"}
 
 
 def test_save_and_load_round_trip(model: Model, tmp_path: Path) -> None:
@@ -165,6 +165,6 @@ def test_assess_is_points_and_explain_in_one(model: Model) -> None:
 def test_explain_counts_a_shared_index_once(model: Model) -> None:
     """Reasons add up to the content points (less the offset): each feature index counts once."""
     features = content.extract(mail(SPAM_WORDS + HAM_WORDS, "notes", "promo.example.biz"))
-    reasons = model.explain(features, top=len(features.tokens) + 1)
+    reasons = model.explain(features, top=100_000)
     assert sum(r.points for r in reasons) == pytest.approx(model.points(features) - model.offset - model.scale * model.bias)
     assert reasons[-1].points == min((r.points for r in reasons), key=abs)
