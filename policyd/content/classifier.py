@@ -39,7 +39,6 @@ import math
 import os
 import random
 import tempfile
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -71,8 +70,8 @@ TEXT_BYTES = 3000
 PAIRED_WORDS = 500
 
 #: Passes over the training mail, in its order, and the learning rate.
-PASSES = 3
-RATE = 16.0
+PASSES = 8
+RATE = 8.0
 
 #: Feature indices of a message (at most 2**32 weights).
 Indices = npt.NDArray[np.uint32]
@@ -94,6 +93,8 @@ _PAIR_KEY = np.uint32(0x70616972)
 # outside words; see features.plain_text).
 _WORD_BYTES = np.zeros(256, dtype=bool)
 _WORD_BYTES[[*range(ord("a"), ord("z") + 1), *range(ord("0"), ord("9") + 1), *range(0x80, 0x100)]] = True
+# What a byte adds to the hash of the word it is in: nothing outside words.
+_TERMS = (np.arange(1, 257, dtype=np.uint32) * _WORD_BYTES).astype(np.uint32)
 # Text longer than this (in UTF-8) is cut: WORD_CHARS characters of 4 bytes at most.
 _MAX_TEXT_BYTES = 4 * 16_384
 # Polynomial word hashing modulo 2**32: powers of an odd multiplier and their inverses.
@@ -174,17 +175,18 @@ class Words:
         data = text.encode("utf-8", "surrogatepass")[:_MAX_TEXT_BYTES]
         octets = np.frombuffer(data, dtype=np.uint8)
         inside = _WORD_BYTES[octets]
-        edges = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-        starts = np.flatnonzero(edges == 1)
-        ends = np.flatnonzero(edges == -1)
-        if not len(starts):
+        edges = np.flatnonzero(inside[1:] != inside[:-1]) + 1
+        if len(octets) and inside[0]:
+            edges = np.concatenate(([0], edges))
+        if len(edges) % 2:
+            edges = np.concatenate((edges, [len(octets)]))
+        if not len(edges):
             empty = np.zeros(0, dtype=np.intp)
             return cls(data, empty, empty, np.zeros(0, dtype=np.uint32))
+        starts, ends = edges[0::2], edges[1::2]
         # sum of (byte + 1) * P**i over a word, then times P**-start: the same for the same word anywhere.
-        terms = octets.astype(np.uint32)
-        terms += np.uint32(1)
+        terms = _TERMS[octets]
         terms *= _POWERS[: len(octets)]
-        terms[~inside] = 0
         hashes = np.add.reduceat(terms, starts, dtype=np.uint32)
         hashes *= _INVERSES[starts]
         lengths = ends - starts
@@ -263,15 +265,22 @@ def distinct(indices: Indices) -> Indices:
 
 
 def first_of_each(indices: Indices) -> tuple[Indices, npt.NDArray[np.intp]]:
-    """The sorted distinct values of ``indices`` and where each first occurs."""
-    order = np.argsort(indices, kind="stable")
-    ordered = indices[order]
-    if len(ordered) < 2:
-        return ordered, order
-    keep = np.empty(len(ordered), dtype=bool)
+    """The sorted distinct values of ``indices`` and where each first occurs.
+
+    One sort of 64-bit keys (value, then position): twice as fast as a
+    stable argsort.
+    """
+    keys = indices.astype(np.uint64)
+    keys <<= np.uint64(32)
+    keys |= np.arange(len(indices), dtype=np.uint64)
+    keys.sort()
+    values = (keys >> np.uint64(32)).astype(np.uint32)
+    if len(values) < 2:
+        return values, (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    keep = np.empty(len(values), dtype=bool)
     keep[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
-    return ordered[keep], order[keep]
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep], (keys[keep] & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
 def vectorize(features: Features, bits: int = BITS) -> Indices:
@@ -326,8 +335,6 @@ class Model:
         self.scale = scale
         self.offset = offset
         self.info = dict(info or {})
-        # Each thread scoring with this model gets its own table for finding repeated features.
-        self._local = threading.local()
 
     @classmethod
     def empty(cls, bits: int = BITS) -> Model:
@@ -356,29 +363,14 @@ class Model:
         :param explain_at: give reasons only when the points reach this (None: always).
         """
         vector = message_vector(features, self.bits)
-        indices, first = self._distinct(vector.all())
-        weights = self.weights[indices]
-        margin = float(weights.sum()) / math.sqrt(len(indices)) + self.bias if len(indices) else self.bias
-        points = self.to_points(margin)
-        if not top or (explain_at is not None and points < explain_at):
+        every = vector.all()
+        if not top:
+            return self.to_points(self.margin(distinct(every))), []
+        indices, first = first_of_each(every)
+        points = self.to_points(self.margin(indices))
+        if explain_at is not None and points < explain_at:
             return points, []
-        return points, self._reasons(features, vector, weights, first, top)
-
-    def _distinct(self, every: Indices) -> tuple[Indices, npt.NDArray[np.intp]]:
-        """The distinct values of ``every`` and where each first occurs.
-
-        A table with a slot per weight, written at every value's index and
-        read back, finds them in time linear in the count, with no sort
-        (twice as fast as :func:`first_of_each` on typical mail).
-        """
-        slots = getattr(self._local, "slots", None)
-        if slots is None:
-            slots = self._local.slots = np.empty(len(self.weights), dtype=np.int32)
-        positions = np.arange(len(every), dtype=np.int32)
-        # Written from the end: where numpy writes in order (it does), the first occurrence wins.
-        slots[every[::-1]] = positions[::-1]
-        first = np.flatnonzero(slots[every] == positions)
-        return every[first], first
+        return points, self._reasons(features, vector, self.weights[indices].astype(np.float64), first, top)
 
     def explain(self, features: Features, top: int = 10) -> list[Reason]:
         """What weighs most in this message's score, strongest first, in words a person can check.
@@ -393,47 +385,49 @@ class Model:
         return self.assess(features, top)[1]
 
     def _reasons(
-        self, features: Features, vector: Vector, weights: npt.NDArray[np.float32], first: npt.NDArray[np.intp],
+        self, features: Features, vector: Vector, weights: npt.NDArray[np.float64], first: npt.NDArray[np.intp],
         top: int,
     ) -> list[Reason]:
-        if not len(first):
+        count = len(first)
+        if not count:
             return []
-        points = weights.astype(np.float64) * (self.scale / math.sqrt(len(first)))
-        bounds = np.cumsum([len(section) for section in vector.sections])
-        kind = np.searchsorted(bounds, first, side="right")
-        place = first - np.concatenate(([0], bounds[:-1]))[kind]
-        # Header 4-grams add up by the header field they start in, text 4-grams into one.
-        head = kind == _HEADER
-        text = kind == _TEXT
-        alone = ~(head | text)
+        sizes = [len(section) for section in vector.sections]
+        offsets = np.cumsum([0, *sizes[:-1]])
+        kind = np.repeat(np.arange(len(sizes), dtype=np.int8), sizes)[first]
+        # Every feature is its own reason, but header 4-grams add up by the
+        # header field they start in, and text 4-grams into one reason.
+        group = np.arange(count)
+        head = np.flatnonzero(kind == _HEADER)
         octets = np.frombuffer(features.head, dtype=np.uint8)
-        # A field starts each line that does not start with a blank (folded lines go on a field).
-        fields = np.flatnonzero(octets[:-1] == ord("\n")) + 1
-        fields = fields[(octets[fields] != ord(" ")) & (octets[fields] != ord("\t"))]
-        field_of = np.searchsorted(fields, place[head], side="right")
-        strengths = np.concatenate((
-            points[alone],
-            np.bincount(field_of, weights=points[head], minlength=len(fields) + 1),
-            [points[text].sum()],
-        ))
-        count = int(alone.sum())
+        # A field starts at every line that does not start with a blank (folded lines go on a field).
+        starts_field = np.zeros(len(octets), dtype=np.int32)
+        starts_field[1:] = (octets[:-1] == 10) & (octets[1:] != 32) & (octets[1:] != 9)
+        field_of = np.cumsum(starts_field)
+        fields = int(field_of[-1]) + 1 if len(octets) else 0
+        group[head] = count + field_of[first[head] - offsets[_HEADER]]
+        group[kind == _TEXT] = count + fields
+        sums: npt.NDArray[np.float64] = np.bincount(group, weights=weights, minlength=count + fields + 1)
+        strengths = sums * (self.scale / math.sqrt(count))
+        magnitude = np.abs(strengths)
         if len(strengths) > top:
-            chosen = np.argpartition(-np.abs(strengths), top - 1)[:top]
-            strongest = chosen[np.argsort(-np.abs(strengths[chosen]), kind="stable")]
+            chosen = np.argpartition(-magnitude, top - 1)[:top]
+            strongest = chosen[np.argsort(-magnitude[chosen], kind="stable")]
         else:
-            strongest = np.argsort(-np.abs(strengths), kind="stable")
-        starts = np.concatenate(([0], fields)).tolist()
+            strongest = np.argsort(-magnitude, kind="stable")
+        field_starts: list[int] | None = None
         reasons = []
         for number in strongest.tolist():
             value = float(strengths[number])
             if not value:
                 continue
             if number < count:
-                name = self._name(features, vector, int(kind[alone][number]), int(place[alone][number]))
-            elif number < len(strengths) - 1:
+                section = int(kind[number])
+                name = self._name(features, vector, section, int(first[number] - offsets[section]))
+            elif number < count + fields:
+                if field_starts is None:
+                    field_starts = [0, *np.flatnonzero(starts_field).tolist(), len(octets)]
                 field = number - count
-                end = starts[field + 1] if field + 1 < len(starts) else len(features.head)
-                shown = features.head[starts[field] : end].decode("utf-8", "replace")
+                shown = features.head[field_starts[field] : field_starts[field + 1]].decode("utf-8", "replace")
                 name = "header " + " ".join(shown.split())[:70]
             else:
                 name = "text n-grams"
