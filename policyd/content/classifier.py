@@ -406,7 +406,7 @@ class Model:
         fields = int(field_of[-1]) + 1 if len(octets) else 0
         group[head] = count + field_of[first[head] - offsets[_HEADER]]
         group[kind == _TEXT] = count + fields
-        sums: npt.NDArray[np.float64] = np.bincount(group, weights=weights, minlength=count + fields + 1)
+        sums = np.bincount(group, weights=weights, minlength=count + fields + 1).astype(np.float64)
         strengths = sums * (self.scale / math.sqrt(count))
         magnitude = np.abs(strengths)
         if len(strengths) > top:
