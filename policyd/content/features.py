@@ -1,4 +1,4 @@
-"""What the classifier sees of a message: tokens and text, from its headers and MIME parts.
+"""What the classifier sees of a message: its header block, tokens and text, from its headers and MIME parts.
 
 :func:`message_features` reads a message as the milter receives it from
 the MTA (header fields, then the body); :func:`extract` reads one as bytes
@@ -8,17 +8,23 @@ features.  Every text part is decoded (base64, quoted-printable, RFC 2047
 headers, any charset), HTML is reduced to text, URLs and their domains are
 collected, and the result is :class:`Features`:
 
-- ``tokens``: words of the body and Subject, words of selected headers
-  prefixed with the header's name (``from:gmail``), header names present,
-  URL domains (``url:example.biz``, and the registered domain), attachment
-  types, and a few facts about the structure (``meta:html-only``);
-- ``text``: the Subject and the body text, lower-cased and cut to
-  :data:`TEXT_CHARS`, from which the classifier takes character n-grams,
-  which catch what words miss (misspellings, French and English alike,
-  obfuscated spelling, words glued together).
+- ``head``: the header block as bytes (``Name: value`` lines, as received,
+  cut to :data:`HEAD_BYTES`), from which the classifier takes byte 4-grams:
+  the raw headers carry much of what tells spam (TREC 2005-2007);
+- ``tokens``: header names present (``hdr:x-mailer``), sender domains
+  (``from-domain:example.com``), URL hosts (``url:example.biz``, and the
+  registered domain), attachment types and a few facts about the structure
+  (``meta:html-only``);
+- ``text``: the Subject and the body text, made plain by
+  :func:`plain_text` and cut to :data:`WORD_CHARS`, from which the
+  classifier takes words (:func:`text_words`), word pairs and character
+  n-grams, which catch what words miss (misspellings, obfuscated spelling,
+  words glued together).
 
-Words are Unicode words (``gagné``, ``l'offre``), lower-cased; an accented
-word also gives its unaccented form, since spam often drops the accents.
+Words are Unicode words (``gagné``), lower-cased, NFKC-normalised; an
+apostrophe ends a word, so French elisions give the word itself
+(``l'argent`` -> ``argent``, ``qu'il`` -> ``qu``, ``il``); an accented word
+also gives its unaccented form, since spam often drops the accents.
 Nothing here depends on a language.
 
 Most mail is a single text part.  Its body is decoded directly; only a
@@ -26,8 +32,9 @@ message with parts (``multipart/*``, ``message/*``) goes through the
 :mod:`email` parser, and every leaf part, from either path, is read by the
 same code, so both give the same features (the tests check it).
 
-Everything is bounded: at most :data:`MAX_PARTS` MIME parts and
-:data:`MAX_TOKENS` tokens per message, whatever the message holds.
+Everything is bounded: at most :data:`MAX_PARTS` MIME parts,
+:data:`MAX_TOKENS` tokens, :data:`HEAD_BYTES` of headers and
+:data:`WORD_CHARS` of text per message, whatever the message holds.
 """
 
 from __future__ import annotations
@@ -47,12 +54,19 @@ from pathlib import Path
 
 import attrs
 
-#: Characters of Subject and body kept for character n-grams: the start of a
-#: message says what it is; the rest mostly repeats it (TREC results agree).
-TEXT_CHARS = 4000
+#: Bytes of the header block kept: enough for the headers of nearly all
+#: mail; the topmost (the last hops and the sender's own) come first.
+HEAD_BYTES = 6000
 
-#: Body characters tokenised into words.
-WORD_CHARS = 60_000
+#: Characters of Subject and body text kept for words and n-grams: the start
+#: of a message says what it is; the rest mostly repeats it (TREC results agree).
+WORD_CHARS = 16_000
+
+#: Shortest word kept, in bytes: one letter says nothing (the ``l`` of ``l'argent``).
+MIN_WORD = 2
+
+#: Longest word kept, in UTF-8 bytes: longer runs are identifiers, hashes and encoded junk.
+MAX_WORD = 40
 
 #: MIME parts looked at; a message with thousands of parts is an attack.
 MAX_PARTS = 64
@@ -65,43 +79,13 @@ MAX_DELIMITERS = 4 * MAX_PARTS
 MAX_HEADER_FIELDS = 200
 
 #: Tokens per message; enough for any real mail.
-MAX_TOKENS = 8000
-
-#: Words of the body that also give word pairs.
-PAIRED_WORDS = 400
-
-#: Longest word kept: longer runs are identifiers, hashes and encoded junk.
-MAX_WORD = 30
+MAX_TOKENS = 2000
 
 #: Body characters whose letters decide ``meta:body-shouting``.
 SHOUTING_CHARS = 5000
 
-#: Headers whose words are tokens, with the prefix they get.  Others only
-#: count by their presence (``hdr:x-mailer``).
-WORD_HEADERS = {
-    "subject": "subject",
-    "from": "from",
-    "reply-to": "reply-to",
-    "to": "to",
-    "cc": "cc",
-    "return-path": "return-path",
-    "sender": "sender",
-    "message-id": "message-id",
-    "x-mailer": "mailer",
-    "user-agent": "mailer",
-    "content-type": "content-type",
-    "received": "received",
-    "list-id": "list-id",
-    "list-unsubscribe": "list-unsubscribe",
-    "precedence": "precedence",
-    "organization": "organization",
-    "x-priority": "priority",
-    "importance": "priority",
-    "x-msmail-priority": "priority",
-    "mime-version": "mime-version",
-    "date": "date",
-    "content-transfer-encoding": "cte",
-}
+#: Headers whose address domains are tokens (``from-domain:example.com``).
+ADDRESS_HEADERS = frozenset({"from", "reply-to", "return-path", "sender"})
 
 #: Headers that say nothing about the sender's mail: ours, and verdicts of
 #: other filters that a sender can forge at will.
@@ -110,16 +94,15 @@ IGNORED_HEADERS = ("x-spam-", "x-policyd-", "x-virus-", "x-dspam-", "x-bogosity"
 #: The top-level headers that say how the body is made (the MIME structure).
 PART_HEADERS = ("content-type", "content-transfer-encoding", "content-disposition")
 
-# A word: letters and digits, with ' ’ . - inside (l'offre, e-mail, v1.2), of
-# two characters at least: a run of two or more, or one with more after a
-# joiner.  Lower-case ASCII text (most mail) takes the narrower pattern, which
-# finds the same words faster; possessive repeats (nothing to backtrack into)
-# are faster still.
-_WORD = re.compile(r"[^\W_]{2,}+(?:['’.\-][^\W_]++)*+|[^\W_](?:['’.\-][^\W_]++)++")
-_ASCII_WORD = re.compile(r"[a-z0-9]{2,}+(?:['.\-][a-z0-9]++)*+|[a-z0-9](?:['.\-][a-z0-9]++)++")
-# A word never spans an ASCII character other than a letter, digit or joiner:
-# blanking those and splitting leaves chunks that are mostly one word each.
-_ASCII_NOT_IN_WORDS = {c: " " for c in range(128) if chr(c) not in "abcdefghijklmnopqrstuvwxyz0123456789'.-"}
+# Characters that end words in plain text (:func:`plain_text`): not letters,
+# marks or digits, and not ASCII (ASCII is split by the classifier's byte classes).
+_NOT_IN_WORDS = re.compile(r"[^\w\x00-\x7f]")
+# Typographic apostrophes, quotes and dashes as their ASCII forms.
+_TYPOGRAPHY = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00b4": "'", "\u201c": '"',
+                             "\u201d": '"', "\u00ab": '"', "\u00bb": '"', "\u2013": "-", "\u2014": "-"})
+# A word of plain text, as the classifier's byte classes find it: ASCII
+# letters and digits, and any other character.
+_TEXT_WORD = re.compile(r"[a-z0-9\u0080-\U0010ffff]+")
 _URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+")
 # Applied to lower-cased markup: a case-insensitive search would be several times slower.
 _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
@@ -153,14 +136,16 @@ _NOT_UPPER = bytes(b for b in range(256) if not 65 <= b <= 90)
 class Features:
     """What the classifier sees of one message.
 
-    :ivar tokens: word, header, URL and structure tokens (repeats removed).
-    :ivar text: Subject and body text, lower-cased, for character n-grams.
+    :ivar tokens: header, URL and structure tokens (repeats removed).
+    :ivar text: Subject and body text made plain (:func:`plain_text`), for words and n-grams.
     :ivar subject: the decoded Subject, for people.
+    :ivar head: the header block (``Name: value`` lines), for byte n-grams.
     """
 
     tokens: tuple[str, ...]
     text: str
     subject: str = ""
+    head: bytes = b""
 
 
 def decode_header(value: str) -> str:
@@ -279,36 +264,37 @@ def _combining_marks() -> re.Pattern[str]:
     return re.compile(f"[{re.escape(marks)}]")
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased words of 2 to :data:`MAX_WORD` characters, in order."""
+def plain_text(text: str) -> str:
+    """Lower-cased text whose words the classifier reads byte by byte.
+
+    Non-ASCII text is NFKC-normalised (composed accents, ligatures and
+    full-width letters as letters, ``\xa0`` as a space), typographic
+    apostrophes, quotes and dashes become ASCII, and other characters that
+    are not letters, marks or digits (symbols, emoji) become spaces.
+    """
     lowered = text.lower()
-    found = _ascii_words(lowered) if lowered.isascii() else _WORD.findall(lowered)
-    if len(lowered) > MAX_WORD and found and max(map(len, found)) > MAX_WORD:
-        return [word for word in found if len(word) <= MAX_WORD]
-    return found
+    if lowered.isascii():
+        return lowered
+    normal = unicodedata.normalize("NFKC", lowered).translate(_TYPOGRAPHY)
+    return _NOT_IN_WORDS.sub(" ", normal).lower()
 
 
-def _ascii_words(lowered: str) -> list[str]:
-    """What ``_ASCII_WORD.findall`` finds, twice as fast: a chunk of letters and digits only is one word."""
-    found: list[str] = []
-    add = found.append
-    for chunk in lowered.translate(_ASCII_NOT_IN_WORDS).split():
-        if chunk.isalnum():
-            if len(chunk) > 1:
-                add(chunk)
-        else:
-            found.extend(_ASCII_WORD.findall(chunk))
-    return found
+def text_words(text: str) -> list[str]:
+    """The words the classifier takes from plain text (:func:`plain_text`), in order.
+
+    A word is a run of ASCII letters and digits and of non-ASCII characters
+    (plain text has no non-ASCII character outside words), of
+    :data:`MIN_WORD` to :data:`MAX_WORD` bytes in UTF-8.
+    """
+    found = _TEXT_WORD.findall(text)
+    return [w for w in found if MIN_WORD <= len(w.encode("utf-8", "surrogatepass")) <= MAX_WORD]
 
 
-def unaccented(found: Sequence[str]) -> list[str]:
-    """The unaccented forms of the accented words among ``found`` (``été`` -> ``ete``)."""
-    accented = [word for word in found if not word.isascii()]
-    if not accented:
-        return []
-    # One normalisation for all of them; no decomposition holds a newline.
-    plain = _combining_marks().sub("", unicodedata.normalize("NFKD", "\n".join(accented))).split("\n")
-    return [bare for bare, word in zip(plain, accented, strict=True) if bare != word]
+def unaccented(text: str) -> str:
+    """``text`` without its accents (``été`` -> ``ete``): what spam that drops them writes."""
+    if text.isascii():
+        return text
+    return _combining_marks().sub("", unicodedata.normalize("NFKD", text))
 
 
 def domain_of(url: str) -> str:
@@ -411,7 +397,7 @@ def extract(raw: bytes, max_bytes: int | None = None) -> Features:
 def message_features(
     headers: Sequence[tuple[str, str]], body: bytes, mime_parser: bool = False
 ) -> Features:
-    """The tokens and text of a message as the milter gets it: header fields, then the body.
+    """The header block, tokens and text of a message as the milter gets it: header fields, then the body.
 
     :param headers: (name, value) in order, values as the MTA gives them
         (or :func:`split_message`).
@@ -425,30 +411,23 @@ def message_features(
     # --- headers ---
     subject = ""
     fields: dict[str, str] = {}
+    lines: list[str] = []
     for name, value in headers[:MAX_HEADER_FIELDS]:
         lower = name.lower()
         if lower.startswith(IGNORED_HEADERS):
             continue
+        lines.append(f"{name}: {value}")
         add(f"hdr:{lower[:40]}")
         if lower in PART_HEADERS and lower not in fields:
             fields[lower] = value
-        prefix = WORD_HEADERS.get(lower)
-        if prefix is None:
-            continue
-        # Words need no tidy blanks: only the Subject (kept for people) and encoded values are decoded.
-        text = (decode_header(value) if lower == "subject" or "=?" in value else value)[:2000]
-        if lower == "subject":
-            subject = subject or text
-            if text.isupper() and len(text) > 8:
+        if lower == "subject" and not subject:
+            subject = decode_header(value)[:2000]
+            if subject.isupper() and len(subject) > 8:
                 add("meta:subject-shouting")
-        if "@" in text:
-            for domain in _EMAIL.findall(text):
-                add(f"{prefix}-domain:{registered_domain(domain.lower())}")
-        found = words(text)
-        named = f"{prefix}:".__add__
-        tokens.extend(map(named, found))
-        if not text.isascii():
-            tokens.extend(map(named, unaccented(found)))
+        elif lower in ADDRESS_HEADERS and "@" in value:
+            for domain in _EMAIL.findall(value[:2000]):
+                add(f"{lower}-domain:{registered_domain(domain.lower())}")
+    head = "\n".join(lines).encode("utf-8", "surrogateescape")[:HEAD_BYTES]
 
     # --- body ---
     texts: list[str] = []
@@ -496,19 +475,13 @@ def message_features(
     tokens.extend(url_tokens(urls[:500]))
     add(f"meta:urls-{_bucket(len(urls))}")
     add(f"meta:body-{_bucket(len(body_text) // 64)}")
-    body_words = words(lowered)
-    tokens.extend(body_words)
-    if not lowered.isascii():
-        tokens.extend(unaccented(body_words))
-    # Word pairs catch phrases ("click here", "cliquez ici").
-    tokens.extend(map(" ".join, zip(body_words[:PAIRED_WORDS], body_words[1 : PAIRED_WORDS + 1], strict=False)))
     if _shouting(body_text[:SHOUTING_CHARS]):
         add("meta:body-shouting")
 
     unique = tuple(dict.fromkeys(tokens))[:MAX_TOKENS]
-    # Collapsing blanks never lengthens text: twice TEXT_CHARS is plenty to start from.
-    text = " ".join(f"{subject.lower()}\n{lowered[: 2 * TEXT_CHARS]}".split())[:TEXT_CHARS]
-    return Features(unique, text, subject)
+    # Collapsing blanks never lengthens text.
+    text = plain_text(" ".join(f"{subject}\n{lowered[:WORD_CHARS]}".split())[:WORD_CHARS])
+    return Features(unique, text, subject, head)
 
 
 # --- reading mail from disk -------------------------------------------------------
