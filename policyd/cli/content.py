@@ -42,7 +42,7 @@ def _mail_paths(paths: Sequence[str], option: str) -> list[Any]:
               help="Good mail: a Maildir, a directory of message files, or an mbox (repeatable).")
 @click.option("--spam", "spam", multiple=True, required=True, metavar="PATH",
               help="Spam: a Maildir, a directory of message files, or an mbox (repeatable).")
-@click.option("--passes", type=WholeNumber(1, 50), default=None, help="Passes over the mail (default 6).")
+@click.option("--passes", type=WholeNumber(1, 50), default=None, help="Passes over the mail (default 8).")
 @json_option
 def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_json: bool) -> None:
     """Train the content classifier and replace the model the milter and score use."""

@@ -311,6 +311,10 @@ class ModelError(Exception):
     """A model file that cannot be used."""
 
 
+class OldModel(ModelError):
+    """A model trained by an earlier policyd, whose features this one no longer computes."""
+
+
 class Model:
     """A trained classifier.
 
@@ -488,7 +492,9 @@ class Model:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["meta"]).decode())
                 if meta.get("format") != FORMAT:
-                    raise ModelError(f"{path}: model format {meta.get('format')!r}, expected {FORMAT}")
+                    found = meta.get("format")
+                    kind = OldModel if isinstance(found, int) and found < FORMAT else ModelError
+                    raise kind(f"{path}: model format {found!r}, expected {FORMAT}")
                 weights = data["weights"].astype(np.float32)
         except FileNotFoundError:
             raise ModelError(f"{path}: no such model file") from None

@@ -23,7 +23,7 @@ import attrs
 
 from policyd.config import Config
 from policyd.content import features as content
-from policyd.content.classifier import Model, ModelError, Reason
+from policyd.content.classifier import Model, ModelError, OldModel, Reason
 from policyd.errors import PolicydError
 
 log = logging.getLogger("policyd.milter")
@@ -52,6 +52,10 @@ def shipped_model() -> Path:
 def load_model(config: Config) -> tuple[Model, Path]:
     """The trained model, else the shipped one; and the file it came from.
 
+    A model trained by an earlier policyd (an older format) is set aside with
+    a warning and the shipped one used, so an upgrade never stops the milter;
+    ``policyd train`` makes a new one.
+
     :raises PolicydError: when the file exists but cannot be used.
     """
     path = model_path(config)
@@ -59,6 +63,9 @@ def load_model(config: Config) -> tuple[Model, Path]:
         path = shipped_model()
     try:
         return Model.load(path), path
+    except OldModel as error:
+        log.warning("content model: %s; using the shipped model until policyd train makes a new one", error)
+        return Model.load(shipped_model()), shipped_model()
     except ModelError as error:
         raise PolicydError(f"content model: {error}") from None
 

@@ -28,9 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from policyd.content.scoring import ContentScorer
+
 from policyd.content import classifier
 from policyd.content import features as content
-from policyd.content.scoring import ContentScorer
 from tests.eval import corpus, metrics
 from tests.eval.baseline import ByteFourGrams
 

@@ -192,3 +192,24 @@ def test_explain_names_header_fields_words_and_phrases() -> None:
     assert "header X-Mailer: PromoBlaster 9" in names
     assert "gagnant" in names and "url:promo.example.biz" in names and "text n-grams" in names
     assert any(" " in name and not name.startswith(("header ", "text ")) for name in names)
+
+
+def test_a_model_of_an_older_format_gives_way_to_the_shipped_one(tmp_path: Path) -> None:
+    """After an upgrade, a trained model of an older format is set aside for the shipped one, never a failure."""
+    import json as json_module
+
+    from policyd.content.scorer import load_model, shipped_model
+    from tests.conftest import make_config
+
+    path = tmp_path / "content.model"
+    meta = {"format": classifier.FORMAT - 1, "bias": 0.0, "scale": 1.0, "offset": 0.0, "info": {}}
+    with path.open("wb") as file:
+        np.savez_compressed(
+            file, weights=np.zeros(16, dtype=np.float16),
+            meta=np.frombuffer(json_module.dumps(meta).encode(), dtype=np.uint8),
+        )
+    with pytest.raises(classifier.OldModel):
+        Model.load(path)
+    model, used = load_model(make_config(f"content:\n  model: {path}\n"))
+    assert used == shipped_model()
+    assert model.weights.size > 16
