@@ -44,12 +44,26 @@ def chromium(headers: dict[str, str] | None = None) -> Iterator[Any]:
 
 def press(browser: Any, button: Any = "submit") -> None:
     """Click a button (an element, or its id) and wait until the page it leads to has replaced this one."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     if isinstance(button, str):
         button = browser.find_element(By.ID, button)
     button.click()
-    WebDriverWait(browser, 15).until(expected_conditions.staleness_of(button))
+
+    def replaced(_: Any) -> bool:
+        # Chromium reports a node of the page just replaced either as stale or,
+        # while the new page is being attached, as "not in the document".
+        try:
+            button.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as error:
+            if "does not belong to the document" in str(error):
+                return True
+            raise
+        return False
+
+    WebDriverWait(browser, 15).until(replaced)
     WebDriverWait(browser, 15).until(lambda b: b.execute_script("return document.readyState") == "complete")
