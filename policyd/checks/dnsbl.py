@@ -33,7 +33,14 @@ from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.names import dns, error
 from twisted.python.failure import Failure
 
-from policyd.checks.resolver import CircuitBreaker, ClientCache, describe_failure, timed, within
+from policyd.checks.resolver import (
+    CircuitBreaker,
+    ClientCache,
+    describe_failure,
+    resolver_servers,
+    timed,
+    within,
+)
 from policyd.netlists import IPAddress
 
 log = logging.getLogger("policyd.dns")
@@ -157,6 +164,8 @@ class DnsblClient:
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
         self._resolver_timeout = (per_server_timeout or timeout,)
+        #: The name servers asked, to name them when they do not answer.
+        self.servers = resolver_servers(resolver)
         self.cache = ClientCache(clock, cache_size)
         self.breakers: dict[str, CircuitBreaker] = {}
         #: Look-ups in flight, with the requests waiting for each.
@@ -216,7 +225,7 @@ class DnsblClient:
         name = query_name(address, zone)
         lookup = self._lookup("lookupAddress", name)
         lookup.addCallbacks(self._answered, self._not_answered, callbackArgs=(zone,), errbackArgs=(zone,))
-        lookup.addErrback(lambda f: (ZoneAnswer(zone, Status.ERROR, (), f.getErrorMessage()), 0.0))
+        lookup.addErrback(lambda f: (ZoneAnswer(zone, Status.ERROR, (), self.describe(f)), 0.0))
         lookup.addCallback(self._settle, key, zone, breaker, admitted == "trial")
         return waiter
 
@@ -239,8 +248,12 @@ class DnsblClient:
             ttl = _negative_ttl((None, getattr(message, "authority", []), None), self.cache_ttl)
             return ZoneAnswer(zone, Status.NOT_LISTED), ttl
         if failure.check(TimeoutError):
-            return ZoneAnswer(zone, Status.TIMEOUT, (), f"no answer within {self.timeout:g}s"), 0.0
-        return ZoneAnswer(zone, Status.ERROR, (), describe_failure(failure)), 0.0
+            return ZoneAnswer(zone, Status.TIMEOUT, (), self.describe(failure)), 0.0
+        return ZoneAnswer(zone, Status.ERROR, (), self.describe(failure)), 0.0
+
+    def describe(self, problem: Failure | BaseException) -> str:
+        """A failed look-up in words, naming the servers asked (:func:`describe_failure`)."""
+        return describe_failure(problem, self.servers, self.timeout)
 
     def _settle(
         self, outcome: tuple[ZoneAnswer, float], key: str, zone: str, breaker: CircuitBreaker, trial: bool
@@ -283,7 +296,7 @@ class DnsblClient:
             return waiter
         self._pending[(key, "reverse-dns")] = [waiter]
         found = Deferred.fromCoroutine(self._reverse(address))
-        found.addErrback(lambda f: ReverseDns("unknown", detail=describe_failure(f)))
+        found.addErrback(lambda f: ReverseDns("unknown", detail=self.describe(f)))
         found.addCallback(self._settle_reverse, key)
         return waiter
 
@@ -308,7 +321,7 @@ class DnsblClient:
         except Exception as problem:
             if isinstance(problem, _NO_SUCH_NAME) or type(problem) in _PLAIN_NO_SUCH_NAME:
                 return ReverseDns("none", detail="no PTR record")
-            return ReverseDns("unknown", detail=f"PTR look-up failed: {describe_failure(problem)}")
+            return ReverseDns("unknown", detail=f"PTR look-up failed: {self.describe(problem)}")
         names = tuple(
             dict.fromkeys(str(r.payload.name).rstrip(".").lower() for r in result[0] if r.type == dns.PTR)
         )

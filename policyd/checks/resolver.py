@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -261,12 +261,50 @@ def within(
     return done
 
 
-def describe_failure(problem: Failure | BaseException) -> str:
-    """A DNS failure in words, for the log and ``score-ip``."""
+def describe_servers(servers: Sequence[tuple[str, int]]) -> str:
+    """``DNS server 127.0.0.1:53`` or ``DNS servers 10.0.0.1:53, [2001:db8::1]:53``, for people."""
+    if not servers:
+        return "the DNS server"
+    named = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in servers]
+    return f"DNS server{'s' if len(named) > 1 else ''} {', '.join(named)}"
+
+
+def describe_failure(
+    problem: Failure | BaseException, servers: Sequence[tuple[str, int]] = (), timeout: float | None = None
+) -> str:
+    """A DNS failure in words, for the log and ``score-ip``.
+
+    A time-out names the servers that were asked and how long they had
+    (``DNS server 127.0.0.1:53 did not answer within 2s``): the resolver's
+    own exception only shows the query it sent.
+
+    :param servers: the name servers that were asked (``host, port``).
+    :param timeout: the seconds they had, when known.
+    """
     value = problem.value if isinstance(problem, Failure) else problem
+    if isinstance(value, TimeoutError):
+        within_ = f" within {timeout:g}s" if timeout is not None else ""
+        return f"{describe_servers(servers)} did not answer{within_}"
     if isinstance(value, error.DNSServerError):
         return "server failure (SERVFAIL)"
     if isinstance(value, error.DNSQueryRefusedError):
         return "query refused (REFUSED)"
+    if isinstance(value, error.DNSFormatError):
+        return "the server could not read the query (FORMERR)"
+    if isinstance(value, error.DNSNotImplementedError):
+        return "query type not implemented by the server (NOTIMP)"
+    if isinstance(value, error.DNSUnknownError):
+        return "unknown error code from the server"
+    if isinstance(value, OSError) and value.strerror:
+        return f"cannot reach {describe_servers(servers)}: {value.strerror}"
     text = str(value)
     return f"{type(value).__name__}: {text}" if text else type(value).__name__
+
+
+def resolver_servers(resolver: object) -> tuple[tuple[str, int], ...]:
+    """The ``(host, port)`` name servers a ``twisted.names`` client asks; none for other resolvers."""
+    servers = getattr(resolver, "servers", None) or ()
+    try:
+        return tuple((str(host), int(port)) for host, port in servers)
+    except (TypeError, ValueError):
+        return ()

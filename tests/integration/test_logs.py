@@ -215,3 +215,27 @@ def test_hot_path_info_lines_look_like_every_other_line(format: str) -> None:
     finally:
         milter_log.setLevel(logging.NOTSET)
         logs.setup(make_config("").log, stream=io.StringIO())
+
+
+def test_score_ip_says_which_dns_server_did_not_answer(tmp_path: Path) -> None:
+    """policyd score-ip against a name server that never answers names it and the time, not a Query repr."""
+    from tests.harness.servers import policyd
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        nameserver = f"127.0.0.1:{silent.getsockname()[1]}"
+        config = tmp_path / "policyd.yaml"
+        config.write_text(
+            f'listen:\n  policy: "tcp:{free_port()}:interface=127.0.0.1"\nstore:\n  url: "memory://"\n'
+            "local_domains: [example.org]\noutbound:\n  limit: 2\n"
+            "inbound:\n  heuristics:\n    no_reverse_dns: 2\n  dnsbl:\n    - zone: bl.test\n      weight: 10\n"
+            f'dns:\n  nameservers: ["{nameserver}"]\n  timeout: 1s\n  deadline: 3s\n',
+            encoding="utf-8",
+        )
+        result = policyd("score-ip", "192.0.2.66", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    sources = {s["source"]: s["detail"] for s in json.loads(result.stdout)["sources"]}
+    assert sources["bl.test"] == f"timeout: DNS server {nameserver} did not answer within 1s", sources
+    assert f"DNS server {nameserver} did not answer within 1s" in sources["reverse_dns"], sources
+    assert f"DNS zone bl.test: timeout: DNS server {nameserver} did not answer within 1s" in result.stderr
+    assert "Query(" not in result.stdout + result.stderr

@@ -306,7 +306,7 @@ def test_timeout_is_not_a_listing() -> None:
     decided = []
     reputation.assess("192.0.2.10").addCallback(decided.append)
     fake.advance(2)
-    assert decided[0].sources[0].detail == "timeout: no answer within 2s"
+    assert decided[0].sources[0].detail == "timeout: the DNS server did not answer within 2s"
 
 
 def test_deadline_bounds_the_reply_and_the_look_up_goes_on() -> None:
