@@ -293,6 +293,19 @@ async def test_quarantine_retention_expires(store: Store) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_quarantine_ids_are_never_given_twice(store: Store) -> None:
+    """Deleting, releasing or expiring the newest held message never frees its id for the next one."""
+    first = await store.quarantine(held(), RAW)
+    second = await store.quarantine(held(), RAW)
+    assert await store.quarantine_delete(second.id) is True
+    third = await store.quarantine(held(keep=60), RAW)
+    assert await store.quarantine_expire(now=T0 + 60) == 1
+    fourth = await store.quarantine(held(), RAW)
+    ids = [first.id, second.id, third.id, fourth.id]
+    assert ids == sorted(set(ids)), ids
+
+
+@pytest_twisted.ensureDeferred
 async def test_spam_preferences(store: Store) -> None:
     """A recipient's spam choice is recorded, replaced, looked up in bulk and forgotten."""
     assert await store.preferences(["bob@example.org"]) == {}

@@ -15,7 +15,7 @@ from policyd.store import (
     Quarantined,
 )
 from policyd.store.sqlite.connection import SQLiteConnection
-from policyd.store.sqlite.schema import held_entry, sql_limit, storable_id
+from policyd.store.sqlite.schema import held_entry, next_quarantine_id, sql_limit, storable_id
 
 
 class SQLiteHeldMail(SQLiteConnection):
@@ -26,10 +26,12 @@ class SQLiteHeldMail(SQLiteConnection):
         """See :meth:`policyd.store.Store.quarantine`."""
 
         def work(db: sqlite3.Connection) -> Quarantined:
-            cursor = db.execute(
-                "INSERT INTO quarantine (recipient, sender, subject, score, at, until, size, client, "
-                "queue_id, reasons, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            entry_id = next_quarantine_id(db)
+            db.execute(
+                "INSERT INTO quarantine (id, recipient, sender, subject, score, at, until, size, client, "
+                "queue_id, reasons, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
+                    entry_id,
                     entry.recipient,
                     entry.sender,
                     entry.subject,
@@ -43,7 +45,7 @@ class SQLiteHeldMail(SQLiteConnection):
                     sqlite3.Binary(message),
                 ),
             )
-            return attrs.evolve(entry, id=int(cursor.lastrowid or 0))
+            return attrs.evolve(entry, id=entry_id)
 
         return self._run(work, write=True)
 

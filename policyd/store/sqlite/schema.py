@@ -103,6 +103,37 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+#: ``marks`` name of the last quarantine id given.  Ids come from this
+#: sequence, never from the table's largest id: SQLite gives a deleted
+#: newest row's id again, and two messages would then both be "#1" in the
+#: audit log and the logs.
+QUARANTINE_SEQUENCE = "quarantine-id"
+
+#: The last quarantine id a store made before the sequence existed: the
+#: largest id held, claimed or named in the audit log ("quarantine #12 for
+#: ..."), so an upgraded store never gives one of them again.  SQLite reads
+#: "12 for ..." cast to an integer as 12.
+LAST_QUARANTINE_ID = """
+SELECT MAX(
+    (SELECT COALESCE(MAX(id), 0) FROM quarantine),
+    (SELECT COALESCE(MAX(id), 0) FROM release_claims),
+    (SELECT COALESCE(MAX(CAST(substr(subject, 13) AS INTEGER)), 0) FROM audit WHERE subject LIKE 'quarantine #%')
+)
+"""
+
+
+def next_quarantine_id(db: Any) -> int:
+    """Take the next quarantine id (inside the caller's write transaction).
+
+    The first time on a store made by an older version, the sequence starts
+    after :data:`LAST_QUARANTINE_ID`: that is the whole migration.
+    """
+    row = db.execute("SELECT value FROM marks WHERE name = ?", (QUARANTINE_SEQUENCE,)).fetchone()
+    last = int(row[0]) if row is not None else int(db.execute(LAST_QUARANTINE_ID).fetchone()[0] or 0)
+    db.execute("INSERT OR REPLACE INTO marks (name, value) VALUES (?, ?)", (QUARANTINE_SEQUENCE, str(last + 1)))
+    return last + 1
+
+
 def held_entry(row: Sequence[Any]) -> Quarantined:
     """A quarantine entry from its row (the columns of the table, in order, without the message)."""
     entry_id, recipient, sender, subject, score, at, until, size, client, queue_id, reasons = row

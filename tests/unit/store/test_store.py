@@ -353,3 +353,36 @@ async def test_closing_writes_the_counts_held_in_memory(tmp_path: Path) -> None:
     again = SQLiteStore(path)
     assert await again.usage("alice", now=T0, window=HOUR) == 3
     await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_quarantine_ids_survive_reopening_and_upgrades(tmp_path: Path) -> None:
+    """After a restart a new held message gets a new id, even when the newest was deleted; a store made
+    before the id sequence continues after every id it held or named in its audit log."""
+    import sqlite3
+
+    from tests.harness.store_contract import RAW, held
+
+    path = str(tmp_path / "state.db")
+    first = SQLiteStore(path)
+    one = await first.quarantine(held(), RAW)
+    two = await first.quarantine(held(), RAW)
+    await first.quarantine_delete(two.id)
+    await first.close()
+    second = SQLiteStore(path)
+    three = await second.quarantine(held(), RAW)
+    await second.close()
+    assert (one.id, two.id, three.id) == (1, 2, 3)
+
+    # A store of an older version: no sequence; #7 was deleted, #5 is still held.
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("DELETE FROM marks WHERE name = 'quarantine-id'")
+        db.execute("DELETE FROM quarantine")
+        db.execute("INSERT INTO audit (at, who, action, subject, reason) VALUES "
+                   "(1, 'root', 'quarantine-delete', 'quarantine #7 for bob@example.org', 'deleted')")
+    db.close()
+    upgraded = SQLiteStore(path)
+    kept = await upgraded.quarantine(held(), RAW)
+    assert kept.id == 8
+    await upgraded.close()
