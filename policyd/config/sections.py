@@ -343,6 +343,14 @@ class Http:
         "with a random token on first start (mode 0600). Default: http.token beside the "
         "SQLite store, else /var/lib/policyd/http.token.",
     )
+    user_header: str | None = _field(
+        None,
+        "Request header in which a reverse proxy that authenticates users names the user "
+        "(e.g. X-Remote-User); trusted only on requests from this host (loopback or a local "
+        "socket), so the proxy must run here and replace any value a client sends.  The "
+        "exemption form then records requests as sent by that user, and the admin page its "
+        "decisions.  Default: none; the form records who the requester claims to be.",
+    )
 
 
 @attrs.frozen

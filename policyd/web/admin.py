@@ -10,24 +10,28 @@
 - ``/self-service/...``: the quarantine digest's release and preference
   pages for recipients, opened by signed links (:mod:`policyd.web.selfservice`).
 
-Pages are plain HTML with labels and no script.  Forms carry a token bound
-to their purpose (and, on ``/admin``, to the admin user), signed with the
-admin token; an admin decision must also come from the page's own origin
-(:func:`same_origin`).  No page may be framed.  The public form counts
-requests per client (:class:`~policyd.web.limits.ClientRate`) and answers
-alike whether or not the account exists.  What any client may cost the
-process on the wire (body size, time, connections) is bounded by
+Pages are templates (:mod:`policyd.web.render`) in French or English by
+``Accept-Language``: plain HTML with labels and no script.  Forms carry a
+token bound to their purpose (and, on ``/admin``, to the admin user),
+signed with the admin token; an admin decision must also come from the
+page's own origin (:func:`same_origin`).  No page may be framed.  The
+public form (:mod:`policyd.web.request_form`) counts requests per client
+and answers alike whether or not the account exists.  What any client may
+cost the process on the wire (body size, time, connections) is bounded by
 :mod:`policyd.web.limits`.
+
+Who decided is recorded as the page knows it: ``web user NAME`` when a
+reverse proxy that authenticates users names them (``http.user_header``),
+else ``web admin, claiming NAME`` (the HTTP Basic user name, which nothing
+checks: the token is the same for every admin).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import json
 import logging
-import math
 import re
 import time
 from typing import Any
@@ -36,19 +40,18 @@ from urllib.parse import quote
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from policyd.admin import Admin, UnknownAccount, normalise_account, parse_when
+from policyd.admin import Admin, parse_when
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics
-from policyd.store import AuditEntry, Block, Exemption
-from policyd.web.limits import ClientRate, LimitedSite
+from policyd.store import Block, Exemption
+from policyd.web.limits import LimitedSite
 from policyd.web.pages import (
     HEADERS,
     HttpError,
-    client_address,
+    asserted_user,
     error_answer,
     field,
     form_fields,
-    html_page,
     json_answer,
     json_body,
     printable,
@@ -57,28 +60,23 @@ from policyd.web.pages import (
     same_origin,
     whole_number,
 )
+from policyd.web.render import Answer, Texts, message_page, page, render, request_language
+from policyd.web.request_form import RequestForm
 
 log = logging.getLogger("policyd.http")
 
 #: How long a form's CSRF token stays valid.
 FORM_TTL = 3600
 
-#: What a form token is for: the public exemption form, or decisions on ``/admin``.
-EXEMPTION_FORM = "exemption"
+#: What a form token is for: decisions on ``/admin`` (the public form's is
+#: :data:`~policyd.web.request_form.EXEMPTION_FORM`).
 ADMIN_FORM = "admin"
-
-#: Requests one client may send the public form at once, and seconds to earn one more.
-FORM_BURST = 5
-FORM_EVERY = 60.0
 
 #: Largest ``?limit=`` of the audit API: the log is read in one go.
 AUDIT_AT_MOST = 10_000
 
 #: Largest exemption id (SQLite integers are 64-bit signed).
 ID_AT_MOST = 2**63 - 1
-
-def _when(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
 class AdminSite:
@@ -95,15 +93,13 @@ class AdminSite:
         self.metrics = metrics
         self.token = token
         self.self_service = self_service
-        #: Requests to the public form, per client.
-        self.form_rate = ClientRate(admin.clock, FORM_BURST, FORM_EVERY)
 
     def site(self) -> Site:
         """The twisted.web site to listen with (held to :mod:`policyd.web.limits`)."""
-        root = _Index()
+        root = _Index(self)
         root.putChild(b"", root)
         root.putChild(b"metrics", _MetricsPage(self))
-        root.putChild(b"exemption", _RequestForm(self))
+        root.putChild(b"exemption", RequestForm(self))
         root.putChild(b"admin", _AdminPage(self))
         api = Resource()
         api.putChild(b"v1", _Api(self))
@@ -131,7 +127,7 @@ class AdminSite:
     def csrf(self, purpose: str, user: str = "", now: float | None = None) -> str:
         """A form token: a time and its HMAC, under the admin token, over purpose, user and time.
 
-        :param purpose: what the form does (:data:`EXEMPTION_FORM`, :data:`ADMIN_FORM`).
+        :param purpose: what the form does (:data:`~policyd.web.request_form.EXEMPTION_FORM`, :data:`ADMIN_FORM`).
         :param user: who it was given to (the admin user; empty on the public form).
         """
         stamp = str(int(now if now is not None else time.time()))
@@ -147,10 +143,27 @@ class AdminSite:
             return False
         return hmac.compare_digest(self.csrf(purpose, user, int(stamp)).encode(), value.encode())
 
+    def language(self, request: Request) -> str:
+        """The language of the page answering ``request``."""
+        return request_language(request, self.admin.config.language)
 
-def _user(request: Request) -> str:
-    """The HTTP Basic user name, as the audit log shows it."""
-    return printable(request.getUser().decode("utf-8", "replace"))
+
+class Acting:
+    """Who acts on the admin page, and how the audit log names them.
+
+    :param request: the request to the admin page.
+    :param header: ``http.user_header``: the header an authenticating proxy names users in.
+    """
+
+    def __init__(self, request: Request, header: str | None) -> None:
+        verified = asserted_user(request, header)
+        #: Whether a reverse proxy vouched for :attr:`name`.
+        self.authenticated = verified is not None
+        #: The name: the proxy's, else the HTTP Basic user name (unchecked).
+        self.name = verified or printable(request.getUser().decode("utf-8", "replace"))
+        #: Who the audit log names.
+        self.who = f"web user {self.name}" if verified else (
+            f"web admin, claiming {self.name}" if self.name else "web admin")
 
 
 # --- pages ---------------------------------------------------------------------
@@ -165,15 +178,13 @@ def _when_field(text: str, now: float) -> float:
 
 
 class _Index(Resource):
+    def __init__(self, owner: AdminSite) -> None:
+        super().__init__()
+        self.owner = owner
+
     def render_GET(self, request: Request) -> bytes:
-        _, kind, body = html_page(
-            "policyd",
-            '<ul><li><a href="/exemption">Request a bulk-send exemption</a></li>'
-            '<li><a href="/admin">Pending requests (administrators)</a></li>'
-            '<li><a href="/metrics">Metrics</a></li></ul>',
-        )
-        request.setHeader("content-type", kind)
-        return body
+        request.setHeader("content-type", "text/html; charset=utf-8")
+        return render("index.html", self.owner.language(request))
 
 
 class _MetricsPage(Resource):
@@ -188,109 +199,6 @@ class _MetricsPage(Resource):
         return self.owner.metrics.exposition()
 
 
-_FORM_FIELDS = (
-    ("account", "Account (the login that will send)", "text", "email"),
-    ("organisation", "Organisation", "text", "organization"),
-    ("start", "From (date and time)", "datetime-local", "off"),
-    ("end", "Until (date and time)", "datetime-local", "off"),
-    ("limit", "Messages per hour needed", "number", "off"),
-)
-
-
-class _RequestForm(Resource):
-    """The user's exemption request form."""
-
-    isLeaf = True
-
-    def __init__(self, owner: AdminSite) -> None:
-        super().__init__()
-        self.owner = owner
-
-    def render_GET(self, request: Request) -> Any:
-        return respond(request, lambda: self._show({}, ""), page=True)
-
-    async def _show(self, values: dict[str, str], error: str) -> tuple[int, str, bytes]:
-        fields = "".join(
-            f'<label for="{name}">{html.escape(label)}</label>'
-            f'<input id="{name}" name="{name}" type="{kind}" autocomplete="{auto}" required '
-            f'value="{html.escape(values.get(name, ""))}">'
-            for name, label, kind, auto in _FORM_FIELDS
-        )
-        message = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-        return html_page(
-            "Request a bulk-send exemption",
-            f"{message}<p>Accounts may send {self.owner.admin.config.outbound.limit} messages an hour to "
-            "external recipients. For one occasion that needs more, describe it below; an "
-            "administrator approves or denies each request.</p>"
-            f'<form method="post" action="/exemption">{fields}'
-            '<label for="reason">Business reason</label>'
-            f'<textarea id="reason" name="reason" rows="4" required>{html.escape(values.get("reason", ""))}'
-            "</textarea>"
-            f'<input type="hidden" name="csrf" value="{self.owner.csrf(EXEMPTION_FORM)}">'
-            '<button type="submit">Send the request</button></form>',
-        )
-
-    def render_POST(self, request: Request) -> Any:
-        return respond(request, lambda: self._submit(request), page=True)
-
-    async def _submit(self, request: Request) -> tuple[int, str, bytes]:
-        wait = self.owner.form_rate.take(client_address(request))
-        if wait:
-            return self._too_many(request, wait)
-        values = form_fields(request)
-        if not self.owner.csrf_ok(values.get("csrf", ""), EXEMPTION_FORM):
-            return await self._show(values, "The form has expired; please send it again.")
-        admin = self.owner.admin
-        organisation = values.get("organisation", "").strip()
-        reason = values.get("reason", "").strip()
-        now = admin.clock.seconds()
-        try:
-            account = normalise_account(values.get("account", ""))
-            limit = int(values.get("limit", "0") or 0)
-            start, end = _when_field(values.get("start", ""), now), _when_field(values.get("end", ""), now)
-            by = f"web:{printable(account)}"
-            made = await admin.request_exemption(
-                account, limit, start, end,
-                f"{reason} (organisation: {organisation})" if organisation and reason else reason, by,
-            )
-        except UnknownAccount:
-            # Answered like a recorded request, so that the form does not tell
-            # who has an account; the administrators see the attempt in the
-            # audit log, and nothing is pending.
-            log.info("exemption form: request for unknown account %r (client %s) not recorded",
-                     account, client_address(request))
-            await admin.store.record(AuditEntry(now, by, "exemption-refused", printable(account, 320),
-                                                "not a valid account"))
-            return self._received(account, limit, start, end)
-        except HttpError as error:
-            return await self._show(values, str(error))
-        except (PolicydError, ValueError) as error:
-            return await self._show(values, str(error) if isinstance(error, PolicydError) else "Invalid number.")
-        return self._received(made.account, made.limit, made.start, made.end)
-
-    @staticmethod
-    def _received(account: str, limit: int, start: float, end: float) -> tuple[int, str, bytes]:
-        """The same answer whether or not the account exists."""
-        _, kind, body = html_page(
-            "Request received",
-            f'<p class="ok" role="status">Your request for {html.escape(account)} ({limit} messages an hour, '
-            f"{_when(start)} to {_when(end)}) is recorded: an administrator will review it.</p>",
-        )
-        return 201, kind, body
-
-    @staticmethod
-    def _too_many(request: Request, wait: float) -> tuple[int, str, bytes]:
-        minutes = max(1, math.ceil(wait / 60))
-        request.setHeader("retry-after", str(math.ceil(wait)))
-        _, kind, body = html_page(
-            "Too many requests",
-            '<p class="error" role="alert">This form was sent too many times from your network in a short '
-            f"while. Nothing was recorded. Please try again in {minutes} minute{'s' if minutes > 1 else ''}, "
-            "or ask your helpdesk.</p>",
-        )
-        return 429, kind, body
-
-
 class _AdminPage(Resource):
     """Pending requests, to approve or deny (HTTP Basic, the token as password)."""
 
@@ -300,66 +208,64 @@ class _AdminPage(Resource):
         super().__init__()
         self.owner = owner
 
-    def _challenge(self, request: Request) -> bytes:
+    def _challenge(self, request: Request, language: str) -> bytes:
         request.setResponseCode(401)
         request.setHeader("www-authenticate", 'Basic realm="policyd admin", charset="UTF-8"')
-        request.setHeader("content-type", "text/plain; charset=utf-8")
-        return b"The admin token is needed (any user name, the token as password).\n"
+        t = Texts(language)
+        _, kind, body = message_page(401, language, t("admin.title"), t("admin.challenge"))
+        request.setHeader("content-type", kind)
+        return body
+
+    def _acting(self, request: Request) -> Acting:
+        return Acting(request, self.owner.admin.config.http.user_header)
 
     def render_GET(self, request: Request) -> Any:
+        language = self.owner.language(request)
         if not self.owner.basic_ok(request):
-            return self._challenge(request)
-        return respond(request, lambda: self._list(request, ""), page=True)
+            return self._challenge(request, language)
+        return respond(request, lambda: self._list(request, language), page=True, language=language)
 
-    async def _list(self, request: Request, note: str) -> tuple[int, str, bytes]:
+    async def _list(self, request: Request, language: str, note: str = "", failed: bool = False,
+                    status: int = 200) -> Answer:
         admin = self.owner.admin
         now = admin.clock.seconds()
         pending = [e for e in await admin.exemptions() if e.state(now) == "pending"]
-        token = self.owner.csrf(ADMIN_FORM, _user(request))
-        rows = "".join(
-            f"<tr><td>{e.id}</td><td>{html.escape(e.account)}</td><td>{e.limit}</td>"
-            f"<td>{_when(e.start)} – {_when(e.end)}</td><td>{html.escape(e.reason)}</td><td>"
-            f'<form method="post" action="/admin"><input type="hidden" name="id" value="{e.id}">'
-            f'<input type="hidden" name="csrf" value="{token}">'
-            f'<label for="reason-{e.id}">Note</label><input id="reason-{e.id}" name="reason">'
-            f'<button name="action" value="approve" id="approve-{e.id}">Approve</button> '
-            f'<button name="action" value="deny" id="deny-{e.id}">Deny</button></form></td></tr>'
-            for e in pending
-        )
-        table = (
-            "<table><thead><tr><th>#</th><th>Account</th><th>Per hour</th><th>Window</th>"
-            f"<th>Reason</th><th>Decision</th></tr></thead><tbody>{rows}</tbody></table>"
-            if pending
-            else "<p>No pending request.</p>"
-        )
-        message = f'<p class="ok" role="status">{html.escape(note)}</p>' if note else ""
-        return html_page("Pending exemption requests", message + table)
+        acting = self._acting(request)
+        return page(status, "admin.html", language, pending=pending, note=note, failed=failed,
+                    csrf=self.owner.csrf(ADMIN_FORM, acting.name), user=acting.name or "–", who=acting.who,
+                    authenticated=acting.authenticated)
 
     def render_POST(self, request: Request) -> Any:
+        language = self.owner.language(request)
         if not self.owner.basic_ok(request):
-            return self._challenge(request)
-        return respond(request, lambda: self._decide(request), page=True)
+            return self._challenge(request, language)
+        return respond(request, lambda: self._decide(request, language), page=True, language=language)
 
-    async def _decide(self, request: Request) -> tuple[int, str, bytes]:
+    async def _decide(self, request: Request, language: str) -> Answer:
+        t = Texts(language)
         if not same_origin(request):
             log.warning("admin page: decision posted from another site (Origin %r) refused",
                         (request.getHeader(b"origin") or request.getHeader(b"referer") or b"").decode("ascii", "replace"))
-            raise HttpError(403, "This request came from another site; nothing was changed.")
+            raise HttpError(403, "This request came from another site; nothing was changed.", "admin.foreign")
         values = form_fields(request)
-        if not self.owner.csrf_ok(values.get("csrf", ""), ADMIN_FORM, _user(request)):
-            _, kind, body = await self._list(request, "The page had expired; nothing was changed.")
-            return 403, kind, body
+        acting = self._acting(request)
+        if not self.owner.csrf_ok(values.get("csrf", ""), ADMIN_FORM, acting.name):
+            return await self._list(request, language, t("admin.expired"), failed=True, status=403)
         admin = self.owner.admin
-        by = f"web:{_user(request) or 'admin'}"
         ident = whole_number(values.get("id", ""), "the request number", 1, ID_AT_MOST)
         try:
             if values.get("action") == "approve":
-                done = await admin.approve(ident, by, values.get("reason", ""))
+                done = await admin.approve(ident, acting.who, values.get("reason", ""))
             else:
-                done = await admin.deny(ident, by, values.get("reason", "") or "denied")
+                done = await admin.deny(ident, acting.who, values.get("reason", "") or "denied")
         except PolicydError as error:
-            return await self._list(request, str(error))
-        return await self._list(request, f"Request {done.id} for {done.account}: {done.status}.")
+            return await self._list(request, language, t("admin.failed", reason=str(error)), failed=True)
+        shown = t(f"status.{done.status}") if f"status.{done.status}" in _STATUSES else done.status
+        return await self._list(request, language, t("admin.done", id=done.id, account=done.account, status=shown))
+
+
+#: Exemption states the page catalogues name.
+_STATUSES = frozenset({"status.approved", "status.denied", "status.revoked", "status.pending"})
 
 
 class _Api(Resource):

@@ -2,13 +2,14 @@
 
 Answers are ``(status, content type, body)``; :func:`respond` writes one
 with :data:`HEADERS` and turns errors into clean answers (JSON for the API,
-a page for people).  Request bodies are read within :data:`MAX_BODY`; form
-and JSON fields are checked here, each refusal a 400 that says why.
+a page for people, in their language).  Request bodies are read within
+:data:`MAX_BODY`; form and JSON fields are checked here, each refusal a 400
+that says why.  Who a page's user is, when a reverse proxy that
+authenticates users says so, is :func:`asserted_user`.
 """
 
 from __future__ import annotations
 
-import html
 import ipaddress
 import json
 import logging
@@ -23,11 +24,11 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from policyd.errors import PolicydError
 from policyd.web.limits import MAX_BODY, client_key
+from policyd.web.render import Answer, Texts, message_page
 
 log = logging.getLogger("policyd.http")
 
-#: An answer: status, content type, body.
-Answer = tuple[int, str, bytes]
+__all__ = ["Answer", "HEADERS", "HttpError", "respond"]
 
 #: Headers of every answer: no page may be framed, load anything from
 #: elsewhere, run a script, or post a form to another site; no content type
@@ -42,11 +43,21 @@ HEADERS = {
 
 
 class HttpError(Exception):
-    """An HTTP error to answer with: status and message."""
+    """An HTTP error to answer with: status and message.
 
-    def __init__(self, status: int, message: str) -> None:
+    :param key: the text that says it on a page (a key of the page
+        catalogues, filled in with ``values``); None: the message, as is.
+    """
+
+    def __init__(self, status: int, message: str, key: str | None = None, **values: object) -> None:
         super().__init__(message)
         self.status = status
+        self.key = key
+        self.values = values
+
+    def shown(self, language: str) -> str:
+        """What a page says of it, in ``language``."""
+        return Texts(language)(self.key, **self.values) if self.key else str(self)
 
 
 def same_origin(request: Request) -> bool:
@@ -103,9 +114,8 @@ def client_address(request: Request) -> str:
     ``X-Forwarded-For`` came through a reverse proxy on this host: the
     address that proxy appended (the last one) is the client's.
     """
-    peer = request.getClientAddress()
-    host = peer.host if isinstance(peer, IPv4Address | IPv6Address) else None
-    if host is None or ipaddress.ip_address(host.split("%")[0]).is_loopback:
+    host = _peer_host(request)
+    if _from_this_host(host):
         forwarded = request.requestHeaders.getRawHeaders(b"x-forwarded-for") or []
         if forwarded:
             last = forwarded[-1].split(b",")[-1].strip().decode("ascii", "replace")
@@ -116,30 +126,67 @@ def client_address(request: Request) -> str:
     return client_key(host or "local")
 
 
+def _peer_host(request: Request) -> str | None:
+    """The client's IP address; None for a local (UNIX) socket."""
+    peer = request.getClientAddress()
+    return peer.host if isinstance(peer, IPv4Address | IPv6Address) else None
+
+
+def _from_this_host(host: str | None) -> bool:
+    """Whether the peer is on this host (loopback, or a local socket): a reverse proxy we run."""
+    return host is None or ipaddress.ip_address(host.split("%")[0]).is_loopback
+
+
+def asserted_user(request: Request, header: str | None) -> str | None:
+    """The user a reverse proxy in front of the pages authenticated; None when no one vouches.
+
+    The name is read from ``header`` (``http.user_header``, e.g.
+    ``X-Remote-User``) only when the request came from this host (loopback
+    or a local socket), where the proxy runs: a client elsewhere could send
+    any name in it.  The proxy must set the header itself, replacing any
+    value the client sent.
+
+    :param header: the header's name; None: the deployment authenticates no one.
+    """
+    if not header:
+        return None
+    if not _from_this_host(_peer_host(request)):
+        return None
+    value = request.getHeader(header.encode("ascii", "replace"))
+    if value is None:
+        return None
+    user = printable(value.decode("utf-8", "replace"), 320)
+    return user or None
+
+
 def printable(text: str, longest: int = 64) -> str:
     """Client-given text fit for the audit log: control characters replaced, bounded."""
     return "".join(c if c.isprintable() else "?" for c in text.strip())[:longest]
 
 
-def respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, bytes]]], page: bool = False) -> Any:
+def respond(
+    request: Request, work: Callable[[], Awaitable[Answer]], page: bool = False, language: str = "en"
+) -> Any:
     """Run ``work`` and write (status, content type, body); errors become clean answers.
 
     :param page: the answer is a page for people: errors are pages too, not JSON.
+    :param language: the language of those pages.
     """
 
     async def run() -> None:
         try:
             status, kind, body = await work()
         except HttpError as error:
-            status, kind, body = error_answer(error.status, str(error), page)
+            status, kind, body = error_answer(error.status, error.shown(language) if page else str(error),
+                                              page, language)
         except PolicydError as error:
-            status, kind, body = error_answer(400, str(error), page)
+            status, kind, body = error_answer(400, str(error), page, language)
         except Exception as error:
             log.exception("HTTP %s %s failed", request.method.decode(), request.uri.decode(errors="replace"))
             if page:
                 # People get a page that says what to do; the log line has the details.
-                status, kind, body = error_answer(500, "policyd could not do this just now. Please try again in a "
-                                            "few minutes, or ask your administrators.", page)
+                text = Texts(language)("error.internal")
+                status, kind, body = error_answer(500, text, page, language)
             else:
                 status, kind, body = error_answer(500, f"internal error: {type(error).__name__}", page)
         if request.finished or request._disconnected:
@@ -155,12 +202,11 @@ def respond(request: Request, work: Callable[[], Awaitable[tuple[int, str, bytes
     return NOT_DONE_YET
 
 
-def error_answer(status: int, message: str, page: bool) -> tuple[int, str, bytes]:
-    """An error answer: a JSON object ``{"error": …}``, or a page for people."""
+def error_answer(status: int, message: str, page: bool, language: str = "en") -> Answer:
+    """An error answer: a JSON object ``{"error": …}``, or a page for people in ``language``."""
     if not page:
         return status, "application/json", json.dumps({"error": message}).encode()
-    _, kind, body = html_page("Something went wrong", f'<p class="error" role="alert">{html.escape(message)}</p>')
-    return status, kind, body
+    return message_page(status, language, Texts(language)("error.title"), message)
 
 
 def json_answer(status: int, data: Any) -> tuple[int, str, bytes]:
@@ -222,16 +268,6 @@ def field(data: dict[str, Any], name: str, kind: type = str, required: bool = Tr
     return value
 
 
-STYLE = (
-    "body{font-family:system-ui,sans-serif;max-width:42rem;margin:1rem auto;padding:0 1rem;line-height:1.5}"
-    "label{display:block;margin-top:.8rem;font-weight:600}"
-    "input,textarea{width:100%;padding:.4rem;font-size:1rem;box-sizing:border-box}"
-    "button{margin-top:1rem;padding:.5rem 1.2rem;font-size:1rem}"
-    "table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ccc;padding:.3rem;text-align:left}"
-    ".error{color:#a00}.ok{color:#060}"
-)
-
-
 def whole_number(text: str, what: str, low: int, high: int) -> int:
     """A whole number from ``low`` to ``high`` written in ASCII digits (400 otherwise)."""
     text = text.strip()
@@ -244,22 +280,3 @@ def query(request: Request, name: str) -> str | None:
     """The first value of a query parameter, as text."""
     values = request.args.get(name.encode()) if request.args else None
     return values[0].decode("utf-8", "replace") if values else None
-
-
-def document(language: str, title: str, body: str, style: str = STYLE, index: bool = True) -> bytes:
-    """A whole HTML page: its language declared, the title as its heading, no script.
-
-    :param index: whether search engines may index it (self-service pages: no).
-    """
-    robots = "" if index else '<meta name="robots" content="noindex">'
-    return (
-        f'<!doctype html><html lang="{language}"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"{robots}<title>{html.escape(title)}</title><style>{style}</style></head>"
-        f"<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>"
-    ).encode()
-
-
-def html_page(title: str, body: str) -> Answer:
-    """A page in English (the admin page and the exemption form)."""
-    return 200, "text/html; charset=utf-8", document("en", title, body)

@@ -206,7 +206,7 @@ async def test_request_form_and_admin_page(server: PolicyServer) -> None:
         "end": "2030-01-10T18:00", "limit": "9000", "reason": "yearly customer mailing", "csrf": csrf,
     }).encode()
     status, _, page = await get(f"{base(server)}/exemption", data=form)
-    assert status == 201 and b"Your request for alice@example.org (9000 messages an hour" in page
+    assert status == 201 and b"Your request for alice@example.org (9000 external recipients per hour" in page
     bad = form.replace(csrf.encode(), b"1.forged")
     status, _, page = await get(f"{base(server)}/exemption", data=bad)
     assert b"The form has expired" in page
@@ -220,7 +220,7 @@ async def test_request_form_and_admin_page(server: PolicyServer) -> None:
     status, _, page = await get(f"{base(server)}/admin", data=decision, headers=auth)
     assert b"Request 1 for alice@example.org: approved." in page
     _, listed = await api(server, "GET", "exemptions")
-    assert listed[0]["status"] == "approved" and listed[0]["decided_by"] == "web:jane"
+    assert listed[0]["status"] == "approved" and listed[0]["decided_by"] == "web admin, claiming jane"
 
 
 # --- what a client may cost: through the real listener --------------------------------
@@ -487,11 +487,11 @@ async def test_the_form_does_not_tell_which_accounts_exist(server: PolicyServer)
     assert [e["account"] for e in listed] == ["bob@example.org"]
     _, audit = await api(server, "GET", "audit")
     assert [(a["action"], a["subject"], a["who"]) for a in audit][-1] == (
-        "exemption-refused", "mallory@example.org", "web:mallory@example.org")
+        "exemption-refused", "mallory@example.org", "web, claiming mallory@example.org")
     # A wrong field is named alike for both.
     bad = [alice_form(csrf, account).replace(b"limit=9000", b"limit=0") for account in ("bob@example.org", "x@example.org")]
     pages = [(await get(f"{base(server)}/exemption", data=form))[2] for form in bad]
-    assert b"--limit must be between 1" in pages[0]
+    assert b"Enter a whole number from 4 to 100000." in pages[0]
     assert pages[0].replace(b"bob@", b"x@") == pages[1]
 
 
