@@ -37,11 +37,9 @@ import io
 import json
 import math
 import os
-import random
 import tempfile
-import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,13 +286,6 @@ def vectorize(features: Features, bits: int = BITS) -> Indices:
     return distinct(message_vector(features, bits).all())
 
 
-def _sigmoid(margin: float) -> float:
-    if margin >= 0:
-        return 1.0 / (1.0 + math.exp(-margin))
-    odds = math.exp(margin)
-    return odds / (1.0 + odds)
-
-
 @attrs.frozen
 class Reason:
     """One feature's part in a score: what it is and the points it adds."""
@@ -476,7 +467,7 @@ class Model:
                 file.write(buffer.getvalue())
                 file.flush()
                 os.fsync(file.fileno())
-            os.chmod(temporary, 0o644)
+            os.chmod(temporary, 0o600)  # state files are private to the service
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -508,123 +499,8 @@ class Model:
 # --- training ---------------------------------------------------------------------
 
 
-def _sgd(
-    vectors: Sequence[Stored],
-    labels: Sequence[int],
-    bits: int,
-    passes: int,
-    rate: float,
-) -> tuple[npt.NDArray[np.float32], float]:
-    """Logistic regression by online gradient descent, passes in the order given; returns weights and bias.
+def train(examples: Iterable[tuple[Features, bool]], **options: Any) -> Model:
+    """Train a model on ``(features, is_spam)`` pairs: :func:`policyd.content.training.train`."""
+    from policyd.content import training
 
-    The mail is learned in the order it came (the training files' names):
-    the last mail learned weighs most, as in the TREC online filters, which
-    follows spam as it changes better than a shuffled order does.
-    """
-    weights = np.zeros(1 << bits, dtype=np.float32)
-    bias = 0.0
-    norms = [1.0 / math.sqrt(len(v)) if len(v) else 0.0 for v in vectors]
-    for _ in range(passes):
-        for indices, norm, label in zip(vectors, norms, labels, strict=True):
-            margin = float(weights[indices].sum()) * norm + bias
-            error = label - _sigmoid(margin)
-            if abs(error) < 1e-4:
-                continue
-            weights[indices] += np.float32(rate * error * norm)
-            bias += 0.1 * rate * error
-    return weights, bias
-
-
-def _platt(margins: Sequence[float], labels: Sequence[int]) -> tuple[float, float]:
-    """Fit ``p = sigmoid(a * margin + b)`` (Platt 1999, with his target priors).
-
-    Plain gradient descent with backtracking on the mean log loss: slower
-    than Newton's method but it cannot diverge when the held-out mail is
-    perfectly separated (then the priors keep ``a`` finite).
-    """
-    positives = sum(labels)
-    negatives = len(labels) - positives
-    if not positives or not negatives:
-        return 1.0, 0.0
-    high = (positives + 1.0) / (positives + 2.0)
-    low = 1.0 / (negatives + 2.0)
-    targets = np.array([high if y else low for y in labels])
-    x = np.array(margins, dtype=np.float64)
-    spread = float(np.std(x)) or 1.0
-    x = x / spread
-
-    def loss(a: float, b: float) -> float:
-        z = a * x + b
-        return float(np.mean(np.logaddexp(0.0, z) - targets * z))
-
-    a, b, step = 1.0, 0.0, 1.0
-    current = loss(a, b)
-    for _ in range(2000):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (a * x + b)))
-        ga, gb = float(np.mean((p - targets) * x)), float(np.mean(p - targets))
-        while step > 1e-12:
-            na, nb = a - step * ga, b - step * gb
-            candidate = loss(na, nb)
-            if candidate <= current:
-                break
-            step /= 2
-        else:
-            break
-        improvement = current - candidate
-        a, b, current = na, nb, candidate
-        step *= 2
-        if improvement < 1e-12:
-            break
-    return max(a, 1e-3) / spread, b
-
-
-def train(
-    examples: Iterable[tuple[Features, bool]],
-    *,
-    bits: int = BITS,
-    passes: int = PASSES,
-    rate: float = RATE,
-    calibration: float = 0.1,
-    seed: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> Model:
-    """Train a model on ``(features, is_spam)`` pairs.
-
-    A share ``calibration`` of the mail (chosen at random, at least one of
-    each class) is held out to fit the points scale on mail the model did
-    not see; then the model is trained again on everything.
-
-    :raises ValueError: without at least one ham and one spam.
-    """
-    started = time.monotonic()
-    vectors: list[Stored] = []
-    labels: list[int] = []
-    for features, spam in examples:
-        vectors.append(vectorize(features, bits))
-        labels.append(1 if spam else 0)
-        if progress is not None and len(labels) % 1000 == 0:
-            progress(len(labels))
-    spam_count = sum(labels)
-    if not spam_count or spam_count == len(labels):
-        raise ValueError(f"training needs ham and spam (got {len(labels) - spam_count} ham, {spam_count} spam)")
-    scale, offset = 1.0, 0.0
-    picker = random.Random(seed)
-    held = {i for i in range(len(labels)) if picker.random() < calibration}
-    held_labels = [labels[i] for i in sorted(held)]
-    if 0 < sum(held_labels) < len(held_labels):
-        kept = [i for i in range(len(labels)) if i not in held]
-        weights, bias = _sgd([vectors[i] for i in kept], [labels[i] for i in kept], bits, passes, rate)
-        trial = Model(weights, bias)
-        scale, offset = _platt([trial.margin(vectors[i]) for i in sorted(held)], held_labels)
-        # Natural log-odds to log2-odds ("bits of evidence").
-        scale, offset = scale / math.log(2), offset / math.log(2)
-    weights, bias = _sgd(vectors, labels, bits, passes, rate)
-    info = {
-        "ham": len(labels) - spam_count,
-        "spam": spam_count,
-        "trained_at": int(time.time()),
-        "seconds": round(time.monotonic() - started, 1),
-        "passes": passes,
-        "bits": bits,
-    }
-    return Model(weights, bias, scale, offset, info)
+    return training.train(examples, **options)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from policyd.content.scoring import ContentScorer
+from policyd.content.scorer import ContentScorer
 
 from policyd.content import classifier
 from policyd.content import features as content

@@ -1,0 +1,195 @@
+"""``policyd learn`` and ``policyd model list|rollback``: the content model learns the organisation's own mail.
+
+``learn`` goes on from the model in use with the messages given (users'
+reports: ham and spam, in file-name order, ``-`` for one message on
+standard input) and puts the new model in use at once; the previous one is
+kept (:mod:`policyd.content.models`).  A new model that does worse than the
+one in use on mail held back from what it learned is refused unless
+``--force``.  Every change of model is written to the audit log with its
+counts, and to syslog when ``log.syslog`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from policyd.cli.common import (
+    by_option,
+    cli,
+    config_option,
+    json_option,
+    load_config,
+    run_async,
+    say,
+    show,
+    show_list,
+    when,
+    who,
+)
+from policyd.config import Config
+from policyd.content import corpus, training
+from policyd.content import features as content
+from policyd.content.features import Features
+from policyd.content.models import ModelFiles, Refused
+from policyd.content.scorer import model_path, shipped_model
+from policyd.content.training import Check
+from policyd.errors import PolicydError, UsageError
+
+log = logging.getLogger("policyd.content")
+
+
+def model_files(config: Config) -> ModelFiles:
+    """The model in use for ``config`` and the ones kept beside it."""
+    return ModelFiles(model_path(config), shipped_model())
+
+
+def record_change(config: Config, by: str, action: str, reason: str) -> None:
+    """Log a change of model and write it to the audit log (a store that cannot be reached is a warning).
+
+    ``policyd train`` calls this too, with action ``model-train``.
+    """
+    from policyd.logs import syslog_handler
+    from policyd.store import AuditEntry, open_store
+
+    subject = str(model_path(config))
+    handler = syslog_handler(config.log.syslog)
+    if handler is not None:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        log.info("content model %s: %s by %s: %s", subject, action, by, reason)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+    async def write(_reactor: Any) -> None:
+        store = open_store(config.store.url, float(config.store.deadline))
+        try:
+            await store.record(AuditEntry(time.time(), by, action, subject, reason))
+        finally:
+            await store.close()
+
+    try:
+        run_async(write)
+    except PolicydError as error:
+        say(f"policyd: warning: the model is in use but the audit log was not written: {error}", err=True)
+
+
+def checker(force: bool, seen: list[Check]) -> training.Checker:
+    """What ``train`` and ``learn`` do with the held-back check: refuse a clearly worse model unless ``force``.
+
+    :param seen: receives the check, for the output and the audit log.
+    """
+
+    def check(result: Check) -> None:
+        seen.append(result)
+        reason = result.worse()
+        if reason is not None and not force:
+            raise Refused(f"refused: {reason}; the model in use is unchanged (--force to use the new one anyway)")
+
+    return check
+
+
+@cli.command()
+@config_option
+@click.option("--ham", "ham", multiple=True, metavar="PATH",
+              help="Good mail: a Maildir, a directory of message files, an mbox, or - for one message on stdin.")
+@click.option("--spam", "spam", multiple=True, metavar="PATH",
+              help="Spam: a Maildir, a directory of message files, an mbox, or - for one message on stdin.")
+@click.option("--force", is_flag=True, help="Use the new model even when it does worse on the held-back mail.")
+@by_option
+@json_option
+def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | None, as_json: bool) -> None:
+    """Learn messages on top of the content model in use and put the new model in use."""
+    if not ham and not spam:
+        raise UsageError("give the mail to learn: --ham PATH and/or --spam PATH")
+    config = load_config()
+    started = time.monotonic()
+    try:
+        messages = corpus.labelled_mail(ham, spam)
+    except corpus.MailError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise PolicydError(f"cannot read the mail: {error.strerror or error}") from None
+    if not messages:
+        raise Refused("nothing to learn: no message found in the PATHs given")
+    unreadable: list[str] = []
+    max_bytes = config.content.max_body
+
+    def examples() -> Iterator[tuple[Features, bool]]:
+        for message in messages:
+            try:
+                raw = message.read()
+            except OSError as error:
+                unreadable.append(f"{message.where}: {error.strerror or error}")
+                continue
+            yield content.extract(raw, max_bytes), message.spam
+
+    files = model_files(config)
+    checks: list[Check] = []
+    with files.locked():
+        model, source = files.current()
+        try:
+            new = training.learn(model, examples(), threshold=config.content.tag_at, check=checker(force, checks))
+        except ValueError as error:
+            raise Refused(str(error)) from None
+        if unreadable:
+            raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
+        new.info["learned_onto"] = str(source)
+        kept = files.swap(new, "learn")
+    seconds = time.monotonic() - started
+    ham_count, spam_count = int(new.info["ham"]), int(new.info["spam"])
+    check = checks[0] if checks else None
+    reason = f"learned {ham_count} ham and {spam_count} spam"
+    if check is not None:
+        reason += f"; {check.summary()}" + ("; forced" if force and check.worse() else "")
+    record_change(config, who(by), "model-learn", reason)
+    show(
+        as_json,
+        {"model": str(files.path), "ham": ham_count, "spam": spam_count, "seconds": round(seconds, 1),
+         "previous": str(kept), "check": check.as_dict() if check else None},
+        f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {kept})",
+    )
+
+
+@cli.group()
+@config_option
+def model() -> None:
+    """The content model in use and the previous ones kept beside it."""
+
+
+@model.command("list")
+@config_option
+@json_option
+def model_list(as_json: bool) -> None:
+    """The model in use and the kept ones, newest first: when, how it was made, its ham and spam."""
+    kept = model_files(load_config()).listing()
+    show_list(
+        as_json,
+        kept,
+        lambda k: k.as_dict(),
+        ("IN USE", "WHEN", "MADE BY", "HAM", "SPAM", "FILE"),
+        lambda k: ("*" if k.in_use else "", when(k.at) if k.at else "-", k.made, k.ham, k.spam, k.path),
+    )
+
+
+@model.command("rollback")
+@config_option
+@by_option
+@json_option
+def model_rollback(by: str | None, as_json: bool) -> None:
+    """Put the previous model back in use (the one in use is forgotten); exit 1 when none is kept."""
+    config = load_config()
+    files = model_files(config)
+    with files.locked():
+        restored = files.rollback()
+    reason = f"back to the model made by {restored.made} at {when(restored.at)}" if restored.at else "back"
+    restored_info = restored.as_dict()
+    record_change(config, who(by), "model-rollback", f"{reason}, {restored.ham} ham and {restored.spam} spam")
+    show(as_json, restored_info, f"{reason}; model {files.path} in use")
