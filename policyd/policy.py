@@ -107,6 +107,12 @@ class PolicyService:
                 str(verdict.action),
                 verdict.reason,
                 seconds * 1000,
+                (
+                    request.get("queue_id", None),
+                    request.get("sasl_username", None),
+                    request.get("sender", None),
+                    request.get("recipient", None),
+                ),
             )
         return verdict.action
 

@@ -31,6 +31,12 @@ from policyd.config.values import (
 # --- sections ---------------------------------------------------------------
 
 
+def _syslog_target(value: object) -> None:
+    """``log.syslog``: true, false or the absolute path of a syslog socket."""
+    if isinstance(value, str) and not value.startswith("/"):
+        raise ValueError("must be true, false or the path of the syslog socket (/dev/log)")
+
+
 @attrs.frozen
 class Listen:
     """Where the servers listen (Twisted endpoint strings)."""
@@ -45,6 +51,13 @@ class Listen:
     )
     http: str | None = _field(
         None, "Metrics and admin API; off unless set, as it exposes admin actions.", _endpoint
+    )
+    milter_metrics: str | None = _field(
+        None,
+        "Prometheus metrics of the milter at /metrics (the milter has no other HTTP "
+        "listener); off unless set. Nothing but the metrics is served: bind it to loopback "
+        "or a private network.",
+        _endpoint,
     )
 
 
@@ -365,6 +378,13 @@ class Log:
         "Level per component, overriding log.level: quota, reputation, dns, notify, "
         "protocol, milter, http, ... (the part after 'policyd.' in a line's logger name).",
         _levels,
+    )
+    syslog: bool | str = _field(
+        False,
+        "Also send every line to syslog, facility mail, so it lands in mail.log beside "
+        "Postfix's: true for /dev/log, or the path of the syslog socket. Off by default: "
+        "under systemd, journald already keeps stdout.",
+        _syslog_target,
     )
 
 

@@ -7,6 +7,7 @@ everything is flushed) and reads what it wrote on stdout.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -16,13 +17,15 @@ import pytest
 from policyd.testing import encode, rcpt
 from tests.harness.servers import PolicydServer, free_port
 
-#: Fields every JSON decision line carries (README, Logs).
-DECISION_FIELDS = {"check", "subject", "client", "state", "action", "reason", "latency_ms"}
+#: Fields every JSON decision line carries (docs/operations.md, Logs).
+DECISION_FIELDS = {
+    "check", "subject", "client", "state", "action", "reason", "latency_ms",
+    "queue_id", "sasl_username", "sender", "recipient",
+}
 
 #: Attributes that are no decision's business, each marked SECRET: none may reach the log.
 SECRETS = {
     "helo_name": "helo-SECRET1.example",
-    "sender": "SECRET2@example.net",
     "ccert_subject": "CN=SECRET3",
     "x_message_body": "SECRET4 Dear customer, your invoice",
     "x_subject": "Subject: SECRET5 win big",
@@ -64,7 +67,7 @@ def send_garbage(port: int) -> None:
 
 def traffic(account: str = "lou") -> list[dict[str, str]]:
     """Three external recipients (limit 2: DUNNO, DUNNO, REJECT) and a DATA stage, with secrets attached."""
-    extra = dict(SECRETS)
+    extra = dict(SECRETS, sender="lou@example.org", queue_id="4XyZ1")
     return [
         rcpt(sasl_username=account, recipient="a@gmail.com", **extra),
         rcpt(sasl_username=account, recipient="b@gmail.com", **extra),
@@ -99,7 +102,9 @@ def test_json_log_one_object_per_decision_without_content(tmp_path: Path) -> Non
         assert DECISION_FIELDS <= record.keys(), record
         assert record["level"] == "info"
         assert (record["check"], record["subject"], record["client"]) == ("quota", "lou", "192.0.2.10")
+        assert (record["queue_id"], record["sasl_username"], record["sender"]) == ("4XyZ1", "lou", "lou@example.org")
         assert isinstance(record["latency_ms"], float) and 0 <= record["latency_ms"] < 5000
+    assert [d["recipient"] for d in decisions] == ["a@gmail.com", "b@gmail.com", "c@gmail.com", "c@gmail.com"]
     assert [(d["state"], d["action"].split()[0], d["reason"]) for d in decisions] == [
         ("RCPT", "DUNNO", "1/2"),
         ("RCPT", "DUNNO", "2/2"),
@@ -125,13 +130,15 @@ def test_text_log_one_compact_line_per_decision(tmp_path: Path) -> None:
     decisions = [line for line in lines if " INFO policyd.decision: " in line]
     assert len(decisions) == 5, output
     assert re.fullmatch(
-        TIMESTAMP + r" INFO policyd\.decision: quota lou client=192\.0\.2\.10 state=RCPT "
-        r"action='DUNNO' reason='1/2' latency=\d+\.\d\dms",
+        TIMESTAMP + r" INFO policyd\.decision: quota lou queue_id=4XyZ1 client=192\.0\.2\.10 sasl_username=lou "
+        r"from=<lou@example\.org> to=<a@gmail\.com> state=RCPT action='DUNNO' reason='1/2' latency=\d+\.\d\dms",
         decisions[0],
     ), decisions[0]
+    # Postfix sends no queue id before the queue file exists: the field is left out, not empty.
+    assert " quota m\\x{2028}x\\x{85}y\\x{2029}z client=192.0.2.10 sasl_username=m\\x{2028}" in decisions[4]
     assert "action='REJECT 5.7.1 Account lou is blocked" in decisions[2]
     assert " state=DATA action='DUNNO' reason='not counted at DATA' " in decisions[3]
-    assert len(decisions[0]) < 200
+    assert len(decisions[0]) < 250
     assert "SECRET" not in output, output
 
 
@@ -239,3 +246,146 @@ def test_score_ip_says_which_dns_server_did_not_answer(tmp_path: Path) -> None:
     assert f"DNS server {nameserver} did not answer within 1s" in sources["reverse_dns"], sources
     assert f"DNS zone bl.test: timeout: DNS server {nameserver} did not answer within 1s" in result.stderr
     assert "Query(" not in result.stdout + result.stderr
+
+
+#: Loaded into ``policyd serve`` through PYTHONPATH: on SIGUSR1 a library warns, and Twisted logs a
+#: warning and a failure with a traceback, the way third-party code does.
+NOISY_LIBRARY = '''
+import signal, warnings
+
+def _noise(*_):
+    from twisted.logger import Logger
+    from twisted.python import log
+    warnings.warn("library says hello", UserWarning)
+    Logger(namespace="somelib").warn("twisted says {what}", what="hi")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.err(None, "legacy failure")
+
+signal.signal(signal.SIGUSR1, _noise)
+'''
+
+
+def serve_on_a_pipe(tmp_path: Path, journal_stream: str | None) -> tuple[list[str], int]:
+    """Run ``policyd serve`` with a pipe as stdout and stderr; send traffic and SIGUSR1; its lines."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from tests.harness.servers import POLICYD, wait_for_port
+
+    port = free_port()
+    config = tmp_path / "policyd.yaml"
+    config.write_text(
+        f'listen:\n  policy: "tcp:{port}:interface=127.0.0.1"\nstore:\n  url: "memory://"\n'
+        "local_domains: [example.org]\noutbound:\n  limit: 2\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "sitecustomize.py").write_text(NOISY_LIBRARY, encoding="utf-8")
+    read, write = os.pipe()
+    status = os.fstat(write)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env["JOURNAL_STREAM"] = journal_stream or f"{status.st_dev}:{status.st_ino}"
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: os.read(read, 65536), b"")))
+    reader.start()
+    process = subprocess.Popen([POLICYD, "serve", "-c", str(config)], stdout=write, stderr=write, env=env)
+    os.close(write)
+    try:
+        wait_for_port(port, process=process)
+        converse(port, traffic())
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while b"legacy failure" not in b"".join(chunks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(10)
+        os.close(read)
+    return b"".join(chunks).decode("utf-8").splitlines(), code
+
+
+def test_under_journald_every_line_starts_with_its_priority(tmp_path: Path) -> None:
+    """With JOURNAL_STREAM naming its stdout, every line of policyd serve, library warnings, Twisted's
+    events and a traceback's lines included, starts with its sd-daemon <N> priority."""
+    lines, code = serve_on_a_pipe(tmp_path, None)
+    text = "\n".join(lines)
+    assert code == 0, text
+    assert lines and all(re.match(r"<[2-7]>", line) for line in lines), text
+    decisions = [line for line in lines if " INFO policyd.decision: " in line]
+    assert len(decisions) == 4 and all(line.startswith("<6>") for line in decisions), text
+    assert any(re.match(r"<4>.* WARNING policyd\.quota: account lou blocked", line) for line in lines), text
+    assert any(
+        re.match(r"<4>.* WARNING policyd\.warnings: UserWarning: library says hello \(sitecustomize\.py:\d+\)$", line)
+        for line in lines
+    ), text
+    assert any(re.match(r"<4>.* WARNING policyd\.twisted: twisted says hi$", line) for line in lines), text
+    failure = [n for n, line in enumerate(lines) if "legacy failure" in line]
+    assert failure and re.match(r"<[23]>", lines[failure[0]]), text
+    assert any(re.match(r"<[23]>.*RuntimeError: boom", line) for line in lines[failure[0]:]), text
+
+
+def test_journal_stream_of_another_file_leaves_lines_unprefixed(tmp_path: Path) -> None:
+    """JOURNAL_STREAM inherited from a unit but naming another stream (output piped elsewhere): no prefixes."""
+    other = os.stat(tmp_path)
+    lines, code = serve_on_a_pipe(tmp_path, f"{other.st_dev}:{other.st_ino}")
+    text = "\n".join(lines)
+    assert code == 0, text
+    assert lines and not any(re.match(r"<\d>", line) for line in lines), text
+    assert all(re.match(TIMESTAMP + " ", line) or line.startswith(("Traceback", " ", "builtins.", "RuntimeError"))
+               for line in lines), text
+    assert any("policyd.warnings: UserWarning: library says hello" in line for line in lines), text
+
+
+def test_syslog_gets_every_line_with_facility_mail(tmp_path: Path) -> None:
+    """log.syslog sends decisions and warnings to the syslog socket, facility mail, as policyd[PID]."""
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="syslog", dir="/tmp")  # a socket path must be short
+    try:
+        path = f"{folder}/log"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslogd:
+            syslogd.bind(path)
+            server = start(tmp_path, f"  syslog: {path}\n")
+            run_traffic(server, traffic())
+            syslogd.settimeout(0.5)
+            datagrams = []
+            try:
+                while True:
+                    datagrams.append(syslogd.recv(65536).decode())
+            except TimeoutError:
+                pass
+    finally:
+        shutil.rmtree(folder)
+    assert server.process is not None
+    ident = f"policyd[{server.process.pid}]: "
+    decisions = [d for d in datagrams if "policyd.decision:" in d]
+    assert len(decisions) == 4, datagrams
+    # Facility mail (2) * 8 + info (6) = 22; a warning (4) is 20.
+    assert decisions[0].startswith(f"<22>{ident}INFO policyd.decision: quota lou queue_id=4XyZ1 "), decisions[0]
+    assert any(d.startswith(f"<20>{ident}WARNING policyd.quota: account lou blocked") for d in datagrams), datagrams
+    assert "SECRET" not in "".join(datagrams)
+
+
+def test_an_unreachable_syslog_socket_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """log.syslog naming a socket nobody listens on: policyd serve exits 2 with one line naming the key."""
+    from tests.harness.servers import policyd
+
+    config = tmp_path / "policyd.yaml"
+    config.write_text(
+        f'listen:\n  policy: "tcp:{free_port()}:interface=127.0.0.1"\nstore:\n  url: "memory://"\n'
+        f"local_domains: [example.org]\noutbound:\n  limit: 2\nlog:\n  syslog: {tmp_path}/no-such-socket\n",
+        encoding="utf-8",
+    )
+    result = policyd("serve", "-c", str(config))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert f"log.syslog: cannot send to {tmp_path}/no-such-socket" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
