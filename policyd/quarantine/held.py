@@ -38,7 +38,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config
-from policyd.errors import PolicydError, UsageError
+from policyd.errors import NoSuchObject, PolicydError, UsageError
 from policyd.quarantine.preferences import Preferences
 from policyd.store import SPAM_CHOICES, AuditEntry, Quarantined, Store
 
@@ -146,6 +146,42 @@ def digest_for(value: str, secret: bytes, now: float, max_age: float = DIGEST_HE
     return normalise_address(recipient)
 
 
+#: Longest Message-ID kept in an audit entry: a real one is under 100
+#: characters; a sender's absurd one must not fill the audit log.
+MAX_MESSAGE_ID = 200
+
+
+def message_id(headers: Sequence[tuple[str, str]] | bytes) -> str:
+    """The Message-ID of a message (its headers, or its bytes), unfolded and bounded; "" without one."""
+    if isinstance(headers, bytes):
+        block = headers.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+        text = block.decode("utf-8", "replace")
+        fields: list[tuple[str, str]] = []
+        for line in text.replace("\r\n", "\n").split("\n"):
+            if line[:1] in (" ", "\t") and fields:
+                fields[-1] = (fields[-1][0], fields[-1][1] + line)
+            elif ":" in line:
+                name, _, value = line.partition(":")
+                fields.append((name, value))
+        headers = fields
+    for name, value in headers:
+        if name.strip().lower() == "message-id":
+            return " ".join(value.split())[:MAX_MESSAGE_ID]
+    return ""
+
+
+def audit_reason(reason: str, entry: Quarantined, found_id: str) -> str:
+    """An audit reason for held mail, naming the message as Postfix's log does: Message-ID and queue id."""
+    ids = f"Message-ID {found_id or '(none)'}, queue id {entry.queue_id or '(none)'}"
+    return f"{reason} ({ids})" if reason else ids
+
+
+def held_audit(entry: Quarantined, found_id: str, by: str, action: str, reason: str, at: float) -> AuditEntry:
+    """The audit entry of held mail: ``quarantine #N for RECIPIENT``, the reason with the message's ids."""
+    subject = f"quarantine #{entry.id} for {entry.recipient}"
+    return AuditEntry(at, by, action, subject, audit_reason(reason, entry, found_id))
+
+
 def reinject(
     host_port: str, sender: str, recipient: str, message: bytes, timeout: float = SMTP_TIMEOUT
 ) -> None:
@@ -222,11 +258,11 @@ class Quarantine:
     async def entry(self, entry_id: int) -> tuple[Quarantined, bytes]:
         """One held message and its description.
 
-        :raises UsageError: when there is no such (live) entry.
+        :raises NoSuchObject: when there is no such (live) entry.
         """
         found = await self.store.quarantined(entry_id, now=self.clock.seconds())
         if found is None:
-            raise UsageError(f"no quarantined message #{entry_id} (released, deleted or expired?)")
+            raise NoSuchObject(f"no quarantined message #{entry_id} (released, deleted or expired?)")
         return found
 
     async def release(
@@ -265,7 +301,7 @@ class Quarantine:
                 log.warning("quarantine #%d: release claim not ended (%s)", entry.id, error)
             raise
         await self.store.quarantine_delete(entry.id)
-        await self._audit(by, "release", entry, reason or f"re-injected through {smtp}")
+        await self._audit(by, "release", entry, message, reason or f"re-injected through {smtp}")
         log.info("quarantine #%d released to %s by %s", entry.id, entry.recipient, by)
         return entry
 
@@ -274,18 +310,17 @@ class Quarantine:
 
         :raises UsageError: when there is no such entry.
         """
-        entry, _ = await self.entry(entry_id)
+        entry, message = await self.entry(entry_id)
         await self.store.quarantine_delete(entry.id)
-        await self._audit(by, "quarantine-delete", entry, reason or "deleted")
+        await self._audit(by, "quarantine-delete", entry, message, reason or "deleted")
         return entry
 
     async def expire(self) -> int:
         """Forget held mail past its retention."""
         return await self.store.quarantine_expire(now=self.clock.seconds())
 
-    async def _audit(self, by: str, action: str, entry: Quarantined, reason: str) -> None:
-        subject = f"quarantine #{entry.id} for {entry.recipient}"
-        await self.store.record(AuditEntry(self.clock.seconds(), by, action, subject, reason))
+    async def _audit(self, by: str, action: str, entry: Quarantined, message: bytes, reason: str) -> None:
+        await self.store.record(held_audit(entry, message_id(message), by, action, reason, self.clock.seconds()))
 
     # --- preferences -------------------------------------------------------------
 

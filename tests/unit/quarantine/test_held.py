@@ -323,9 +323,11 @@ def quarantine_with(
     start = clock.seconds() - 10
     for n in range(entries):
         entry = Quarantined(
-            0, "bob@example.org", "spammer@example.net", f"spam {n}", 9.0, start + n, start + 3600, 10
+            0, "bob@example.org", "spammer@example.net", f"spam {n}", 9.0, start + n, start + 3600, 10,
+            queue_id=f"4XyZ{n + 1}",
         )
-        store.quarantine(entry, b"Subject: *{spam}* spam\r\n\r\nbody\r\n")
+        message_id = f"Message-ID:\r\n <spam.{n + 1}@example.net>\r\n".encode()
+        store.quarantine(entry, b"Subject: *{spam}* spam\r\n" + message_id + b"\r\nbody\r\n")
     return Quarantine(config, store, clock, SECRET), store
 
 
@@ -343,7 +345,10 @@ async def test_release_reinjects_to_that_recipient_only() -> None:
     assert delivery.recipients == ("bob@example.org",) and delivery.sender == "spammer@example.net"
     assert released_for(delivery.header(RELEASE_HEADER) or "", SECRET) == "bob@example.org"
     assert entry.id == 1 and store.held == {}
-    assert [(e.who, e.action, e.reason) for e in store.entries] == [("admin", "release", "false positive")]
+    assert [(e.who, e.action, e.subject, e.reason) for e in store.entries] == [
+        ("admin", "release", "quarantine #1 for bob@example.org",
+         "false positive (Message-ID <spam.1@example.net>, queue id 4XyZ1)")
+    ]
 
 
 @pytest_twisted.ensureDeferred
@@ -367,6 +372,7 @@ async def test_list_show_delete_and_expiry() -> None:
     with pytest.raises(UsageError, match="no quarantined message #2"):
         await quarantine.entry(2)
     assert store.entries[-1].action == "quarantine-delete"
+    assert store.entries[-1].reason == "deleted (Message-ID <spam.2@example.net>, queue id 4XyZ2)"
     quarantine.clock.advance(3600)  # type: ignore[attr-defined]
     assert await quarantine.expire() == 2
     assert await quarantine.entries() == []
@@ -389,3 +395,13 @@ async def test_choices() -> None:
         await quarantine.set_choice("not an address", "inbox", "admin")
     with pytest.raises(UsageError, match="--spam"):
         await quarantine.set_choice("bob@example.org", "trash", "admin")
+
+
+def test_message_id_is_read_unfolded_and_bounded() -> None:
+    """The Message-ID of held bytes or of the milter's headers, folded or not, at most MAX_MESSAGE_ID long."""
+    from policyd.quarantine.held import MAX_MESSAGE_ID, message_id
+
+    assert message_id(b"Subject: x\r\nmessage-id:\r\n\t<a@b>\r\n\r\nMessage-ID: <body@x>\r\n") == "<a@b>"
+    assert message_id(b"Subject: x\r\n\r\nMessage-ID: <in-body@x>\r\n") == ""
+    assert message_id([("Subject", "x"), ("Message-Id", " <c@d>")]) == "<c@d>"
+    assert len(message_id([("Message-ID", "<" + "x" * 5000 + ">")])) == MAX_MESSAGE_ID
