@@ -5,16 +5,20 @@ Every change is written to the audit log with who, when and why.
 
 from __future__ import annotations
 
-import datetime
 from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.checks.accounts import Accounts
-from policyd.config import Config, format_duration, parse_duration
-from policyd.errors import UsageError
+from policyd.config import Config, format_duration
+from policyd.errors import NoSuchObject, NothingToDo, UsageError
 from policyd.store import AuditEntry, Block, Exemption, Store
+from policyd.times import parse_when, show_time
+
+__all__ = [
+    "Admin", "BlockChange", "Status", "UnknownAccount", "normalise_account", "parse_when",
+]
 
 
 class UnknownAccount(UsageError):
@@ -52,6 +56,25 @@ class Status:
             "blocked": self.block is not None,
             "block": None if self.block is None else self.block.as_dict(),
         }
+
+
+@attrs.frozen
+class BlockChange:
+    """What ``policyd block`` did: the block now in force, and the one it replaced (None for a new block)."""
+
+    made: Block
+    replaced: Block | None
+
+    def changes(self) -> list[str]:
+        """What the block changed, in words (empty for a new block or an identical one)."""
+        if self.replaced is None:
+            return []
+        said = []
+        if self.replaced.until != self.made.until:
+            said.append(f"until {show_time(self.replaced.until)} -> {show_time(self.made.until)}")
+        if self.replaced.reason != self.made.reason:
+            said.append(f"reason {self.replaced.reason!r} -> {self.made.reason!r}")
+        return said
 
 
 class Admin:
@@ -101,7 +124,19 @@ class Admin:
         return await self.store.blocks(now=self.clock.seconds())
 
     async def block(self, account: str, reason: str, by: str, duration: float | None = None) -> Block:
-        """Block an account by hand.
+        """Block an account by hand; see :meth:`block_account`."""
+        return (await self.block_account(account, reason, by, duration)).made
+
+    async def block_account(
+        self, account: str, reason: str, by: str, duration: float | None = None
+    ) -> BlockChange:
+        """Block an account by hand, or change the block it has.
+
+        A new block lasts ``duration`` from now.  Re-blocking a blocked
+        account keeps when it was first blocked and the clients seen (a
+        notice already on its way stays true) and replaces the end and the
+        reason; the returned change holds the block it replaced, so the
+        admin is told what changed.
 
         :raises UsageError: when the reason is empty or the duration too long.
         """
@@ -113,29 +148,50 @@ class Admin:
             raise UsageError(f"--for must be between 1s and outbound.block_for ({format_duration(longest)})")
         now = self.clock.seconds()
         count = await self.store.usage(account, now=now, window=float(self.config.outbound.window))
-        block = Block(account, now, now + duration, reason, count, (), by)
+        replaced = await self.store.block_of(account, now=now)
+        if replaced is None:
+            block = Block(account, now, now + duration, reason, count, (), by)
+            noted = reason
+        else:
+            block = Block(account, replaced.since, now + duration, reason, max(count, replaced.count),
+                          replaced.clients, by)
+            noted = f"{reason} (was: until {show_time(replaced.until)}, {replaced.reason})"
         await self.store.block(block)
-        await self.store.record(AuditEntry(now, by, "block", account, reason))
-        return block
+        await self.store.record(AuditEntry(now, by, "block", account, noted))
+        return BlockChange(block, replaced)
 
     async def unblock(self, account: str, reason: str, by: str) -> Block:
         """Lift a block and clear the account's window.
 
-        :raises UsageError: when the account is not blocked (its window is
-            cleared all the same) or the reason is empty.
+        :raises NothingToDo: when the account is not blocked (its window is
+            cleared all the same).
+        :raises UsageError: when the reason is empty.
         """
         account = normalise_account(account)
         reason = _reason(reason)
         now = self.clock.seconds()
         block = await self.store.unblock(account, now=now)
         if block is None:
-            raise UsageError(f"account {account} is not blocked")
+            raise NothingToDo(f"account {account} is not blocked")
         await self.store.record(AuditEntry(now, by, "unblock", account, reason))
         return block
 
-    async def audit(self, limit: int = 100) -> list[AuditEntry]:
-        """The latest audit entries."""
-        return await self.store.audit(limit=limit)
+    async def audit(
+        self,
+        limit: int = 100,
+        account: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[AuditEntry]:
+        """The latest ``limit`` audit entries, oldest first: all of them, or those
+        naming ``account`` and made from ``since`` up to (not including) ``until``.
+
+        :raises UsageError: when ``until`` is not after ``since``.
+        """
+        if since is not None and until is not None and until <= since:
+            raise UsageError("--until must be after --since")
+        chosen = None if account is None else normalise_account(account)
+        return await self.store.audit(limit=limit, account=chosen, since=since, until=until)
 
     # --- exemptions -------------------------------------------------------
 
@@ -155,6 +211,12 @@ class Admin:
         now = self.clock.seconds()
         if limit < 1 or limit > bounds.max_limit:
             raise UsageError(f"--limit must be between 1 and exemptions.max_limit ({bounds.max_limit})")
+        # An exemption only ever raises a limit: one at or below it would be
+        # approved and then change nothing, which misleads whoever asked.
+        # The per-account override is compared after the account is known
+        # valid, so the public form tells nothing of one account's limit.
+        if limit <= self.config.outbound.limit:
+            raise UsageError(_not_above(limit, self.config.outbound.limit, "outbound.limit"))
         if end <= start:
             raise UsageError("--until must be after --from")
         if end <= now:
@@ -167,6 +229,9 @@ class Admin:
         # for that alone (the public form answers it like any other).
         if not await Accounts(self.config.accounts, self.store, self.clock).valid(account):
             raise UnknownAccount(f"{account} is not a valid account")
+        overrides = {k.lower(): v for k, v in self.config.outbound.overrides.items()}
+        if account in overrides and limit <= overrides[account]:
+            raise UsageError(_not_above(limit, overrides[account], f"{account}'s outbound.overrides"))
         exemption = Exemption(0, account, limit, start, end, reason, by, now)
         saved = await self.store.save_exemption(exemption)
         await self.store.record(AuditEntry(now, by, "exemption-request", _subject(saved), reason))
@@ -179,17 +244,20 @@ class Admin:
     async def _pending(self, exemption_id: int) -> Exemption:
         found = await self.store.exemption(exemption_id)
         if found is None:
-            raise UsageError(f"no exemption #{exemption_id}")
+            raise NoSuchObject(f"no exemption #{exemption_id}")
         return found
 
     async def approve(self, exemption_id: int, by: str, reason: str = "") -> Exemption:
         """Approve one pending request; it applies inside its window only.
 
+        :raises NothingToDo: when it is approved already.
         :raises UsageError: when it is not pending, its window has passed, or
             the account already has an approved exemption overlapping it.
         """
         exemption = await self._pending(exemption_id)
         now = self.clock.seconds()
+        if exemption.status == "approved":
+            raise NothingToDo(f"exemption #{exemption_id} is {exemption.state(now)} already")
         if exemption.status != "pending":
             raise UsageError(f"exemption #{exemption_id} is {exemption.state(now)}, not pending")
         if exemption.end <= now:
@@ -224,6 +292,8 @@ class Admin:
         exemption = await self._pending(exemption_id)
         now = self.clock.seconds()
         reason = _reason(reason)
+        if exemption.state(now) == status or (status == "revoked" and exemption.state(now) == "expired"):
+            raise NothingToDo(f"exemption #{exemption_id} is {exemption.state(now)} already")
         if exemption.state(now) not in allowed:
             raise UsageError(f"exemption #{exemption_id} is {exemption.state(now)}, not {' or '.join(allowed)}")
         decided = attrs.evolve(exemption, status=status, decided_by=by, decided_at=now, decision=reason)
@@ -237,26 +307,11 @@ def _subject(exemption: Exemption) -> str:
     return f"exemption #{exemption.id} ({exemption.account}, {exemption.limit}/h)"
 
 
-def parse_when(text: str, now: float) -> float:
-    """``now``, ``+1h`` (from now), or an ISO 8601 time (local time when no zone is given).
-
-    :raises UsageError: when the text is none of these.
-    """
-    text = text.strip()
-    if text == "now":
-        return now
-    if text.startswith("+"):
-        try:
-            return now + parse_duration(text[1:])
-        except ValueError:
-            raise UsageError(f"{text!r}: expected now, +DURATION (+1h, +2d) or an ISO 8601 time") from None
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{text!r}: expected now, +DURATION (+1h, +2d) or an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return moment.timestamp()
+def _not_above(limit: int, current: int, named: str) -> str:
+    return (
+        f"--limit {limit} is not above the current limit of {current} external recipients per hour "
+        f"({named}): an exemption only raises a limit, so ask for more than {current}"
+    )
 
 
 def _reason(reason: str, message: str = "--reason must say why") -> str:

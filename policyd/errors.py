@@ -31,3 +31,20 @@ class UsageError(PolicydError):
     """A command was given an argument that cannot be acted upon."""
 
     exit_code = 2
+
+
+class NothingToDo(UsageError):
+    """The command was understood but there is nothing to do: an account that
+    is not blocked, an exemption already approved.
+
+    Exit status 1, as ``grep`` finding nothing: a script can tell it from a
+    mistake in the command (2).  A :class:`UsageError` still, so code that
+    answers a usage error (the web pages) answers this one the same way.
+    """
+
+    exit_code = 1
+
+
+class NoSuchObject(NothingToDo):
+    """The command names something that does not exist: an unknown exemption or
+    quarantine id (exit status 1)."""

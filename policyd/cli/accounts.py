@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from policyd import config as configuration
-from policyd.admin import Admin, Status
+from policyd.admin import Admin, BlockChange, Status, parse_when
 from policyd.cli.common import (
     ACCOUNT,
     POSITIVE,
@@ -14,6 +14,7 @@ from policyd.cli.common import (
     cli,
     config_option,
     json_option,
+    moment_option,
     show,
     show_list,
     when,
@@ -82,7 +83,12 @@ def blocks(as_json: bool) -> None:
 @by_option
 @json_option
 def block(account: str, reason: str, duration: str | None, by: str | None, as_json: bool) -> None:
-    """Block ACCOUNT from sending."""
+    """Block ACCOUNT from sending.
+
+    An account blocked already keeps the time it was first blocked; the new
+    end (now plus --for) and reason replace the old ones, and the command
+    says what changed.
+    """
 
     seconds = None
     if duration is not None:
@@ -91,11 +97,20 @@ def block(account: str, reason: str, duration: str | None, by: str | None, as_js
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
 
-    async def work(admin: Admin) -> Block:
-        return await admin.block(account, reason, who(by), seconds)
+    async def work(admin: Admin) -> BlockChange:
+        return await admin.block_account(account, reason, who(by), seconds)
 
-    made = with_admin(work)
-    show(as_json, made.as_dict(), f"{made.account} blocked until {when(made.until)}")
+    change = with_admin(work)
+    made, replaced = change.made, change.replaced
+    data = made.as_dict() | {"replaced": None if replaced is None else replaced.as_dict()}
+    if replaced is None:
+        text = f"{made.account} blocked until {when(made.until)}"
+    elif change.changes():
+        text = (f"{made.account} was blocked already (since {when(made.since)}); changed: "
+                f"{'; '.join(change.changes())}")
+    else:
+        text = f"{made.account} was blocked already until {when(made.until)} for that reason: nothing changed"
+    show(as_json, data, text)
 
 
 @cli.command()
@@ -116,19 +131,31 @@ def unblock(account: str, reason: str, by: str | None, as_json: bool) -> None:
 
 @cli.command()
 @config_option
-@click.option("--limit", type=POSITIVE, default=100, show_default=True, help="How many entries.")
+@click.option("--limit", type=POSITIVE, default=100, show_default=True, help="How many entries (the latest).")
+@click.option("--account", type=ACCOUNT, help="Only the entries about this account.")
+@moment_option("since", "Only the entries made at or after this time")
+@moment_option("until", "Only the entries made before this time")
 @json_option
-def audit(limit: int, as_json: bool) -> None:
-    """List the latest admin actions (who, when, what, why)."""
+def audit(limit: int, account: str | None, since_text: str | None, until_text: str | None, as_json: bool) -> None:
+    """List the latest admin actions (who, when, what, why), oldest first.
+
+    Times are shown in the server's time zone, with their offset; --since
+    and --until read a time without a zone in that same zone.
+    """
 
     async def work(admin: Admin) -> list[AuditEntry]:
-        return await admin.audit(limit)
+        now = admin.clock.seconds()
+        since = None if since_text is None else parse_when(since_text, now)
+        until = None if until_text is None else parse_when(until_text, now)
+        return await admin.audit(limit, account=account, since=since, until=until)
 
     entries = with_admin(work)
+    searched = account is not None or since_text is not None or until_text is not None
     show_list(
         as_json,
         entries,
         AuditEntry.as_dict,
         ["WHEN", "WHO", "ACTION", "SUBJECT", "REASON"],
         lambda e: (when(e.at), e.who, e.action, e.subject, e.reason),
+        empty="no audit entry matches" if searched else "the audit log is empty",
     )

@@ -8,7 +8,6 @@ from outside is shown with control characters escaped (:func:`policyd.texts.prin
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import json
 import re
@@ -24,6 +23,7 @@ from policyd.errors import UsageError
 from policyd.reactor import install_reactor
 from policyd.store import open_store
 from policyd.texts import printable
+from policyd.times import WHEN_HELP, show_time, with_iso
 
 T = TypeVar("T")
 
@@ -212,9 +212,14 @@ def with_admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
 
 
 def when(timestamp: float) -> str:
-    """A time for tables: ISO 8601 in UTC, to the second."""
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time for tables and lines: ISO 8601 in the server's zone, with its offset
+    (:func:`policyd.times.show_time`), which ``--from``/``--since`` read back as it is."""
+    return show_time(timestamp)
+
+
+def moment_option(name: str, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add an option ``--NAME WHEN`` (:data:`policyd.times.WHEN_HELP`)."""
+    return click.option(f"--{name}", f"{name}_text", type=TEXT, metavar="WHEN", help=f"{what}: {WHEN_HELP}.")
 
 
 #: What ``say(..., keep=LINES)`` writes as it is: text of several lines (a message).
@@ -260,8 +265,9 @@ def _json_escape(character: str) -> str:
 
 
 def print_json(item: Any) -> None:
-    """One compact JSON object on one line."""
-    click.echo(json_line(item))
+    """One compact JSON object on one line; each time field (epoch seconds) gets an
+    ISO 8601 twin named ``FIELD_iso`` (:func:`policyd.times.with_iso`)."""
+    click.echo(json_line(with_iso(item)))
 
 
 def show(as_json: bool, data: Any, text: str) -> None:

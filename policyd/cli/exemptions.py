@@ -20,6 +20,7 @@ from policyd.cli.common import (
     with_admin,
 )
 from policyd.store import Exemption
+from policyd.times import WHEN_HELP
 
 
 @cli.group()
@@ -31,15 +32,21 @@ def exemption() -> None:
 @config_option
 @click.argument("account", type=ACCOUNT)
 @click.option("--limit", type=POSITIVE, required=True, help="Hourly limit wanted inside the window.")
-@click.option("--from", "start", type=TEXT, required=True, metavar="WHEN", help="Start: ISO 8601, now, or +DURATION.")
-@click.option("--until", "end", type=TEXT, required=True, metavar="WHEN", help="End: ISO 8601, now, or +DURATION.")
+@click.option("--from", "start", type=TEXT, required=True, metavar="WHEN", help=f"Start: {WHEN_HELP}.")
+@click.option("--until", "end", type=TEXT, required=True, metavar="WHEN", help=f"End: {WHEN_HELP}.")
 @click.option("--reason", type=TEXT, required=True, help="The business reason.")
 @by_option
 @json_option
 def exemption_request(
     account: str, limit: int, start: str, end: str, reason: str, by: str | None, as_json: bool
 ) -> None:
-    """Request an exemption for ACCOUNT (pending until an admin approves it)."""
+    """Request an exemption for ACCOUNT (pending until an admin approves it).
+
+    ACCOUNT must be a valid account (the accounts file or table; without
+    one, an account that has authenticated before), --limit above its
+    current hourly limit, and the window at most exemptions.max_window.
+    Times are shown in the server's time zone, with their offset.
+    """
 
     async def work(admin: Admin) -> Exemption:
         now = admin.clock.seconds()

@@ -21,6 +21,7 @@ from policyd.cli.common import (
     say,
     show,
 )
+from policyd.config.files import check_files
 from policyd.errors import UsageError
 from policyd.netlists import NetworkSet, parse_address
 from policyd.protocols import client
@@ -29,11 +30,16 @@ from policyd.protocols import client
 @cli.command()
 @config_option
 def serve() -> None:
-    """Run the policy server in the foreground (Postfix check_policy_service)."""
+    """Run the policy server in the foreground (Postfix check_policy_service).
+
+    It does not start (exit 2) when the configuration, or a file it names,
+    is wrong: see policyd config check.
+    """
     # Imported here: a daemon pulls in twisted.web, twisted.names and the
     # milter's parts, which no admin command needs to load.
     from policyd.servers.policy import run
 
+    check_files(load_config())
     run(chosen_config())
 
 
@@ -45,8 +51,14 @@ def config_group() -> None:
 @config_group.command("check")
 @config_option
 def config_check() -> None:
-    """Validate the configuration file; exit 2 naming the key and line of an error."""
+    """Validate the configuration file and the files it names.
+
+    Exit 2 naming the key and line of an error, or the key and the file
+    (network lists, local_domains, accounts, quarantine.preferences,
+    content.model, templates, secrets) that is missing or unreadable.
+    """
     config = load_config()
+    check_files(config)
     say(f"{config.source}: configuration OK")
 
 
@@ -173,4 +185,5 @@ def milter() -> None:
     """Run the content-scoring milter in the foreground (Postfix smtpd_milters)."""
     from policyd.servers.milter import run
 
+    check_files(load_config())
     run(chosen_config())

@@ -20,6 +20,7 @@ from policyd.store import (
     Outcome,
     Quarantined,
 )
+from policyd.store.audit import matches
 
 
 @attrs.define
@@ -180,9 +181,17 @@ class MemoryStore:
         """See :meth:`policyd.store.Store.account_seen`."""
         return succeed(account in self.accounts)
 
-    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
+    def audit(
+        self,
+        *,
+        limit: int = 100,
+        account: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Deferred[list[AuditEntry]]:
         """See :meth:`policyd.store.Store.audit`."""
-        return succeed(self.entries[-limit:] if limit > 0 else [])
+        chosen = [e for e in self.entries if matches(e, account, since, until)]
+        return succeed(chosen[-limit:] if limit > 0 else [])
 
     def prune(self, *, now: float, window: float) -> Deferred[int]:
         """See :meth:`policyd.store.Store.prune`."""

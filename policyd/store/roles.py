@@ -101,8 +101,21 @@ class AuditLog(Protocol):
     def record(self, entry: AuditEntry) -> Deferred[None]:
         """Append one entry to the audit log."""
 
-    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
-        """The latest audit entries, oldest first."""
+    def audit(
+        self,
+        *,
+        limit: int = 100,
+        account: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Deferred[list[AuditEntry]]:
+        """The latest ``limit`` audit entries a search asks for, oldest first.
+
+        :param account: only those whose subject names this account
+            (:func:`policyd.store.audit.names_account`).
+        :param since: only those made at or after this time.
+        :param until: only those made before this time.
+        """
 
 
 class Outbox(Protocol):

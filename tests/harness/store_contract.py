@@ -142,6 +142,31 @@ async def test_audit_log_keeps_order(store: Store) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_audit_search_by_account_and_period(store: Store) -> None:
+    """An audit search keeps the entries naming the account as a whole word, from since up to until, the latest limit."""
+    subjects = [
+        "alice@example.org",
+        "alice@example.org.evil",
+        "exemption #3 (alice@example.org, 9000/h)",
+        "mallory@example.org",
+        "quarantine #7 for alice@example.org",
+        "al_ce@example.org",
+        "alice@example.org",
+    ]
+    for n, subject in enumerate(subjects):
+        await store.record(AuditEntry(T0 + n, "root", "block", subject, "why"))
+    alice = await store.audit(account="alice@example.org")
+    assert [e.at - T0 for e in alice] == [0, 2, 4, 6]
+    assert [e.at - T0 for e in await store.audit(account="alice@example.org", limit=2)] == [4, 6]
+    assert [e.at - T0 for e in await store.audit(since=T0 + 2, until=T0 + 4)] == [2, 3]
+    both = await store.audit(account="alice@example.org", since=T0 + 1, until=T0 + 6)
+    assert [e.subject for e in both] == subjects[2:5:2]
+    assert await store.audit(account="al%ce@example.org") == []
+    assert await store.audit(account="al_ce@example.org") == [AuditEntry(T0 + 5, "root", "block", subjects[5], "why")]
+    assert await store.audit(since=T0 + 100) == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_prune_forgets_old_counts(store: Store) -> None:
     """Pruning drops counts outside the window and keeps the rest."""
     await admit(store, now=T0)

@@ -144,10 +144,18 @@ def test_config_check_accepts_valid_file_and_env(tmp_path: Path) -> None:
 
 
 def test_errors_for_admin_mistakes(tmp_path: Path) -> None:
-    """Unknown account, empty reason, dead server and missing config are clear one-liners."""
+    """Nothing to do or no such object exits 1; a usage or config error 2; each one clear line."""
     path = write(tmp_path / "c.yaml", free_port())
     cases = [
-        (["unblock", "nobody", "--reason", "x"], 2, "account nobody is not blocked"),
+        (["unblock", "nobody", "--reason", "x"], 1, "account nobody is not blocked"),
+        (["exemption", "approve", "42"], 1, "no exemption #42"),
+        (["exemption", "deny", "42", "--reason", "x"], 1, "no exemption #42"),
+        (["exemption", "revoke", "42", "--reason", "x"], 1, "no exemption #42"),
+        (["quarantine", "show", "42"], 1, "no quarantined message #42"),
+        (["quarantine", "release", "42"], 1, "no quarantined message #42"),
+        (["quarantine", "delete", "42"], 1, "no quarantined message #42"),
+        (["audit", "--since", "yesterday"], 2, "'yesterday': expected now, +DURATION"),
+        (["audit", "--since", "+1h", "--until", "now"], 2, "--until must be after --since"),
         (["unblock", "alice", "--reason", "  "], 2, "--reason must say why"),
         (["block", "alice", "--reason", "x", "--for", "9d"], 2, "--for must be between"),
         (["check", "--sasl-username", "a"], 1, "Connection refused"),

@@ -12,11 +12,12 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from policyd.admin import Admin, parse_when
-from policyd.errors import UsageError
+from policyd.errors import NoSuchObject, NothingToDo, UsageError
 from policyd.policy import PolicyService
 from policyd.store import Exemption
 from policyd.store.memory import MemoryStore
 from policyd.testing import rcpt, request
+from policyd.times import show_time
 from tests.conftest import make_config
 from tests.harness.servers import PolicydServer, ask, free_port, policyd
 
@@ -88,9 +89,9 @@ def test_accounts_seen_authenticating_when_no_list(tmp_path: Path) -> None:
     service = PolicyService(config, store, clock)
     adm = Admin(config, store, clock)
     with pytest.raises(UsageError, match="not a valid account"):
-        request_one(adm, "carol@example.org")
+        request_one(adm, "carol@example.org", limit=8000)
     maybeDeferred(service.decide, request(rcpt(sasl_username="Carol@example.org", recipient="x@example.org")))
-    assert request_one(adm, "carol@example.org").status == "pending"
+    assert request_one(adm, "carol@example.org", limit=8000).status == "pending"
 
 
 def test_decisions_are_one_at_a_time(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_decisions_are_one_at_a_time(tmp_path: Path) -> None:
     adm, store, _ = admin(tmp_path)
     first, second = request_one(adm), request_one(adm, "bob@example.org")
     assert run(adm.approve(first.id, "root", "ok")).status == "approved"
-    with pytest.raises(UsageError, match="is approved, not pending"):
+    with pytest.raises(NothingToDo, match="is approved already"):
         run(adm.approve(first.id, "root"))
     assert run(adm.deny(second.id, "root", "no business need")).status == "denied"
     with pytest.raises(UsageError, match="is denied, not approved"):
@@ -157,21 +158,56 @@ def test_approved_exemption_applies_inside_its_window_only(tmp_path: Path) -> No
     assert decide(service, 6) == ["DUNNO"] * 5 + ["REJECT"]  # after: 5 again, never renewed
 
 
-def test_an_exemption_never_lowers_a_limit(tmp_path: Path) -> None:
-    """An exemption below the normal limit changes nothing."""
-    adm, store, clock = admin(tmp_path)
+def test_an_exemption_at_or_below_the_limit_is_refused(tmp_path: Path) -> None:
+    """A request at or below the account's limit (outbound.limit, or its override) is refused, saying why."""
+    adm, store, clock = admin(tmp_path, "  overrides:\n    bob@example.org: 20\n")
+    for limit in (2, 5):
+        with pytest.raises(UsageError, match=rf"--limit {limit} is not above the current limit of 5 .*outbound.limit"):
+            request_one(adm, limit=limit)
+    with pytest.raises(UsageError, match="--limit 20 is not above the current limit of 20 .*overrides"):
+        request_one(adm, "bob@example.org", limit=20)
+    with pytest.raises(UsageError, match="mallory@example.org is not a valid account"):
+        request_one(adm, "mallory@example.org", limit=20)  # the override of a valid account is never told
+    assert store.exempt == {} and store.entries == []
     service = PolicyService(adm.config, store, clock)
-    run(adm.approve(request_one(adm, limit=2).id, "root"))
     assert decide(service, 6) == ["DUNNO"] * 5 + ["REJECT"]
 
 
-def test_parse_when() -> None:
-    """WHEN reads now, +DURATION and ISO 8601 (with or without zone)."""
-    assert parse_when("now", T0) == T0
-    assert parse_when("+1h", T0) == T0 + HOUR
-    assert parse_when("2026-11-25T10:00:00+00:00", T0) == 1795600800.0
-    with pytest.raises(UsageError, match="expected now"):
-        parse_when("tomorrow", T0)
+def test_decisions_already_made_are_nothing_to_do(tmp_path: Path) -> None:
+    """Approving an approved exemption, denying a denied one, revoking a revoked or expired one: NothingToDo (exit 1)."""
+    adm, _, clock = admin(tmp_path)
+    approved = request_one(adm)
+    run(adm.approve(approved.id, "root"))
+    with pytest.raises(NothingToDo, match="is approved already"):
+        run(adm.approve(approved.id, "root"))
+    denied = request_one(adm, start=T0 + 2 * HOUR, end=T0 + 3 * HOUR)
+    run(adm.deny(denied.id, "root", "no"))
+    with pytest.raises(NothingToDo, match="is denied already"):
+        run(adm.deny(denied.id, "root", "no"))
+    clock.advance(2 * HOUR)
+    with pytest.raises(NothingToDo, match="is expired already"):
+        run(adm.revoke(approved.id, "root", "over"))
+    with pytest.raises(NoSuchObject, match="no exemption #99"):
+        run(adm.approve(99, "root"))
+    assert NothingToDo.exit_code == NoSuchObject.exit_code == 1
+
+
+def test_parse_when(monkeypatch: pytest.MonkeyPatch) -> None:
+    """WHEN reads now, +DURATION and ISO 8601; without a zone, in the server's time zone."""
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    time.tzset()
+    try:
+        assert parse_when("now", T0) == T0
+        assert parse_when("+1h", T0) == T0 + HOUR
+        assert parse_when("2026-11-25T10:00:00+00:00", T0) == 1795600800.0
+        assert parse_when("2026-11-25T10:00:00Z", T0) == 1795600800.0
+        assert parse_when("2026-11-25T11:00", T0) == 1795600800.0  # Paris is UTC+1 in November
+        assert show_time(1795600800.0) == "2026-11-25T11:00:00+01:00"
+        with pytest.raises(UsageError, match="expected now"):
+            parse_when("tomorrow", T0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_cli_contract_request_approve_apply(tmp_path: Path) -> None:

@@ -6,15 +6,26 @@ import json
 from typing import cast
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from policyd.store import (
     AuditEntry,
     Exemption,
     Notice,
 )
+from policyd.store.audit import matches
 from policyd.store.redis.connection import RedisConnection
 from policyd.store.redis.schema import AUDIT, AUDIT_CAP, EXEMPTION_SEQUENCE, EXEMPTIONS, OUTBOX
+
+#: Audit entries read in one call when searching: a page is parsed well within the
+#: store's deadline, and a search of the whole capped list takes a hundred calls.
+AUDIT_PAGE = 1000
+
+
+def _entry(line: str) -> AuditEntry:
+    """An audit entry from its JSON line (fields it does not know are left out)."""
+    data = json.loads(line)
+    return AuditEntry(**{f.name: data[f.name] for f in attrs.fields(AuditEntry) if f.name in data})
 
 
 class RedisRecords(RedisConnection):
@@ -35,17 +46,54 @@ class RedisRecords(RedisConnection):
 
         return self._call(work, "audit record")
 
-    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
-        """See :meth:`policyd.store.Store.audit`."""
+    def audit(
+        self,
+        *,
+        limit: int = 100,
+        account: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Deferred[list[AuditEntry]]:
+        """See :meth:`policyd.store.Store.audit`.
 
-        async def work() -> list[AuditEntry]:
-            if limit <= 0:
-                return []
-            # The list holds AUDIT_CAP entries at most; a larger index is out of Redis's range.
-            lines = cast(list[str], await self.client.lrange(AUDIT, -min(limit, AUDIT_CAP), -1))
-            return [AuditEntry(**json.loads(line)) for line in lines]
+        Without a search, the last ``limit`` entries are read in one call.
+        With one, the list is read from its end in pages of
+        :data:`AUDIT_PAGE`, each one call within the store's deadline, until
+        ``limit`` entries are found, the list is read, or a whole page is
+        older than ``since`` (entries are appended as they are made, so the
+        earlier pages are older still).
+        """
+        if limit <= 0:
+            return succeed([])
+        if account is None and since is None and until is None:
 
-        return self._call(work, "audit")
+            async def latest() -> list[AuditEntry]:
+                # The list holds AUDIT_CAP entries at most; a larger index is out of Redis's range.
+                lines = cast(list[str], await self.client.lrange(AUDIT, -min(limit, AUDIT_CAP), -1))
+                return [_entry(line) for line in lines]
+
+            return self._call(latest, "audit")
+        return Deferred.fromCoroutine(self._search(limit, account, since, until))
+
+    async def _search(
+        self, limit: int, account: str | None, since: float | None, until: float | None
+    ) -> list[AuditEntry]:
+        chosen: list[AuditEntry] = []
+        end = -1
+        while len(chosen) < limit:
+
+            async def page(stop: int = end) -> list[str]:
+                return cast(list[str], await self.client.lrange(AUDIT, stop - AUDIT_PAGE + 1, stop))
+
+            lines = await self._call(page, "audit")
+            entries = [_entry(line) for line in lines]
+            chosen[:0] = [e for e in entries if matches(e, account, since, until)][-(limit - len(chosen)):]
+            if len(lines) < AUDIT_PAGE or -end >= AUDIT_CAP:
+                break
+            if since is not None and all(e.at < since for e in entries):
+                break
+            end -= AUDIT_PAGE
+        return chosen
 
     # --- notification outbox ------------------------------------------------------
 

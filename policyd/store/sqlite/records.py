@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import attrs
@@ -13,6 +14,7 @@ from policyd.store import (
     Exemption,
     Notice,
 )
+from policyd.store.audit import matches
 from policyd.store.sqlite.connection import SQLiteConnection
 from policyd.store.sqlite.schema import sql_limit, storable_id
 
@@ -113,15 +115,42 @@ class SQLiteRecords(SQLiteConnection):
         return self._run(work)
 
 
-    def audit(self, *, limit: int = 100) -> Deferred[list[AuditEntry]]:
+    def audit(
+        self,
+        *,
+        limit: int = 100,
+        account: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> Deferred[list[AuditEntry]]:
         """See :meth:`policyd.store.Store.audit`."""
 
         def work(db: sqlite3.Connection) -> list[AuditEntry]:
-            rows = db.execute(
-                "SELECT at, who, action, subject, reason FROM "
-                "(SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
-                (sql_limit(limit),),
-            )
-            return [AuditEntry(*row) for row in rows]
+            if limit <= 0:
+                return []
+            conditions: list[str] = []
+            values: list[object] = []
+            if since is not None:
+                conditions.append("at >= ?")
+                values.append(since)
+            if until is not None:
+                conditions.append("at < ?")
+                values.append(until)
+            if account is not None:
+                # LIKE narrows the rows (and ignores ASCII case, as accounts do);
+                # matches() then keeps only those naming the account as a word.
+                conditions.append("subject LIKE ? ESCAPE '\\'")
+                values.append("%" + re.sub(r"([%_\\])", r"\\\1", account) + "%")
+            where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+            query = f"SELECT at, who, action, subject, reason FROM audit {where} ORDER BY id DESC"  # noqa: S608 - fixed conditions, values bound
+            rows = db.execute(query, values)
+            chosen: list[AuditEntry] = []
+            for row in rows:
+                entry = AuditEntry(*row)
+                if matches(entry, account, since, until):
+                    chosen.append(entry)
+                    if len(chosen) >= sql_limit(limit):
+                        break
+            return chosen[::-1]
 
         return self._run(work)
