@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
@@ -14,7 +16,10 @@ CHROMEDRIVER = "/usr/bin/chromedriver"
 
 @contextmanager
 def chromium(headers: dict[str, str] | None = None) -> Iterator[Any]:
-    """A headless Chromium driven by WebDriver; fails loudly when it is not installed."""
+    """A headless Chromium driven by WebDriver; fails loudly when it is not installed.
+
+    :param headers: sent with every request (``Accept-Language``, ``Authorization``).
+    """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -67,3 +72,25 @@ def press(browser: Any, button: Any = "submit") -> None:
 
     WebDriverWait(browser, 15).until(replaced)
     WebDriverWait(browser, 15).until(lambda b: b.execute_script("return document.readyState") == "complete")
+
+
+#: Where screenshots go: the docs/ folder when POLICYD_UPDATE_DOCS is set (to
+#: refresh the pictures the documentation shows), else a scratch directory,
+#: so a test run leaves the tracked pictures alone.
+DOCS = (
+    Path(__file__).resolve().parents[2] / "docs"
+    if os.environ.get("POLICYD_UPDATE_DOCS")
+    else Path(tempfile.mkdtemp(prefix="policyd-screenshots-"))
+)
+
+
+def shoot(browser: Any, path: Path, width: int = 420) -> None:
+    """A screenshot of the whole page, ``width`` pixels wide (phone width by default), as tall as the page."""
+    metrics = {"width": width, "height": 100, "deviceScaleFactor": 1, "mobile": False}
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    height = int(browser.execute_script("return document.documentElement.scrollHeight"))
+    metrics["height"] = min(max(height, 400), 2400)
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(path)), path
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

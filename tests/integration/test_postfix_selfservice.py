@@ -17,11 +17,9 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.browser import chromium, press
+from tests.harness.browser import DOCS, chromium, press, shoot
 from tests.harness.postfix import PostfixInstance, SmtpSink
 from tests.harness.servers import PolicydServer, free_port, policyd, wait_for_port
 from tests.harness.smtp_sink import Delivery
@@ -40,14 +38,6 @@ from tests.unit.content.test_classifier import training_mail
 
 pytestmark = pytest.mark.integration
 
-#: Where the screenshots go: the README's docs/ when POLICYD_UPDATE_DOCS is
-#: set (to refresh them), else a scratch directory, so a test run leaves the
-#: tracked pictures alone.
-DOCS = (
-    Path(__file__).resolve().parents[2] / "docs"
-    if os.environ.get("POLICYD_UPDATE_DOCS")
-    else Path(tempfile.mkdtemp(prefix="policyd-screenshots-"))
-)
 TAGGED = f"*{{spam}}* {SPAM_SUBJECT}"
 
 
@@ -151,18 +141,6 @@ def digest_parts(delivery: Delivery) -> tuple[EmailMessage, str, str]:
     text, markup = message.get_body(("plain",)), message.get_body(("html",))
     assert text is not None and markup is not None
     return message, text.get_content(), markup.get_content()
-
-
-def shoot(browser: Any, path: Path, width: int = 420) -> None:
-    """A screenshot of the whole page at phone width (the viewport made as tall as the page)."""
-    metrics = {"width": width, "height": 100, "deviceScaleFactor": 1, "mobile": False}
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-    height = int(browser.execute_script("return document.documentElement.scrollHeight"))
-    metrics["height"] = min(max(height, 400), 2400)
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(path)), path
-    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def release_twice(digest_html: Path, release_link: str) -> dict[str, str]:
