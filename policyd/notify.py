@@ -12,7 +12,6 @@ is retried with growing delays, and a restart loses nothing.
 
 from __future__ import annotations
 
-import datetime
 import email.utils
 import logging
 import shlex
@@ -27,6 +26,7 @@ from policyd.config import Config, format_duration
 from policyd.errors import PolicydError
 from policyd.store import Notice, Store
 from policyd.texts import Texts
+from policyd.times import say_time
 
 if TYPE_CHECKING:
     from policyd.quarantine.digest import DigestMail
@@ -170,23 +170,44 @@ class Notifier:
     async def _message(self, notice: Notice) -> bytes | None:
         """The mail of a notice, or None when a digest has nothing left to list."""
         if notice.kind != "digest":
-            return self.compose(notice)
+            return self.compose(notice, await self._ended(notice))
         if self.digest is None:
             raise PolicydError("this process does not write quarantine digests (policyd serve does)")
         return await self.digest.message(notice, self.store, self.reactor.seconds())
 
+    async def _ended(self, notice: Notice) -> str | None:
+        """How the block of a notice ended, when it is no longer in force: ``unblocked``
+        or ``expired``; None while it lasts.
+
+        Looked up as the mail is written, so a notice that waited in the
+        outbox (a relay down) never tells of a block already lifted as if it
+        still held; a newer block of the account is another incident, with
+        its own notice.
+        """
+        block = notice.payload
+        now = self.reactor.seconds()
+        live = await self.store.block_of(str(block.get("account", "")), now=now)
+        if live is not None and live.since == float(block.get("since", notice.created)):
+            return None
+        return "expired" if now >= float(block.get("until", notice.created)) else "unblocked"
+
     # --- writing and sending ------------------------------------------
 
-    def compose(self, notice: Notice) -> bytes:
-        """The mail for one notice, from its template (first line ``Subject: ...``)."""
+    def compose(self, notice: Notice, ended: str | None = None) -> bytes:
+        """The mail for one notice, from its template (first line ``Subject: ...``).
+
+        :param ended: how the block ended when it is over (``unblocked`` or
+            ``expired``): the mail then says "blocked, then unblocked".
+        """
         block = notice.payload
         account = str(block.get("account", ""))
         to_user = notice.recipient.lower() == account.lower()
         name = "block_user" if to_user else "block_notice"
+        until = _when(float(block.get("until", notice.created)))
         values = {
             "account": account,
             "since": _when(float(block.get("since", notice.created))),
-            "until": _when(float(block.get("until", notice.created))),
+            "until": until,
             "count": block.get("count", "?"),
             "reason": block.get("reason", ""),
             "clients": ", ".join(block.get("clients", [])) or "-",
@@ -194,6 +215,9 @@ class Notifier:
             # outside (a SASL login) and must stay one inert argument.
             "unblock": f'policyd unblock {shlex.quote(account)} --reason "..."',
         }
+        if ended is not None:
+            name += "_lifted"
+            values["ended"] = self.texts.render(f"block_ended_{ended}", until=until)
         text = self.texts.render(name, **values)
         subject, _, body = text.partition("\n")
         message = EmailMessage()
@@ -234,7 +258,8 @@ def _about(notice: Notice) -> str:
 
 
 def _when(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    """A time in a notice: the server's zone, named (:func:`policyd.times.say_time`)."""
+    return say_time(timestamp)
 
 
 def _describe(error: BaseException) -> str:

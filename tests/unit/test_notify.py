@@ -170,6 +170,71 @@ def test_failed_sends_are_retried_with_growing_delays() -> None:
     assert [retry_delay(n) for n in (1, 2, 3, 10, 20)] == [30, 60, 120, 3600, 3600]
 
 
+def subjects(outgoing: Outgoing) -> dict[str, str]:
+    """The Subject of each mail sent, by recipient."""
+    found = {}
+    for _, to, raw in outgoing.mails:
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        found[to] = str(message["Subject"])
+    return found
+
+
+def test_notice_sent_after_an_unblock_says_blocked_then_unblocked() -> None:
+    """A notice that waited in the outbox while the account was unblocked says so in Subject and text, never "is blocked"."""
+    service, notifier, store, clock, outgoing = setup("  notify_user: true\n")
+    outgoing.failing = True
+    attempt(service, times=4)
+    clock.advance(0)
+    store.unblock("alice@example.org", now=clock.seconds())
+    outgoing.failing = False
+    clock.advance(retry_delay(1))
+    notifier.drain()
+    assert subjects(outgoing) == {
+        "helpdesk@example.org": "[policyd] account alice@example.org blocked, then unblocked",
+        "it@example.org": "[policyd] account alice@example.org blocked, then unblocked",
+        "alice@example.org": "Your account alice@example.org was blocked, then unblocked",
+    }
+    for _, _, raw in outgoing.mails:
+        text = email.message_from_bytes(raw, policy=email.policy.default).get_body().get_content()
+        assert "unblocked it before this notice could be sent" in text
+        assert "has been blocked" not in text and "policyd unblock" not in text and "can no longer" not in text
+
+
+def test_notice_of_a_block_still_in_force_is_unchanged_and_of_an_expired_one_says_it_ended() -> None:
+    """A live block's late notice still says blocked; one sent after the block ran out says it ended on its own."""
+    service, notifier, store, clock, outgoing = setup()
+    outgoing.failing = True
+    attempt(service, times=4)
+    clock.advance(0)
+    outgoing.failing = False
+    clock.advance(retry_delay(1))
+    notifier.drain()
+    assert set(subjects(outgoing).values()) == {"[policyd] account alice@example.org blocked from sending"}
+    outgoing.mails.clear()
+    outgoing.failing = True
+    attempt(service, "bob@example.org", times=4)
+    clock.advance(0)
+    clock.advance(3 * 86400)
+    outgoing.failing = False
+    notifier.drain()
+    (subject,) = set(subjects(outgoing).values())
+    assert subject == "[policyd] account bob@example.org blocked, then unblocked"
+    assert b"the block ended on its own at" in outgoing.mails[0][2]
+
+
+def test_french_notice_after_an_unblock() -> None:
+    """language: fr: the late notice of a lifted block says "bloqué, puis débloqué"."""
+    service, notifier, store, clock, outgoing = setup("language: fr\n")
+    outgoing.failing = True
+    attempt(service, times=4)
+    clock.advance(0)
+    store.unblock("alice@example.org", now=clock.seconds())
+    outgoing.failing = False
+    clock.advance(retry_delay(1))
+    notifier.drain()
+    assert set(subjects(outgoing).values()) == {"[policyd] compte alice@example.org bloqué, puis débloqué"}
+
+
 def test_split_hostport() -> None:
     """notify.smtp reads host:port, [v6]:port, or a host with the default port."""
     assert split_hostport("127.0.0.1:2525") == ("127.0.0.1", 2525)
