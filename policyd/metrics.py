@@ -1,10 +1,14 @@
-"""Prometheus metrics of one ``policyd serve`` process.
+"""Prometheus metrics of one ``policyd serve`` or ``policyd milter`` process.
 
 Counters are bumped where things happen (decisions, store errors, DNS
-errors, bad requests); gauges that live in the store (blocks active,
-notifications pending) are refreshed by the server every few seconds, since
-a scrape must not wait on the store.  Each server has its own registry, so
-tests and several servers in one process never mix their figures.
+errors, bad requests, messages scored); gauges that live in the store
+(blocks active, the notification backlog) are refreshed by the server every
+few seconds, since a scrape must not wait on the store.  Each server has its
+own registry, so tests and several servers in one process never mix their
+figures.  Both carry ``policyd_build_info{version=...}``.
+
+``policyd serve`` shows them at ``/metrics`` of ``listen.http``; the milter,
+which has no other HTTP listener, at ``/metrics`` of ``listen.milter_metrics``.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from policyd import __version__
 
 # The *_created series double every counter for no use here.
 disable_created_metrics()
@@ -31,12 +38,26 @@ disable_created_metrics()
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+#: Scoring latency buckets, in seconds: a typical message is scored in a
+#: millisecond or two, a large one in tens; Postfix waits minutes, but
+#: anything past a second holds an smtpd process.
+SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def build_info(registry: CollectorRegistry) -> Gauge:
+    """``policyd_build_info{version=...} 1``: which version answers, for dashboards and alerts after upgrades."""
+    info = Gauge("policyd_build_info", "The running policyd version (always 1).", ["version"], registry=registry)
+    info.labels(__version__).set(1)
+    return info
+
+
 class Metrics:
-    """The metrics of one server, in their own registry."""
+    """The metrics of one policy server, in their own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        build_info(registry)
         self.decisions = Decisions()
         registry.register(self.decisions)
         self.store_errors = Counter(
@@ -55,6 +76,17 @@ class Metrics:
         self.notifications_pending = Gauge(
             "policyd_notifications_pending", "Notifications waiting in the outbox.", registry=registry,
         )
+        self.notification_backlog = Gauge(
+            "policyd_notification_backlog_seconds",
+            "Age of the oldest notification waiting in the outbox (0 when none waits): "
+            "a block notice that waits is an IT contact who does not know.",
+            registry=registry,
+        )
+        self.notifications_failing = Gauge(
+            "policyd_notifications_failing",
+            "Notifications waiting in the outbox whose last attempt failed (the relay refused or was down).",
+            registry=registry,
+        )
         self.connections = Gauge(
             "policyd_policy_connections", "Open policy client connections.", registry=registry,
         )
@@ -62,6 +94,12 @@ class Metrics:
     def decided(self, check: str, action: str, seconds: float) -> None:
         """Count one decision."""
         self.decisions.decided(check, action, seconds)
+
+    def backlog(self, pending: int, oldest: float | None, failing: int, now: float) -> None:
+        """Set the outbox gauges from what the store says (:meth:`policyd.store.Outbox.notice_backlog`)."""
+        self.notifications_pending.set(pending)
+        self.notification_backlog.set(0.0 if oldest is None else max(0.0, now - oldest))
+        self.notifications_failing.set(failing)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
@@ -116,3 +154,47 @@ class Decisions(Collector):
                 cumulative.append((bound, total))
             latency.add_metric([check], cumulative, sum_value=self.seconds[check])
         yield latency
+
+
+class MilterMetrics:
+    """The metrics of one milter, in their own registry.
+
+    Messages are counted once each by outcome (``ham``, ``spam``, ``refused``,
+    ``digest``: policyd's own digest, not scored); a spam message delivered
+    to at least one inbox is also ``tagged``; each recipient's copy held is
+    ``held``.  ``errors`` counts what went wrong around a message (choices or
+    the quarantine unavailable, a filter failure), by kind.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        build_info(registry)
+        self.messages = Counter(
+            "policyd_milter_messages", "Messages decided by the milter, by outcome (ham, spam, refused, digest).",
+            ["outcome"], registry=registry,
+        )
+        self.tagged = Counter(
+            "policyd_milter_tagged", "Spam delivered tagged to at least one recipient.", registry=registry,
+        )
+        self.held = Counter(
+            "policyd_milter_held", "Recipients' copies held in the quarantine.", registry=registry,
+        )
+        self.errors = Counter(
+            "policyd_milter_errors",
+            "Problems around a message, by kind (choices: spam choices unavailable; hold: a copy not "
+            "held; filter: the message got content.on_error).",
+            ["kind"], registry=registry,
+        )
+        self.scoring = Histogram(
+            "policyd_milter_scoring_seconds", "Time from end of message to the milter's verdict.",
+            buckets=SCORING_BUCKETS, registry=registry,
+        )
+        for outcome in ("ham", "spam", "refused", "digest"):
+            self.messages.labels(outcome)
+        for kind in ("choices", "hold", "filter"):
+            self.errors.labels(kind)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)

@@ -27,6 +27,7 @@ from policyd import logs
 from policyd.config import Config
 from policyd.content import features as content
 from policyd.content.scorer import SUMMARY_REASONS, ContentScorer, Score
+from policyd.metrics import MilterMetrics
 from policyd.protocols.milter import (
     ACCEPT,
     ACCEPT_UNCHANGED,
@@ -48,12 +49,15 @@ from policyd.quarantine.held import (
     DIGEST_HEADER,
     RELEASE_HEADER,
     digest_for,
+    held_audit,
+    message_id,
     normalise_address,
     released_for,
 )
 from policyd.quarantine.preferences import Preferences
 from policyd.reactor import inline
 from policyd.store import Quarantined, Store
+from policyd.texts import printable
 
 log = logging.getLogger("policyd.milter")
 
@@ -91,6 +95,34 @@ TOO_MANY_COPIES = "554 5.6.0 Too many Subject or X-Spam-* header fields to be ch
 #: thread pool, so a big message never holds up the other connections for
 #: long.
 INLINE_BYTES = 64 * 1024
+
+
+#: Recipients a verdict line names, at most: the line stays one short line;
+#: Postfix's own delivery lines name every recipient.
+LOGGED_RECIPIENTS = 10
+
+
+def _bare(address: str) -> str:
+    """An envelope address as the MTA gave it, without its angle brackets."""
+    address = address.strip()
+    return address[1:-1] if address.startswith("<") and address.endswith(">") else address
+
+
+def envelope_text(message: MilterMessage) -> str:
+    """``client=A sasl_username=U from=<S> to=<R1>,<R2>``, in Postfix's words, control characters escaped.
+
+    The SASL user is Postfix's ``{auth_authen}`` macro (sent by default with
+    MAIL FROM), left out when the client did not authenticate.
+    """
+    text = f"client={message.client_address or '-'}"
+    sasl = message.macros.get("auth_authen")
+    if sasl:
+        text += f" sasl_username={sasl}"
+    text += f" from=<{_bare(message.sender)}> to="
+    text += ",".join(f"<{_bare(r)}>" for r in message.recipients[:LOGGED_RECIPIENTS])
+    if message.recipient_count > LOGGED_RECIPIENTS:
+        text += f" (+{message.recipient_count - LOGGED_RECIPIENTS} more)"
+    return printable(text)
 
 
 def tagged_subject(value: str | None, tag: str) -> str | None:
@@ -221,6 +253,7 @@ class SpamFilter:
         default); made from ``config`` and ``store`` when not given.
     :param inline_bytes: messages up to this size are scored at once, on
         the calling (reactor) thread; larger ones through ``run_cpu``.
+    :param metrics: the milter's Prometheus metrics; None keeps none.
     """
 
     def __init__(
@@ -232,6 +265,7 @@ class SpamFilter:
         run_cpu: Callable[..., Deferred[Any]] = inline,
         preferences: Preferences | None = None,
         inline_bytes: int = INLINE_BYTES,
+        metrics: MilterMetrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -240,8 +274,26 @@ class SpamFilter:
         self.run_cpu = run_cpu
         self.inline_bytes = inline_bytes
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
+        self.metrics = metrics
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
+        """Decide one message (see :meth:`decide`), counting a failure in the metrics."""
+        if self.metrics is None:
+            return self.decide(message)
+        try:
+            decided = self.decide(message)
+        except Exception:
+            self.metrics.errors.labels("filter").inc()
+            raise
+        return decided.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> Any:
+        """Count a filter failure (the milter answers ``content.on_error``), then pass it on."""
+        if self.metrics is not None:
+            self.metrics.errors.labels("filter").inc()
+        return failure
+
+    def decide(self, message: MilterMessage) -> Deferred[Verdict]:
         """Decide one message (the :data:`policyd.protocols.milter_session.Filter` interface): score, tag, apply each choice.
 
         A message up to ``inline_bytes`` is scored at once, and unless it is
@@ -263,8 +315,10 @@ class SpamFilter:
         if self._our_digest(message):
             # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
             changes = header_changes(message.headers, None, self.config)
-            log.info("milter %s client=%s policyd digest, not scored", message.queue_id or "-",
-                     message.client_address or "-")
+            log.info("milter %s %s policyd digest, not scored", printable(message.queue_id or "-"),
+                     envelope_text(message))
+            if self.metrics is not None:
+                self.metrics.messages.labels("digest").inc()
             if _edits(changes) > MAX_HEADER_CHANGES:
                 return succeed(self._refused(message, TOO_MANY_COPIES, f"{_edits(changes)} header changes"))
             return succeed(Verdict(tuple(changes), ACCEPT) if changes else ACCEPT_UNCHANGED)
@@ -311,21 +365,32 @@ class SpamFilter:
                 outcome = f"spam, held for {len(held)} of {len(message.recipients)} recipients"
         # info() checks the level too, but only after the line is made: its
         # parts (the queue id reads the macros) cost more than the check.
+        seconds = time.monotonic() - started
+        if self.metrics is not None:
+            metrics = self.metrics
+            metrics.messages.labels("spam" if spam else "ham").inc()
+            metrics.scoring.observe(seconds)
+            if held:
+                metrics.held.inc(len(held))
+            if spam and verdict.reply != DISCARD:
+                metrics.tagged.inc()
         if log.isEnabledFor(logging.INFO):
             logs.decisions.info(
                 log,
-                f"milter {message.queue_id or '-'} client={message.client_address or '-'} score={score.points:.2f} "
+                f"milter {message.queue_id or '-'} {envelope_text(message)} score={score.points:.2f} "
                 f"content={score.content:.2f} network={score.network:g} {outcome} "
-                f"latency={(time.monotonic() - started) * 1000:.1f}ms",
+                f"latency={seconds * 1000:.1f}ms",
             )
         return verdict if (verdict.modifications or verdict.reply != ACCEPT) else ACCEPT_UNCHANGED
 
     def _refused(self, message: MilterMessage, reply: str, why: str) -> Verdict:
         """Refuse a message at end of DATA with ``reply`` (logged with ``why``)."""
+        if self.metrics is not None:
+            self.metrics.messages.labels("refused").inc()
         log.warning(
-            "milter %s client=%s refused (%s): %s",
-            message.queue_id or "-",
-            message.client_address or "-",
+            "milter %s %s refused (%s): %s",
+            printable(message.queue_id or "-"),
+            envelope_text(message),
             why,
             reply,
         )
@@ -357,6 +422,8 @@ class SpamFilter:
             chosen = await self.preferences.spam(list(dict.fromkeys(addresses.values())))
         except Exception as error:
             log.error("spam choices unavailable (%s): delivering to every inbox", error)
+            if self.metrics is not None:
+                self.metrics.errors.labels("choices").inc()
             return []
         wanted = [r for r, a in addresses.items() if chosen.get(a) == "quarantine" and a not in released]
         if not wanted:
@@ -370,6 +437,7 @@ class SpamFilter:
             return []
         copy = message_bytes(apply_changes(message.headers, changes), message.body())
         now = self.clock.seconds()
+        found_id = message_id(message.headers)
         held = []
         for recipient in wanted:
             entry = Quarantined(
@@ -386,9 +454,22 @@ class SpamFilter:
                 reasons=score.summary(),
             )
             try:
-                await self.store.quarantine(entry, copy)
+                stored = await self.store.quarantine(entry, copy)
             except Exception as error:
                 log.error("cannot hold a message for %s (%s): delivered tagged instead", addresses[recipient], error)
+                if self.metrics is not None:
+                    self.metrics.errors.labels("hold").inc()
                 continue
             held.append(recipient)
+            self._audit_held(stored, found_id)
         return held
+
+    def _audit_held(self, entry: Quarantined, found_id: str) -> None:
+        """Audit a held copy (``quarantine-hold``, by ``milter``) with its Message-ID and queue id.
+
+        The verdict does not wait for it: the copy is held whatever becomes of its audit line.
+        """
+        audit = held_audit(entry, found_id, "milter", "quarantine-hold", f"score {entry.score:.1f}", entry.at)
+        self.store.record(audit).addErrback(
+            lambda f: log.error("could not audit held message #%d: %s", entry.id, f.getErrorMessage())
+        )

@@ -2,7 +2,8 @@
 
 A running milter picks up a retrained model by itself within
 :data:`MODEL_CHECK` seconds, and removes held mail past its retention every
-:data:`EXPIRE_EVERY` seconds.
+:data:`EXPIRE_EVERY` seconds.  With ``listen.milter_metrics`` set it serves
+its Prometheus metrics, and nothing else, at ``/metrics`` there.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from policyd.content.scorer import ContentScorer, header_secret, load_model, mod
 from policyd.content.spamfilter import SpamFilter
 from policyd.daemon import BaseServer, run_daemon
 from policyd.errors import PolicydError
+from policyd.metrics import MilterMetrics
 from policyd.netlists import NetworkSet
 from policyd.protocols.milter import (
     ACCEPT,
@@ -54,6 +56,7 @@ class MilterServer(BaseServer):
         self._model_stamp = self._stamp()
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
         self.scorer = ContentScorer(model, header_secret(config, create=True), config.content.max_body)
+        self.metrics = MilterMetrics()
         self.filter = SpamFilter(
             config,
             self.store,
@@ -61,6 +64,7 @@ class MilterServer(BaseServer):
             self.scorer,
             in_thread(reactor),
             Preferences(config, self.store, reactor, in_thread(reactor)),
+            metrics=self.metrics,
         )
         self.factory = MilterFactory(
             self.filter,
@@ -73,6 +77,7 @@ class MilterServer(BaseServer):
             on_error=TEMPFAIL if config.content.on_error == "tempfail" else ACCEPT,
         )
         self.port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
         self.every(MODEL_CHECK, self.check_model)
         self.every(EXPIRE_EVERY, self.expire, now=True)
         # Verdict lines are buffered (logs.decisions): pushed out every FLUSH_EVERY.
@@ -89,6 +94,10 @@ class MilterServer(BaseServer):
     def start(self) -> Any:
         """Listen; fires with the listening port."""
         self.port = yield self.listen("listen.milter", self.config.listen.milter, self.factory)
+        where = self.config.listen.milter_metrics
+        if where:
+            self.metrics_port = yield self.listen("listen.milter_metrics", where, metrics_site(self.metrics, self.reactor))
+            log.info("milter metrics on %s at /metrics", where)
         self.start_loops()
         log.info(
             "policyd milter listening on %s (model %s, tag_at %g, spam default %s)",
@@ -136,6 +145,8 @@ class MilterServer(BaseServer):
     def stop(self) -> Any:
         """Stop accepting, answer the messages being scored (bounded), close the store."""
         self.stop_loops()
+        if self.metrics_port is not None:
+            yield self.metrics_port.stopListening()
         if self.port is not None:
             yield self.port.stopListening()
         yield self.drain(self.factory, "messages being scored")
@@ -144,6 +155,32 @@ class MilterServer(BaseServer):
         yield DeferredList([self.store.close()], consumeErrors=True)
         log.info("policyd milter stopped")
         logs.flush()
+
+
+def metrics_site(metrics: MilterMetrics, reactor: Any) -> Any:
+    """The milter's metrics listener: ``/metrics`` only, held to :mod:`policyd.web.limits`.
+
+    Few connections, short timeouts: a scraper needs one, and nothing on
+    this port may take descriptors or time from the milter's connections.
+    """
+    from twisted.web.resource import Resource
+
+    from policyd.web.limits import LimitedSite
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            request.setHeader("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            return metrics.exposition()
+
+    root = Resource()
+    root.putChild(b"metrics", Page())
+    return LimitedSite(root, reactor, max_connections=METRICS_CONNECTIONS, max_body=0, request_time=10.0, idle_time=30.0)
+
+
+#: Connections the milter's metrics listener takes at once: a scraper or two.
+METRICS_CONNECTIONS = 8
 
 
 def run(path: str | None) -> None:
