@@ -161,3 +161,40 @@ def test_sample_configuration_is_valid() -> None:
     sample = Path(__file__).parents[2] / "etc" / "policyd.yaml"
     config = configuration.load_text(sample.read_text(encoding="utf-8"), str(sample))
     assert config.outbound.limit == 5000
+
+
+def test_table_file_is_the_file_postfix_reads() -> None:
+    """A source's file: a path as it is, hash:/x as /x.db, proxy: unwrapped; tables without a file give None."""
+    from policyd.config.files import table_file
+
+    assert table_file("/etc/policyd/accounts") == "/etc/policyd/accounts"
+    assert table_file("hash:/etc/postfix/accounts") == "/etc/postfix/accounts.db"
+    assert table_file("lmdb:/etc/postfix/accounts") == "/etc/postfix/accounts.lmdb"
+    assert table_file("proxy:cdb:/etc/postfix/accounts") == "/etc/postfix/accounts.cdb"
+    assert table_file("texthash:/etc/postfix/accounts") == "/etc/postfix/accounts"
+    assert table_file("ldap:/etc/postfix/ldap-accounts.cf") == "/etc/postfix/ldap-accounts.cf"
+    assert table_file("ldap:accounts") is None and table_file("tcp:127.0.0.1:2001") is None
+    assert table_file("static:OK") is None
+
+
+def test_every_referenced_file_is_checked(tmp_path: Path) -> None:
+    """check_files passes when every named file is there, and names key and file of the first one missing."""
+    from policyd.config.files import check_files
+
+    for name in ("deny.cidr", "accounts.db", "spam", "domains", "content.model"):
+        (tmp_path / name).write_text("x\n", encoding="utf-8")
+    (tmp_path / "templates").mkdir()
+    text = (
+        f"local_domains: {tmp_path}/domains\naccounts: hash:{tmp_path}/accounts\ntemplates: {tmp_path}/templates\n"
+        f"inbound:\n  networks:\n    - file: {tmp_path}/deny.cidr\n      weight: 10\n"
+        f"  header_secret: {tmp_path}/header.secret\n"
+        f"quarantine:\n  preferences: {tmp_path}/spam\ncontent:\n  model: {tmp_path}/content.model\n"
+    )
+    check_files(make_config(text))
+    (tmp_path / "accounts.db").unlink()
+    with pytest.raises(ConfigError) as raised:
+        check_files(make_config(text))
+    assert str(raised.value) == f"test.yaml: accounts: cannot read {tmp_path}/accounts.db: No such file or directory"
+    with pytest.raises(ConfigError, match=r"inbound.header_secret: cannot create .*/none/h.secret: no directory"):
+        check_files(make_config(f"inbound:\n  header_secret: {tmp_path}/none/h.secret\n"))
+    check_files(make_config(""))  # the defaults name no file
