@@ -113,7 +113,9 @@ class PolicyServer(BaseServer):
         try:
             blocks = yield self.store.blocks(now=self.reactor.seconds())
             self.metrics.blocks_active.set(len(blocks))
-            self.metrics.notifications_pending.set((yield self.store.pending_notices()))
+            pending = yield self.store.pending_notices()
+            oldest, failing = yield self.store.notice_backlog()
+            self.metrics.backlog(pending, oldest, failing, self.reactor.seconds())
         except Exception as error:
             log.debug("gauges not refreshed: %s", error)
 

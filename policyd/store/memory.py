@@ -157,6 +157,12 @@ class MemoryStore:
         """See :meth:`policyd.store.Store.pending_notices`."""
         return succeed(sum(1 for q in self.outbox.values() if q.sent is None))
 
+    def notice_backlog(self) -> Deferred[tuple[float | None, int]]:
+        """See :meth:`policyd.store.Store.notice_backlog`."""
+        waiting = [q.notice for q in self.outbox.values() if q.sent is None]
+        oldest = min((n.created for n in waiting), default=None)
+        return succeed((oldest, sum(1 for n in waiting if n.last_error)))
+
     def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
         """See :meth:`policyd.store.Store.save_exemption`."""
         if not exemption.id:

@@ -138,6 +138,10 @@ class Outbox(Protocol):
     def pending_notices(self) -> Deferred[int]:
         """How many notices wait to be delivered."""
 
+    def notice_backlog(self) -> Deferred[tuple[float | None, int]]:
+        """When the oldest waiting notice was queued (None when none waits), and how
+        many waiting notices failed at their last attempt; for the metrics."""
+
 
 class HeldMail(Protocol):
     """The quarantine's messages, their release claims and the digest mark."""

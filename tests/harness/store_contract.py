@@ -224,6 +224,24 @@ async def test_failed_notice_is_retried_and_sent_one_is_not(store: Store) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_notice_backlog_gives_the_oldest_waiting_and_the_failing(store: Store) -> None:
+    """The backlog is the oldest waiting notice's queue time and how many failed last; sent ones leave it."""
+    assert await store.notice_backlog() == (None, 0)
+    await admit(store, "alice", now=T0, limit=1, notify=("helpdesk@example.org",))
+    await admit(store, "alice", now=T0, limit=1, notify=("helpdesk@example.org",))
+    await admit(store, "bob", now=T0 + 5, limit=1, notify=("helpdesk@example.org",))
+    await admit(store, "bob", now=T0 + 5, limit=1, notify=("helpdesk@example.org",))
+    assert await store.notice_backlog() == (T0, 0)
+    first, second = sorted(await store.claim_notices(now=T0 + 5, lease=60), key=lambda n: n.created)
+    await store.notice_failed(first.id, retry_at=T0 + 30, error="connection refused")
+    assert await store.notice_backlog() == (T0, 1)
+    await store.notice_sent(first.id, now=T0 + 31)
+    assert await store.notice_backlog() == (T0 + 5, 0)
+    await store.notice_sent(second.id, now=T0 + 31)
+    assert await store.notice_backlog() == (None, 0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_exemptions_round_trip(store: Store) -> None:
     """A new exemption gets an id; saving it again replaces it; all come back in id order."""
     first = await store.save_exemption(Exemption(0, "alice", 20000, T0, T0 + HOUR, "newsletter", "jane", T0))

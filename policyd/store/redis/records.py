@@ -136,6 +136,29 @@ class RedisRecords(RedisConnection):
 
         return self._call(work, "pending notices")
 
+    def notice_backlog(self) -> Deferred[tuple[float | None, int]]:
+        """See :meth:`policyd.store.Store.notice_backlog`.
+
+        Reads every waiting notice's two fields: the outbox holds a few
+        notices, or a few thousand when the relay has been down for long.
+        """
+
+        async def work() -> tuple[float | None, int]:
+            ids = cast(list[str], await self.client.zrange(OUTBOX, 0, -1))
+            oldest: float | None = None
+            failing = 0
+            for start in range(0, len(ids), 1000):
+                pipe = self.client.pipeline(transaction=False)
+                for notice_id in ids[start : start + 1000]:
+                    pipe.hmget(f"{OUTBOX}:{notice_id}", ["created", "last_error"])
+                for created, error in await pipe.execute():
+                    if created is not None:
+                        oldest = float(created) if oldest is None else min(oldest, float(created))
+                    failing += bool(error)
+            return oldest, failing
+
+        return self._call(work, "notice backlog")
+
     # --- exemptions and accounts ---------------------------------------------------
 
     def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:

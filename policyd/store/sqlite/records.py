@@ -80,6 +80,17 @@ class SQLiteRecords(SQLiteConnection):
 
         return self._run(work)
 
+    def notice_backlog(self) -> Deferred[tuple[float | None, int]]:
+        """See :meth:`policyd.store.Store.notice_backlog`."""
+
+        def work(db: sqlite3.Connection) -> tuple[float | None, int]:
+            oldest, failing = db.execute(
+                "SELECT MIN(created), COUNT(*) FILTER (WHERE last_error != '') FROM outbox WHERE sent IS NULL"
+            ).fetchone()
+            return (None if oldest is None else float(oldest)), int(failing)
+
+        return self._run(work)
+
     def save_exemption(self, exemption: Exemption) -> Deferred[Exemption]:
         """See :meth:`policyd.store.Store.save_exemption`."""
 

@@ -223,3 +223,31 @@ async def test_client_that_never_reads_is_throttled(server: PolicyServer) -> Non
     finally:
         stop.append(True)
         await flooding
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_outbox_backlog_reaches_the_metrics(tmp_path: Path) -> None:
+    """A block notice the relay does not take shows as backlog age and a failing notice at /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from policyd.store import Charge
+
+    # Nothing listens on port 1: every notice fails and stays in the outbox.
+    extra = 'notify:\n  smtp: "127.0.0.1:1"\n  helpdesk: [helpdesk@example.org]\n'
+    running = PolicyServer(reactor, make_config(config_text(tmp_path, extra)))
+    queued_at = reactor.seconds() - 30
+    for _ in range(2):
+        await running.store.admit(Charge("lou", queued_at, 3600, 1, 86400, "too many",
+                                         notify=("helpdesk@example.org",)))
+    await running.notifier.drain()
+    await running.refresh_gauges()
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(running.metrics.exposition().decode())
+        for s in family.samples
+    }
+    await running.store.close()
+    assert samples["policyd_notifications_pending"] == 1
+    assert samples["policyd_notifications_failing"] == 1
+    assert 30 <= samples["policyd_notification_backlog_seconds"] < 60
+    assert samples["policyd_build_info"] == 1
