@@ -308,4 +308,10 @@ def print_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
 @click.version_option(__version__, prog_name="policyd")
 @config_option
 def cli() -> None:
-    """Mail policy service for Postfix: outbound quota, blocks and spam scoring."""
+    """Mail policy service for Postfix: outbound quota, blocks and spam scoring.
+
+    Times are shown, and read when they name no zone, in the server's time
+    zone (shown with its offset); --json adds FIELD_iso in UTC beside each
+    time in seconds.  Exit status: 0 done, 1 nothing to do or no such
+    object, 2 usage or configuration error.
+    """

@@ -155,7 +155,7 @@ def test_quarantine_and_prefs_commands(tmp_path: Path) -> None:
         assert delivered[0].header("X-Policyd-Release") is not None
         assert policyd("quarantine", "list", "--json", "-c", str(config)).stdout == ""
         again = policyd("quarantine", "release", "1", "-c", str(config))
-        assert again.returncode == 2 and "no quarantined message #1" in again.stderr
+        assert again.returncode == 1 and "no quarantined message #1" in again.stderr
         audit = policyd("audit", "--json", "-c", str(config)).stdout
         assert [json.loads(line)["action"] for line in audit.splitlines()] == ["prefs", "quarantine-delete", "release"]
     finally:
