@@ -4,17 +4,19 @@
   :func:`learn` goes on from a model with more mail (``policyd learn``).
   Both are online logistic regression, a few passes over the mail in the
   order given, so the latest mail weighs most.
-- Both hold back every :data:`HELD_EVERY`-th message first: a model
-  trained without them scores them beside the model in use, and the
-  caller's ``check`` sees the two side by side (:class:`Check`) before the
-  final model (trained on everything) is made, and may refuse it.
-  :func:`train` also fits the points scale on them (Platt scaling); a
-  learned model keeps the scale of the model it started from.
+- Both hold back a tenth of the mail first (:func:`learn` every
+  :data:`HELD_EVERY`-th message, :func:`train` a random tenth): a model
+  trained without it scores it beside the model in use, and the caller's
+  ``check`` sees the two side by side (:class:`Check`) before the final
+  model (trained on everything) is made, and may refuse it.  :func:`train`
+  also fits the points scale on it (Platt scaling); a learned model keeps
+  the scale of the model it started from.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -221,14 +223,16 @@ def train(
     current: Model | None = None,
     threshold: float = 5.0,
     check: Checker | None = None,
+    calibration: float = 0.1,
+    seed: int = 1,
     progress: Callable[[int], None] | None = None,
 ) -> Model:
     """Train a model on ``(features, is_spam)`` pairs.
 
-    Every :data:`HELD_EVERY`-th message is held back: a trial model trained
-    on the rest has its points scale fitted on them (mail it did not see),
-    and, with ``current`` and ``check``, is compared with ``current`` on
-    them; then the model is trained again on everything.
+    A share ``calibration`` of the mail, chosen at random, is held back: a
+    trial model trained on the rest has its points scale fitted on it (mail
+    it did not see), and, with ``current`` and ``check``, is compared with
+    ``current`` on it; then the model is trained again on everything.
 
     :param current: the model in use, for the check.
     :param threshold: the verdict's points (``content.tag_at``), for the check.
@@ -241,7 +245,12 @@ def train(
     if not spam_count or spam_count == len(labels):
         raise ValueError(f"training needs ham and spam (got {len(labels) - spam_count} ham, {spam_count} spam)")
     scale, offset = 1.0, 0.0
-    held, kept = _split(vectors, labels)
+    # Training holds back a random tenth (the points scale is fitted on it; a
+    # fixed seed gives the same model for the same mail).
+    picker = random.Random(seed)
+    held = [i for i in range(len(labels)) if picker.random() < calibration]
+    chosen = set(held)
+    kept = [i for i in range(len(labels)) if i not in chosen]
     held_labels = [labels[i] for i in held]
     empty = (np.zeros(1 << bits, dtype=np.float32), 0.0)
     if 0 < sum(held_labels) < len(held_labels):

@@ -87,7 +87,7 @@ def test_train_refuses_through_its_checker(base: Model) -> None:
     def refuse(check: Check) -> None:
         raise Refused(check.summary())
 
-    with pytest.raises(Refused, match="held back 8"):
+    with pytest.raises(Refused, match="held back [0-9]+: errors"):
         training.train(examples(7, 40), bits=16, current=base, check=refuse)
 
 
