@@ -8,7 +8,8 @@ missing or unreadable, naming the key and the file:
 ``policyd.yaml: inbound.networks[0].file: cannot read /etc/policyd/deny.cidr: No such file or directory``.
 
 Files made on first use (secrets, the admin token, the state database) may
-be absent; when present they must be readable.  A Postfix lookup table
+be absent, their directories too (they are made, private, with the file);
+when present they must be readable.  A Postfix lookup table
 ``type:name`` is checked through the file Postfix reads for its type
 (``hash:/etc/postfix/accounts`` is ``/etc/postfix/accounts.db``); tables
 without a file of their own (``static:``, ``inline:``, ``tcp:``...) are not.
@@ -97,20 +98,6 @@ def check_files(config: Config) -> None:
             raise ConfigError(f"{config.source}: templates: cannot read {folder}: {problem}")
         if not os.access(folder, os.R_OK | os.X_OK):
             raise ConfigError(f"{config.source}: templates: cannot read {folder}: Permission denied")
-    for made in (config.inbound.header_secret, config.quarantine.link_secret, config.http.token_file):
-        # Made on first use: its folder must be there for that.
-        if made is not None and not Path(made).exists() and not Path(made).parent.is_dir():
-            key = _key_of(config, made)
-            raise ConfigError(
-                f"{config.source}: {key}: cannot create {made}: no directory {Path(made).parent}"
-            )
-
-
-def _key_of(config: Config, path: str) -> str:
-    for key, named, _ in referred_files(config):
-        if named == path:
-            return key
-    return "?"  # pragma: no cover - every path checked comes from referred_files
 
 
 def _unreadable(path: Path, required: bool) -> str | None:

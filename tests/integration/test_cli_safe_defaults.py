@@ -146,7 +146,7 @@ def test_audit_search_by_account_and_period(tmp_path: Path) -> None:
         ("quarantine:\n  preferences: {d}/spam\n", "quarantine.preferences", "{d}/spam"),
         ("content:\n  model: {d}/content.modle\n", "content.model", "{d}/content.modle"),
         ("templates: {d}/templatez\n", "templates", "{d}/templatez"),
-        ("http:\n  token_file: {d}/nodir/http.token\n", "http.token_file", "{d}/nodir/http.token"),
+        ("http:\n  token_file: {d}\n", "http.token_file", "{d}: Is a directory"),
     ],
 )
 def test_missing_referenced_file_fails_check_and_start(tmp_path: Path, extra: str, key: str, named: str) -> None:

@@ -195,6 +195,8 @@ def test_every_referenced_file_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         check_files(make_config(text))
     assert str(raised.value) == f"test.yaml: accounts: cannot read {tmp_path}/accounts.db: No such file or directory"
-    with pytest.raises(ConfigError, match=r"inbound.header_secret: cannot create .*/none/h.secret: no directory"):
-        check_files(make_config(f"inbound:\n  header_secret: {tmp_path}/none/h.secret\n"))
+    check_files(make_config(f"inbound:\n  header_secret: {tmp_path}/none/h.secret\n"))  # made on first use
+    (tmp_path / "h.secret").mkdir()
+    with pytest.raises(ConfigError, match=r"inbound.header_secret: cannot read .*/h.secret: Is a directory"):
+        check_files(make_config(f"inbound:\n  header_secret: {tmp_path}/h.secret\n"))
     check_files(make_config(""))  # the defaults name no file
