@@ -27,7 +27,14 @@ import numpy.typing as npt
 from policyd.content.classifier import BITS, PASSES, RATE, Model, Stored, vectorize
 from policyd.content.features import Features
 
-#: One message in this many is held back for the check (and for train's points scale).
+#: Fewest ham, and fewest spam, that ``policyd train`` takes without ``--force``: fewer
+#: cannot make a model that knows more than the shipped one.
+MIN_TRAIN = 20
+
+#: Fewest messages ``policyd learn`` takes: a single report is worth learning.
+MIN_LEARN = 1
+
+#: One message in this many is held back for learn's check.
 HELD_EVERY = 10
 
 #: The check tolerates this many more errors at the verdict, and :data:`ERROR_SHARE` of the held mail.
