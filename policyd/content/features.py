@@ -98,8 +98,8 @@ PART_HEADERS = ("content-type", "content-transfer-encoding", "content-dispositio
 # marks or digits, and not ASCII (ASCII is split by the classifier's byte classes).
 _NOT_IN_WORDS = re.compile(r"[^\w\x00-\x7f]")
 # Typographic apostrophes, quotes and dashes as their ASCII forms.
-_TYPOGRAPHY = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u00b4": "'", "\u201c": '"',
-                             "\u201d": '"', "\u00ab": '"', "\u00bb": '"', "\u2013": "-", "\u2014": "-"})
+_TYPOGRAPHY_PAIRS = (("\u2019", "'"), ("\u2018", "'"), ("\u02bc", "'"), ("\u00b4", "'"), ("\u201c", '"'),
+                     ("\u201d", '"'), ("\u00ab", '"'), ("\u00bb", '"'), ("\u2013", "-"), ("\u2014", "-"))
 # A word of plain text, as the classifier's byte classes find it: ASCII
 # letters and digits, and any other character.
 _TEXT_WORD = re.compile(r"[a-z0-9\u0080-\U0010ffff]+")
@@ -275,7 +275,11 @@ def plain_text(text: str) -> str:
     lowered = text.lower()
     if lowered.isascii():
         return lowered
-    normal = unicodedata.normalize("NFKC", lowered).translate(_TYPOGRAPHY)
+    normal = unicodedata.normalize("NFKC", lowered)
+    # str.translate with a dict looks up every character: a few replaces of the ones present are faster.
+    for typographic, plain in _TYPOGRAPHY_PAIRS:
+        if typographic in normal:
+            normal = normal.replace(typographic, plain)
     return _NOT_IN_WORDS.sub(" ", normal).lower()
 
 

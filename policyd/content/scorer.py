@@ -158,15 +158,21 @@ class ContentScorer:
         client: str | None = None,
         headers: Sequence[tuple[str, str]] | None = None,
         explain: int = 8,
+        explain_at: float | None = None,
     ) -> Score:
         """The score of a message as bytes (its first ``max_bytes``).
 
+        Working out the reasons costs as much as the score itself: a caller
+        that shows only scores asks for none (``explain=0``), or only for
+        the mail it calls spam (``explain_at``).
+
         :param client: the SMTP client address, which a trusted header must name.
         :param headers: the headers as the MTA gave them (else those of ``raw``).
-        :param explain: how many reasons to give.
+        :param explain: how many reasons to give (0: none).
+        :param explain_at: give reasons only to a score this high (None: always).
         """
         found, body = content.split_message(raw[: self.max_bytes])
-        return self.score_message(found if headers is None else headers, body, client, explain)
+        return self.score_message(found if headers is None else headers, body, client, explain, explain_at)
 
     def score_message(
         self,
