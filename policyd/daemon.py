@@ -4,14 +4,19 @@
 asyncio reactor, read the configuration, start, reload on SIGHUP (one that
 arrives while starting is applied once running), drain and stop on
 SIGTERM, and turn a start-up failure into one line and a non-zero exit.
+Under systemd (``Type=notify``) they tell the service manager when they
+listen, when they start draining, and that the reactor is alive
+(:class:`ServiceManager`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
 import attrs
@@ -29,6 +34,60 @@ from policyd.errors import PolicydError
 #: longer for a reply (100 s for a policy, 300 s for a milter), but a stop must
 #: not hang.
 DRAIN_BOUND = 10.0
+
+
+class ServiceManager:
+    """The service manager's notification socket, spoken to as sd_notify(3) does.
+
+    systemd passes the socket's address in ``$NOTIFY_SOCKET`` (a path, or
+    an abstract-namespace name when it starts with ``@``); each notification
+    is one datagram of ``KEY=VALUE`` lines.  Without the variable (started
+    by hand, by a test, by another supervisor) every call does nothing.
+
+    :param address: the value of ``$NOTIFY_SOCKET``, or None.
+    :param watchdog: the watchdog period in seconds (``$WATCHDOG_USEC``), or None.
+    :param log: where a failure to notify is reported (once).
+    """
+
+    def __init__(self, address: str | None, watchdog: float | None, log: logging.Logger) -> None:
+        self.address = address
+        self.watchdog = watchdog
+        self.log = log
+        self._failed = False
+
+    @classmethod
+    def from_environment(cls, environ: MutableMapping[str, str], log: logging.Logger) -> ServiceManager:
+        """Read, and remove, the variables systemd set for this process.
+
+        They are removed, as sd_notify(3)'s ``unset_environment`` does, so a
+        program this process starts never speaks for it.
+        """
+        address = environ.pop("NOTIFY_SOCKET", None) or None
+        usec = environ.pop("WATCHDOG_USEC", None)
+        pid = environ.pop("WATCHDOG_PID", None)
+        watchdog = None
+        # WATCHDOG_PID, when set, names the process the watchdog is for.
+        if usec and usec.isdigit() and int(usec) > 0 and pid in (None, "", str(os.getpid())):
+            watchdog = int(usec) / 1e6
+        return cls(address, watchdog, log)
+
+    def notify(self, *fields: str) -> bool:
+        """Send ``fields`` (``READY=1``, ``STOPPING=1``, ...) as one notification; True when sent."""
+        if self.address is None:
+            return False
+        target = self.address
+        if target.startswith("@"):
+            target = "\0" + target[1:]  # Linux abstract namespace
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.sendto("\n".join(fields).encode(), target)
+        except OSError as error:
+            # Worth one line: under Type=notify systemd would time the start out.
+            if not self._failed:
+                self.log.warning("cannot notify the service manager at %s: %s", self.address, error)
+                self._failed = True
+            return False
+        return True
 
 
 class Daemon(Protocol):
@@ -161,6 +220,7 @@ def run_daemon(path: str | None, build: Callable[[Any, Config, str], Daemon], th
     config = configuration.load(path)
     logs.setup(config.log)
     server = build(reactor, config, configuration.config_path(path))
+    manager = ServiceManager.from_environment(os.environ, logging.getLogger("policyd.daemon"))
     failure: list[BaseException] = []
 
     def started() -> None:
@@ -168,7 +228,17 @@ def run_daemon(path: str | None, build: Callable[[Any, Config, str], Daemon], th
             failure.append(f.value)
             reactor.stop()
 
-        server.start().addErrback(failed)
+        server.start().addCallbacks(lambda _: ready(), failed)
+
+    def ready() -> None:
+        # Every listener accepts now: Postfix (ordered after the units) may connect.
+        manager.notify("READY=1")
+        if manager.watchdog:
+            # Sent from the reactor loop, so a stuck reactor stops sending and
+            # systemd restarts the service; twice per period, as sd_watchdog_enabled(3) advises.
+            heartbeat = LoopingCall(manager.notify, "WATCHDOG=1")
+            heartbeat.clock = reactor
+            heartbeat.start(manager.watchdog / 2, now=False)
 
     # Everything loaded so far lives as long as the process: keep the cyclic
     # garbage collector from walking it again and again under load.
@@ -177,6 +247,8 @@ def run_daemon(path: str | None, build: Callable[[Any, Config, str], Daemon], th
     if threads:
         reactor.suggestThreadPoolSize(threads)
     reactor.callWhenRunning(started)
+    # Registered first, so systemd hears of the drain before it starts.
+    reactor.addSystemEventTrigger("before", "shutdown", manager.notify, "STOPPING=1")
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(server.reload))
     if early:
