@@ -242,9 +242,10 @@ def test_digest_release_link_and_preference_page(site: Site) -> None:
     assert len(tagged) == 2 and tagged[-1].recipients == ("carol@example.org",)
     assert site.held() == []
 
-    # 5. Both actions are in the audit log, by "self-service".
+    # 5. Both actions are in the audit log, by "self-service", after the milter's hold.
     audit = [json.loads(line) for line in site.cli("audit", "--json").splitlines()]
     assert [(a["who"], a["action"], a["subject"]) for a in audit] == [
+        ("milter", "quarantine-hold", f"quarantine #{held['id']} for carol@example.org"),
         ("self-service", "release", f"quarantine #{held['id']} for carol@example.org"),
         ("self-service", "prefs", "carol@example.org"),
     ]
