@@ -469,3 +469,33 @@ def test_watchdog_is_fed_from_the_running_server(tmp_path: Path) -> None:
     finally:
         assert stop(server) == 0, log.read_text()
         listener.close()
+
+
+def postconf(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``postconf -c DIRECTORY``; fails the test when Postfix is not installed."""
+    found = shutil.which("postconf") or shutil.which("postconf", path="/usr/sbin:/sbin")
+    if found is None:
+        pytest.fail("postconf is not installed: run `make test-deps` (or: apt-get install postfix)", pytrace=False)
+    return subprocess.run([found, "-c", str(directory), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_postfix_snippets_fit_debians_chrooted_master_cf(tmp_path: Path) -> None:
+    """The snippets on Debian's master.cf: postconf warns of nothing, smtpd stays chrooted, policyd is reached over loopback TCP."""
+    snippets = UNITS.parent / "etc" / "postfix"
+    directory = tmp_path / "postfix"
+    directory.mkdir()
+    (directory / "main.cf").write_text((snippets / "main.cf.snippet").read_text(encoding="utf-8"), encoding="utf-8")
+    master = Path("/usr/share/postfix/master.cf.dist").read_text(encoding="utf-8")
+    (directory / "master.cf").write_text(
+        master + "\n" + (snippets / "master.cf.snippet").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    settings = postconf(directory, "-n")
+    assert settings.returncode == 0 and settings.stderr == "", settings.stderr
+    for service in ("smtp/inet", "submission/inet", "submissions/inet"):
+        line = postconf(directory, "-M", service).stdout.split()
+        assert line[4] == "y", f"{service} is not chrooted: {line}"
+    recipients = postconf(directory, "-P", "submission/inet/smtpd_recipient_restrictions").stdout
+    assert recipients.rstrip().endswith("$policyd_submission"), recipients
+    # A chrooted smtpd reaches TCP on loopback; a unix socket outside the spool it cannot.
+    found = re.findall(r"\b(?:inet|unix):[^\s,}]+", settings.stdout)
+    assert set(found) == {"inet:127.0.0.1:10040", "inet:127.0.0.1:10041"}, found
