@@ -194,7 +194,6 @@ HeldRow = tuple[str, float, str, str]
 INSERT_SEND = "INSERT INTO sends (account, at, instance, client) VALUES (?, ?, ?, ?)"
 #: ``marks`` name of the counter bumped by every change to sends and blocks that is not an append.
 EPOCH = "sends-epoch"
-#: Seconds a server holds counted recipients in memory before writing them
 
 #: SQLite's integers are 64-bit signed.
 LARGEST = 2**63 - 1
@@ -211,5 +210,3 @@ def sql_limit(limit: int) -> int:
     limit at all), and no overflow for a huge one."""
     return max(0, min(limit, LARGEST))
 
-
-#: Tables a server does not check at start: the held mail (see :meth:`SQLiteStore._check`).
