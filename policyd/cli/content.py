@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,29 +13,23 @@ import click
 
 from policyd.cli.common import (
     WholeNumber,
+    by_option,
     cli,
     config_option,
+    json_line,
     json_option,
     load_config,
-    print_json,
     say,
     show,
+    who,
 )
-from policyd.content import classifier
+from policyd.cli.learning import checker, model_files, record_change
+from policyd.content import classifier, corpus, training
 from policyd.content import features as content
-from policyd.content.scorer import ContentScorer, header_secret, load_model, model_path
+from policyd.content.models import Refused
+from policyd.content.scorer import ContentScorer, header_secret, load_model
+from policyd.content.training import Check
 from policyd.errors import PolicydError, UsageError
-
-
-def _mail_paths(paths: Sequence[str], option: str) -> list[Any]:
-
-    found = []
-    for path in paths:
-        candidate = Path(path)
-        if not candidate.exists():
-            raise UsageError(f"{option} {path}: no such file or directory")
-        found.append(candidate)
-    return found
 
 
 @cli.command()
@@ -42,47 +38,72 @@ def _mail_paths(paths: Sequence[str], option: str) -> list[Any]:
               help="Good mail: a Maildir, a directory of message files, or an mbox (repeatable).")
 @click.option("--spam", "spam", multiple=True, required=True, metavar="PATH",
               help="Spam: a Maildir, a directory of message files, or an mbox (repeatable).")
-@click.option("--passes", type=WholeNumber(1, 50), default=None, help="Passes over the mail (default 8).")
+@click.option("--passes", type=WholeNumber(1, 50), default=None,
+              help=f"Passes over the mail (default {classifier.PASSES}).")
+@click.option("--force", is_flag=True,
+              help="Use the new model even with little mail, or when it does worse on the held-back mail.")
+@by_option
 @json_option
-def train(ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, as_json: bool) -> None:
-    """Train the content classifier and replace the model the milter and score use."""
-    import time
+def train(
+    ham: tuple[str, ...], spam: tuple[str, ...], passes: int | None, force: bool, by: str | None, as_json: bool
+) -> None:
+    """Train the content classifier anew and put the model in use (the previous one is kept).
 
-
+    The files of all PATHs are learned as one sequence ordered by file name,
+    ham and spam interleaved.
+    """
     config = load_config()
-    sources = [(p, False) for p in _mail_paths(ham, "--ham")] + [(p, True) for p in _mail_paths(spam, "--spam")]
-    max_bytes = config.content.max_body
-    unreadable: list[str] = []
-
-    def examples() -> Any:
-        for path, is_spam in sources:
-            try:
-                for _where, raw in content.read_mail(path):
-                    yield content.extract(raw, max_bytes), is_spam
-            except OSError as error:
-                unreadable.append(f"{path}: {error.strerror or error}")
-
     started = time.monotonic()
     try:
-        model = classifier.train(examples(), passes=passes or classifier.PASSES)
-    except ValueError as error:
+        messages = corpus.labelled_mail(ham, spam)
+    except corpus.MailError as error:
         raise UsageError(str(error)) from None
-    if unreadable:
-        raise PolicydError("cannot read " + "; ".join(unreadable))
-    target = model_path(config)
-    model.info["sources"] = [str(p) for p, _ in sources]
-    try:
-        model.save(target)
     except OSError as error:
-        raise PolicydError(f"cannot write the model {target}: {error.strerror or error}") from None
+        raise PolicydError(f"cannot read the mail: {error.strerror or error}") from None
+    spam_count = sum(1 for m in messages if m.spam)
+    ham_count = len(messages) - spam_count
+    if not ham_count or not spam_count:
+        raise UsageError(f"training needs ham and spam (got {ham_count} ham, {spam_count} spam)")
+    if min(ham_count, spam_count) < training.MIN_TRAIN and not force:
+        raise Refused(
+            f"refused: {ham_count} ham and {spam_count} spam is too little to train a model on "
+            f"(at least {training.MIN_TRAIN} of each; --force to train anyway)"
+        )
+    unreadable: list[str] = []
+    files = model_files(config)
+    checks: list[Check] = []
+    with files.locked():
+        current, _ = files.current()
+        try:
+            model = training.train(
+                corpus.features_of(messages, config.content.max_body, unreadable),
+                passes=passes or classifier.PASSES,
+                current=current,
+                threshold=config.content.tag_at,
+                check=checker(force, checks),
+            )
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if unreadable:
+            raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
+        model.info["sources"] = [*ham, *spam]
+        kept = files.swap(model, "train")
     seconds = time.monotonic() - started
-    show(as_json, {"model": str(target), "ham": model.info["ham"], "spam": model.info["spam"], "seconds": round(seconds, 1)}, f"trained on {model.info['ham']} ham and {model.info['spam']} spam in {seconds:.1f}s; " f"model written to {target}")
+    reason = f"trained on {model.info['ham']} ham and {model.info['spam']} spam"
+    check = checks[0] if checks else None
+    if check is not None:
+        reason += f"; {check.summary()}" + ("; forced" if force and check.worse() else "")
+    record_change(config, who(by), "model-train", reason)
+    show(
+        as_json,
+        {"model": str(files.path), "ham": model.info["ham"], "spam": model.info["spam"],
+         "seconds": round(seconds, 1), "previous": str(kept), "check": check.as_dict() if check else None},
+        f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {kept})",
+    )
 
 
 def _messages_to_score(paths: Sequence[str]) -> Any:
     """(shown path, file) for every message named: a file is one message; a directory holds many."""
-    import os
-
 
     for given in paths:
         path = Path(given)
@@ -96,14 +117,17 @@ def _messages_to_score(paths: Sequence[str]) -> Any:
 @cli.command()
 @config_option
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...")
-@click.option("--top", type=WholeNumber(0), default=8, show_default=True, help="How many reasons to give.")
+@click.option("--top", type=WholeNumber(0), default=None,
+              help="How many reasons to give (default 8; with --json 0, for speed).")
 @json_option
-def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
+def score(paths: tuple[str, ...], top: int | None, as_json: bool) -> None:
     """Score messages (files, Maildirs, directories of files) and explain each score.
 
     With --json, one line per message: {"path", "score", "spam", "content",
-    "network", "reasons"}.  spam is score >= content.tag_at.
+    "network", "reasons"}; spam is score >= content.tag_at; reasons are
+    listed with --top N.
     """
+    explain = top if top is not None else (0 if as_json else 8)
 
     config = load_config()
     model, source = load_model(config)
@@ -117,19 +141,18 @@ def score(paths: tuple[str, ...], top: int, as_json: bool) -> None:
             say(f"policyd: error: {shown}: {error.strerror or error}", err=True)
             failed += 1
             continue
-        result = scorer.score(raw, explain=top)
+        result = scorer.score(raw, explain=explain)
         spam = result.points >= tag_at
         if as_json:
-            print_json(
-                {
-                    "path": shown,
-                    "score": result.points,
-                    "spam": spam,
-                    "content": result.content,
-                    "network": result.network,
-                    "reasons": [r.as_dict() for r in result.reasons],
-                }
-            )
+            # Written directly: a line has no times to add, and thousands are written.
+            click.echo(json_line({
+                "path": shown,
+                "score": result.points,
+                "spam": spam,
+                "content": result.content,
+                "network": result.network,
+                "reasons": [r.as_dict() for r in result.reasons],
+            }))
             continue
         verdict = "SPAM" if spam else "not spam"
         say(

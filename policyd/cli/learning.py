@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -33,8 +32,6 @@ from policyd.cli.common import (
 )
 from policyd.config import Config
 from policyd.content import corpus, training
-from policyd.content import features as content
-from policyd.content.features import Features
 from policyd.content.models import ModelFiles, Refused
 from policyd.content.scorer import model_path, shipped_model
 from policyd.content.training import Check
@@ -120,23 +117,12 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
     if not messages:
         raise Refused("nothing to learn: no message found in the PATHs given")
     unreadable: list[str] = []
-    max_bytes = config.content.max_body
-
-    def examples() -> Iterator[tuple[Features, bool]]:
-        for message in messages:
-            try:
-                raw = message.read()
-            except OSError as error:
-                unreadable.append(f"{message.where}: {error.strerror or error}")
-                continue
-            yield content.extract(raw, max_bytes), message.spam
-
     files = model_files(config)
     checks: list[Check] = []
     with files.locked():
         model, source = files.current()
         try:
-            new = training.learn(model, examples(), threshold=config.content.tag_at, check=checker(force, checks))
+            new = training.learn(model, corpus.features_of(messages, config.content.max_body, unreadable), threshold=config.content.tag_at, check=checker(force, checks))
         except ValueError as error:
             raise Refused(str(error)) from None
         if unreadable:

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import attrs
 
 from policyd.content import features as content
+from policyd.content.features import Features
 
 #: The PATH that means standard input.
 STDIN = "-"
@@ -91,3 +92,20 @@ def labelled_mail(
     found = [message for given, is_spam, _ in named for message in _messages_of(given, is_spam, stdin)]
     found.sort(key=lambda m: m.order)
     return found
+
+
+def features_of(
+    messages: Sequence[LabelledMessage], max_bytes: int, unreadable: list[str]
+) -> Iterator[tuple[Features, bool]]:
+    """``(features, is_spam)`` of each message in turn, read one at a time.
+
+    :param max_bytes: body bytes kept per message (``content.max_body``).
+    :param unreadable: receives a line for each message that cannot be read (it is skipped).
+    """
+    for message in messages:
+        try:
+            raw = message.read()
+        except OSError as error:
+            unreadable.append(f"{message.where}: {error.strerror or error}")
+            continue
+        yield content.extract(raw, max_bytes), message.spam
