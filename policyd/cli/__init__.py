@@ -19,8 +19,14 @@ import click
 from policyd.cli import accounts, content, exemptions, learning, quarantine, servers  # noqa: F401
 from policyd.cli.common import cli, say
 from policyd.errors import PolicydError
+from policyd.logs import under_journald
 
 __all__ = ["cli", "main"]
+
+
+def _error_priority() -> str:
+    """``<3>`` when standard error goes to journald, so a daemon's start-up error is filed as an error."""
+    return "<3>" if under_journald(sys.stderr) else ""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -45,11 +51,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         say("policyd: aborted", err=True)
         sys.exit(1)
     except PolicydError as error:
-        say(f"policyd: error: {error}", err=True)
+        say(f"{_error_priority()}policyd: error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as error:
-        say(f"policyd: internal error: {type(error).__name__}: {error}", err=True)
+        say(f"{_error_priority()}policyd: internal error: {type(error).__name__}: {error}", err=True)
         sys.exit(70)
     sys.exit(result if isinstance(result, int) else 0)

@@ -23,7 +23,7 @@ from policyd.cli.common import (
     show,
     who,
 )
-from policyd.cli.learning import checker, model_files, record_change
+from policyd.cli.learning import checker, model_files, read_mail, record_change
 from policyd.content import classifier, corpus, training
 from policyd.content import features as content
 from policyd.content.models import Refused
@@ -54,12 +54,7 @@ def train(
     """
     config = load_config()
     started = time.monotonic()
-    try:
-        messages = corpus.labelled_mail(ham, spam)
-    except corpus.MailError as error:
-        raise UsageError(str(error)) from None
-    except OSError as error:
-        raise PolicydError(f"cannot read the mail: {error.strerror or error}") from None
+    messages = read_mail(ham, spam)
     spam_count = sum(1 for m in messages if m.spam)
     ham_count = len(messages) - spam_count
     if not ham_count or not spam_count:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -78,6 +79,20 @@ def record_change(config: Config, by: str, action: str, reason: str) -> None:
         say(f"policyd: warning: the model is in use but the audit log was not written: {error}", err=True)
 
 
+def read_mail(ham: Sequence[str], spam: Sequence[str]) -> list[corpus.LabelledMessage]:
+    """The messages of the ``--ham`` and ``--spam`` PATHs in file-name order, ham and spam interleaved.
+
+    :raises UsageError: for a PATH that does not exist, or ``-`` given twice.
+    :raises PolicydError: when a directory or mbox cannot be read.
+    """
+    try:
+        return corpus.labelled_mail(ham, spam)
+    except corpus.MailError as error:
+        raise UsageError(str(error)) from None
+    except OSError as error:
+        raise PolicydError(f"cannot read the mail: {error.strerror or error}") from None
+
+
 def checker(force: bool, seen: list[Check]) -> training.Checker:
     """What ``train`` and ``learn`` do with the held-back check: refuse a clearly worse model unless ``force``.
 
@@ -108,12 +123,7 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
         raise UsageError("give the mail to learn: --ham PATH and/or --spam PATH")
     config = load_config()
     started = time.monotonic()
-    try:
-        messages = corpus.labelled_mail(ham, spam)
-    except corpus.MailError as error:
-        raise UsageError(str(error)) from None
-    except OSError as error:
-        raise PolicydError(f"cannot read the mail: {error.strerror or error}") from None
+    messages = read_mail(ham, spam)
     if not messages:
         raise Refused("nothing to learn: no message found in the PATHs given")
     unreadable: list[str] = []

@@ -19,6 +19,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import attrs
 import numpy as np
@@ -221,6 +222,18 @@ def _split(vectors: list[Stored], labels: list[int]) -> tuple[list[int], list[in
     return held, [i for i in range(len(labels)) if i not in chosen]
 
 
+def _counts(labels: Sequence[int], started: float, passes: int) -> dict[str, Any]:
+    """What a model records of the mail it learned: ham and spam counts, when, how long, how many passes."""
+    spam_count = sum(labels)
+    return {
+        "ham": len(labels) - spam_count,
+        "spam": spam_count,
+        "trained_at": int(time.time()),
+        "seconds": round(time.monotonic() - started, 1),
+        "passes": passes,
+    }
+
+
 def train(
     examples: Iterable[tuple[Features, bool]],
     *,
@@ -270,15 +283,7 @@ def train(
             trial = Model(weights, bias, scale, offset)
             check(compare(current, trial, [vectors[i] for i in held], held_labels, threshold))
     weights, bias = sgd(vectors, labels, passes, rate, empty)
-    info = {
-        "ham": len(labels) - spam_count,
-        "spam": spam_count,
-        "trained_at": int(time.time()),
-        "seconds": round(time.monotonic() - started, 1),
-        "passes": passes,
-        "bits": bits,
-    }
-    return Model(weights, bias, scale, offset, info)
+    return Model(weights, bias, scale, offset, {**_counts(labels, started, passes), "bits": bits})
 
 
 def learn(
@@ -311,13 +316,5 @@ def learn(
         trial = Model(weights, bias, model.scale, model.offset)
         check(compare(model, trial, [vectors[i] for i in held], [labels[i] for i in held], threshold))
     weights, bias = sgd(vectors, labels, passes, rate, start)
-    spam_count = sum(labels)
-    info = {
-        **model.info,
-        "ham": len(labels) - spam_count,
-        "spam": spam_count,
-        "trained_at": int(time.time()),
-        "seconds": round(time.monotonic() - started, 1),
-        "passes": passes,
-    }
+    info = {**model.info, **_counts(labels, started, passes)}
     return Model(weights, bias, model.scale, model.offset, info)

@@ -10,12 +10,13 @@ import json
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from policyd.testing import encode, rcpt
-from tests.harness.servers import PolicydServer, free_port
+from tests.harness.servers import POLICYD, PolicydServer, free_port
 
 #: Fields every JSON decision line carries (docs/operations.md, Logs).
 DECISION_FIELDS = {
@@ -389,3 +390,20 @@ def test_an_unreachable_syslog_socket_stops_the_start_with_one_line(tmp_path: Pa
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert f"log.syslog: cannot send to {tmp_path}/no-such-socket" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_start_up_error_under_journald_is_filed_as_an_error(tmp_path: Path) -> None:
+    """A daemon that cannot start writes its one-line error with <3>, so journalctl -p err shows it."""
+    read, write = os.pipe()
+    status = os.fstat(write)
+    env = {**os.environ, "JOURNAL_STREAM": f"{status.st_dev}:{status.st_ino}"}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen:\n  policy: [not, an, endpoint]\n", encoding="utf-8")
+    try:
+        code = subprocess.call([POLICYD, "serve", "-c", str(broken)], stdout=subprocess.DEVNULL, stderr=write,
+                               env=env, timeout=60)
+    finally:
+        os.close(write)
+    with os.fdopen(read, "rb") as stream:
+        lines = stream.read().decode("utf-8").splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("<3>policyd: error: "), lines
