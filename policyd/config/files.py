@@ -71,6 +71,12 @@ def referred_files(config: Config) -> Iterator[tuple[str, str, bool]]:
         path = None if source is None else table_file(source)
         if path is not None:
             yield key, path, True
+    if config.forwarding.aliases is not None:
+        path = table_file(config.forwarding.aliases)
+        if path is not None:
+            yield "forwarding.aliases", path, True
+    if config.forwarding.arc is not None:
+        yield "forwarding.arc.key", config.forwarding.arc.key, True
     if config.content.model is not None:
         yield "content.model", config.content.model, True
     for key, secret in (

@@ -195,6 +195,9 @@ def _cross_check(config: Config, node: yaml.Node | None) -> None:
     for network in config.inbound.networks:
         if not network.file:
             raise ConfigError(f"{where}: inbound.networks: every entry needs a file")
+    arc = config.forwarding.arc
+    if arc is not None and not (arc.domain and arc.selector and arc.key):
+        raise ConfigError(f"{where}: forwarding.arc: needs domain, selector and key")
     if config.quarantine.digest_at and not (config.listen.http or config.quarantine.base_url):
         raise ConfigError(
             f"{where}: quarantine.digest_at: the digest's links need the self-service pages: "

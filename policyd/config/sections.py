@@ -367,6 +367,46 @@ class Http:
 
 
 @attrs.frozen
+class Arc:
+    """The key that seals forwarded mail with ARC (RFC 8617)."""
+
+    domain: str = _field("", "Domain of the seal (d=): one of ours, where the key is published.", _nonempty)
+    selector: str = _field("", "Selector (s=): the key is published at SELECTOR._domainkey.DOMAIN.", _nonempty)
+    key: str = _field(
+        "", "Path of the RSA private key in PEM (PKCS#1 or PKCS#8), made by policyd arc keygen.", _nonempty
+    )
+
+
+@attrs.frozen
+class Forwarding:
+    """Mail forwarded to outside addresses (aliases), so receivers keep trusting this service."""
+
+    aliases: str | None = _field(
+        None,
+        "The aliases that forward: a file in virtual(5) format ('alias target, target' lines, "
+        "# comments) or a Postfix table (hash:/etc/postfix/virtual) read with postmap -q; "
+        "normally the same map as Postfix's virtual_alias_maps.  Unset: no recipient is "
+        "treated as forwarding.",
+    )
+    spam: str = _field(
+        "tag",
+        "Level-1 mail for a forwarding recipient: tag forwards it tagged (the mail flows as "
+        "for any recipient); hold never forwards it, holding it in the quarantine under the "
+        "alias instead (receivers block servers that forward spam).",
+        _one_of("tag", "hold"),
+    )
+    arc: Arc | None = attrs.field(
+        default=None,
+        metadata={
+            "doc": "Seal mail to forwarding recipients with ARC: {domain, selector, key}.  Unset: no seal.",
+            "check": None,
+            # Read as the mapping it must be, so an error inside it names its key.
+            "type": Arc,
+        },
+    )
+
+
+@attrs.frozen
 class Log:
     """Logging."""
 
@@ -416,6 +456,7 @@ class Config:
     exemptions: Exemptions = attrs.field(factory=Exemptions, metadata={"doc": "Exemptions."})
     http: Http = attrs.field(factory=Http, metadata={"doc": "HTTP admin API."})
     log: Log = attrs.field(factory=Log, metadata={"doc": "Logging."})
+    forwarding: Forwarding = attrs.field(factory=Forwarding, metadata={"doc": "Forwarding."})
     #: File the configuration was read from (not a key of the file).
     source: str = attrs.field(default="<defaults>", metadata={"internal": True})
 
