@@ -27,6 +27,7 @@ from policyd import logs
 from policyd.config import Config
 from policyd.content import features as content
 from policyd.content.scorer import SUMMARY_REASONS, ContentScorer, Score
+from policyd.forwarding.aliases import Aliases
 from policyd.metrics import MilterMetrics
 from policyd.protocols.milter import (
     ACCEPT,
@@ -254,6 +255,8 @@ class SpamFilter:
     :param inline_bytes: messages up to this size are scored at once, on
         the calling (reactor) thread; larger ones through ``run_cpu``.
     :param metrics: the milter's Prometheus metrics; None keeps none.
+    :param aliases: ``forwarding.aliases``, which recipients forward (with
+        ``forwarding.spam: hold`` their spam is held, never forwarded); None: none does.
     """
 
     def __init__(
@@ -266,6 +269,7 @@ class SpamFilter:
         preferences: Preferences | None = None,
         inline_bytes: int = INLINE_BYTES,
         metrics: MilterMetrics | None = None,
+        aliases: Aliases | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -275,6 +279,7 @@ class SpamFilter:
         self.inline_bytes = inline_bytes
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
         self.metrics = metrics
+        self.aliases = aliases
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
         """Decide one message (see :meth:`decide`), counting a failure in the metrics."""
@@ -425,7 +430,10 @@ class SpamFilter:
             if self.metrics is not None:
                 self.metrics.errors.labels("choices").inc()
             return []
-        wanted = [r for r, a in addresses.items() if chosen.get(a) == "quarantine" and a not in released]
+        forwarding = await self._forwarding_held(list(addresses))
+        wanted = [
+            r for r, a in addresses.items() if (chosen.get(a) == "quarantine" or r in forwarding) and a not in released
+        ]
         if not wanted:
             return []
         if not message.complete:
@@ -463,6 +471,23 @@ class SpamFilter:
             held.append(recipient)
             self._audit_held(stored, found_id)
         return held
+
+    async def _forwarding_held(self, recipients: list[str]) -> set[str]:
+        """The forwarding recipients (as the MTA gave them) whose spam is held: ``forwarding.spam: hold``.
+
+        Receivers block servers that forward spam, so such a recipient's copy
+        is held whatever their own choice.  Postfix expands aliases after the
+        milter, so the recipient seen here is the alias itself: removing it
+        from delivery removes every copy it would have forwarded.
+        """
+        if self.aliases is None or self.config.forwarding.spam != "hold":
+            return set()
+        try:
+            found = await self.aliases.forwarding_targets(recipients)
+        except Exception as error:  # never let the aliases stop mail
+            log.error("forwarding.aliases: look-up failed (%s): forwarding recipients get the tagged message", error)
+            return set()
+        return {r for r, targets in found.items() if targets.forwards}
 
     def _audit_held(self, entry: Quarantined, found_id: str) -> None:
         """Audit a held copy (``quarantine-hold``, by ``milter``) with its Message-ID and queue id.

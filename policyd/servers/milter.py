@@ -21,6 +21,7 @@ from policyd.content.scorer import ContentScorer, header_secret, load_model, mod
 from policyd.content.spamfilter import SpamFilter
 from policyd.daemon import BaseServer, run_daemon
 from policyd.errors import PolicydError
+from policyd.forwarding.aliases import aliases_from_config
 from policyd.metrics import MilterMetrics
 from policyd.netlists import NetworkSet
 from policyd.protocols.milter import (
@@ -65,6 +66,7 @@ class MilterServer(BaseServer):
             in_thread(reactor),
             Preferences(config, self.store, reactor, in_thread(reactor)),
             metrics=self.metrics,
+            aliases=aliases_from_config(config, reactor, in_thread(reactor)),
         )
         self.factory = MilterFactory(
             self.filter,
@@ -136,6 +138,8 @@ class MilterServer(BaseServer):
         """Apply a reloaded configuration: thresholds, choices, body bound, and the model again."""
         self.filter.config = config
         self.filter.preferences.configure(config)
+        # Made afresh: SIGHUP reads the aliases (and local_domains) again, like every list.
+        self.filter.aliases = aliases_from_config(config, self.reactor, in_thread(self.reactor))
         self.scorer.max_bytes = config.content.max_body
         self.config = config
         self._model_stamp = None
