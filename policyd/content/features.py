@@ -54,6 +54,8 @@ from pathlib import Path
 
 import attrs
 
+from policyd.content import mime
+
 #: Bytes of the header block kept: enough for the headers of nearly all
 #: mail; the topmost (the last hops and the sender's own) come first.
 HEAD_BYTES = 6000
@@ -125,6 +127,11 @@ _EMAIL = re.compile(r"@(?<=[\w.+\-]@)([\w\-]+(?:\.[\w\-]+)+)")
 # A header field's name (printable ASCII but the colon), then its colon;
 # like Postfix, blanks before the colon are allowed.
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# The end of the header block (an empty line), a block made only of fields
+# (some folded), and each field's name and value (one space after the colon dropped).
+_HEAD_END = re.compile(rb"\n\r?\n")
+_FIELDS_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
+_FIELD_LINE = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*: ?(.*(?:\n[ \t].*)*)", re.MULTILINE)
 #: Second-level labels under which registrations happen (co.uk, com.fr, ...).
 _SECOND_LEVEL = frozenset({"co", "com", "net", "org", "gov", "ac", "edu", "gouv", "asso", "ne", "or"})
 # Bytes that are not ASCII letters, and not upper-case ones, deleted to count the rest.
@@ -173,6 +180,26 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     line, or at the first line that is not a header field (which then
     starts the body).  An mbox ``From`` line at the start is skipped.
     """
+    position = 0
+    if raw.startswith(b"From "):
+        position = len(raw) if (newline := raw.find(b"\n")) < 0 else newline + 1
+    if raw.startswith(b"\n", position) or raw.startswith(b"\r\n", position):
+        return [], raw[raw.find(b"\n", position) + 1 :]
+    # The common case in a few regular expressions, not line by line: a block of fields, then an empty line.
+    end = _HEAD_END.search(raw, position)
+    block = raw[position : end.start() + 1] if end else raw[position:] + b"\n"
+    if b"\r" in block:
+        block = block.replace(b"\r\n", b"\n")
+    if _FIELDS_BLOCK.fullmatch(block):
+        return (
+            [(name.decode("ascii"), value.decode("utf-8", "surrogateescape")) for name, value in _FIELD_LINE.findall(block)],
+            raw[end.end() :] if end else b"",
+        )
+    return _split_slowly(raw)
+
+
+def _split_slowly(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
+    """:func:`split_message` line by line: for headers that end without an empty line."""
     headers: list[tuple[str, str]] = []
     size = len(raw)
     position = 0
@@ -228,33 +255,12 @@ def html_to_text(markup: str) -> tuple[str, list[str], list[str]]:
     return html.unescape(text), links, tags
 
 
-def _payload_text(part: email.message.Message, charset: str | None) -> str:
-    """The decoded text of a leaf part, whatever its encoding and charset claim."""
-    payload = part.get_payload(decode=True)
-    if not isinstance(payload, bytes):
-        return ""
+def _payload_text(payload: bytes, charset: str | None) -> str:
+    """The decoded text of a leaf part, whatever its charset claims."""
     try:
         return payload.decode(charset or "utf-8", "replace")
     except (LookupError, UnicodeError):
         return payload.decode("latin-1")
-
-
-# Parsing a header's parameters is the slow part of reading a part: these
-# skip it when the parameter cannot be there (the answer is the same).
-
-
-def _filename(part: email.message.Message) -> str | None:
-    """``part.get_filename()``."""
-    if "content-disposition" not in part and "name" not in str(part.get("content-type", "")).lower():
-        return None
-    return part.get_filename()
-
-
-def _charset(part: email.message.Message) -> str | None:
-    """``part.get_content_charset()``."""
-    if "charset" not in str(part.get("content-type", "")).lower():
-        return None
-    return part.get_content_charset()
 
 
 @functools.cache
@@ -361,29 +367,32 @@ def _first_delimiters(body: bytes) -> bytes:
     return body[:position]
 
 
-def _parts(fields: dict[str, str], body: bytes, mime_parser: bool) -> Iterator[email.message.Message]:
+def _parts(fields: dict[str, str], body: bytes, mime_parser: bool) -> list[mime.Part]:
     """The MIME parts of a body whose top-level headers are ``fields`` (as :meth:`Message.walk` gives them).
 
-    A single part is made into a :class:`~email.message.Message` directly;
-    a body with parts is parsed by the :mod:`email` package (also a single
-    part when ``mime_parser``: the two agree).
+    Read directly (:func:`policyd.content.mime.walk`), else, for odd
+    structures or when ``mime_parser``, by the :mod:`email` package: the
+    two agree.
     """
+    if not mime_parser:
+        found = mime.walk(fields, body, MAX_PARTS)
+        if found is not None:
+            return found
     # Header values as the email parser holds them: bytes read as ASCII, others as surrogate escapes.
     raw_fields = {name: value.encode("utf-8", "surrogateescape") for name, value in fields.items()}
-    top = email.message.Message()
-    for name, value in raw_fields.items():
-        top[name] = value.decode("ascii", "surrogateescape")
-    has_parts = top.get_content_maintype() in ("multipart", "message")
-    if has_parts or mime_parser:
-        if has_parts:
-            body = _first_delimiters(body)
-        block = b"".join(b"%s: %s\r\n" % (name.encode(), value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
-                         for name, value in raw_fields.items())
-        yield from parse(block + b"\r\n" + body).walk()
-        return
-    # What the email parser would keep of a single part: the body as it is.
-    top.set_payload(body.decode("ascii", "surrogateescape"))
-    yield top
+    if "multipart" in fields.get("content-type", "").lower():
+        body = _first_delimiters(body)
+    block = b"".join(b"%s: %s\r\n" % (name.encode(), value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+                     for name, value in raw_fields.items())
+    parts = []
+    for number, message in enumerate(parse(block + b"\r\n" + body).walk()):
+        if number > MAX_PARTS:
+            break
+        part = mime.Part({}, b"", message=message)
+        part.ctype = message.get_content_type()
+        part.container = message.is_multipart()
+        parts.append(part)
+    return parts
 
 
 def extract(raw: bytes, max_bytes: int | None = None) -> Features:
@@ -441,27 +450,29 @@ def message_features(
         if count >= MAX_PARTS:
             add("meta:too-many-parts")
             break
-        ctype = part.get_content_type()
+        ctype = part.ctype
         add(f"part:{ctype}")
-        if part.is_multipart():
+        if part.container:
             continue
-        filename = _filename(part)
+        filename = part.filename()
         if filename:
             name = decode_header(str(filename)).lower()
             extension = name.rsplit(".", 1)[-1] if "." in name else "none"
             add(f"attachment:{extension[:10]}")
-        charset = _charset(part)
+        charset = part.charset()
         if charset:
             add(f"charset:{charset[:30]}")
-        encoding = str(part.get("content-transfer-encoding", "")).lower().strip()
+        encoding = part.fields.get("content-transfer-encoding", "") if part.message is None else \
+            str(part.message.get("content-transfer-encoding", ""))
+        encoding = encoding.lower().strip()
         if encoding:
             add(f"encoding:{encoding[:20]}")
         if ctype == "text/plain" and not filename:
             kinds.add("plain")
-            texts.append(_payload_text(part, charset))
+            texts.append(_payload_text(part.payload(), charset))
         elif ctype == "text/html" and not filename:
             kinds.add("html")
-            text, links, tags = html_to_text(_payload_text(part, charset))
+            text, links, tags = html_to_text(_payload_text(part.payload(), charset))
             texts.append(text)
             urls.extend(links)
             tokens.extend(f"html:{tag}" for tag in dict.fromkeys(tags))
@@ -476,7 +487,8 @@ def message_features(
         body_text = body_text[:WORD_CHARS]
     lowered = body_text.lower()
     urls.extend(_URL.findall(lowered))
-    tokens.extend(url_tokens(urls[:500]))
+    # The same link repeated gives the same tokens: each is looked at once.
+    tokens.extend(url_tokens(dict.fromkeys(urls[:500])))
     add(f"meta:urls-{_bucket(len(urls))}")
     add(f"meta:body-{_bucket(len(body_text) // 64)}")
     if _shouting(body_text[:SHOUTING_CHARS]):

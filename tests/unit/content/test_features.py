@@ -294,3 +294,48 @@ def test_hidden_markup_is_dropped_like_a_browser_does() -> None:
     """A comment, script or style left open hides the rest; a lone '<' is text; case does not matter."""
     text, _, _ = content.html_to_text("a < b <B>bold</b><SCRIPT type=x>x()</Script >shown<!-- open forever <p>hidden")
     assert text.split() == ["a", "<", "b", "bold", "shown"]
+
+
+def multipart_messages() -> list[tuple[str, bytes]]:
+    """Messages with parts of every common structure, and a few odd ones."""
+    forwarded = b"From: a@example.net\nSubject: inner\nContent-Type: text/plain\n\ninner words\n"
+    return [
+        ("alternative, attachment, CRLF", french_html()),
+        ("preamble, epilogue, blanks after the delimiter",
+         b"Content-Type: multipart/mixed; boundary=\"b 1\"\n\npreamble\n--b 1  \nContent-Type: text/plain\n\n"
+         b"first\r\nx\n\n--b 1\n\nno headers\n--b 1--\nepilogue\n"),
+        ("nested", b"Content-Type: multipart/mixed; boundary=out\n\n--out\nContent-Type: multipart/alternative;\n"
+         b" boundary=in\n\n--in\nContent-Type: text/plain\n\nplain\n--in\nContent-Type: text/html\n\n<b>html</b>\n"
+         b"--in--\n--out\nContent-Type: image/png; name=x.png\nContent-Transfer-Encoding: base64\n\niVBORw==\n"
+         b"--out--\n"),
+        ("forwarded message", b"Content-Type: multipart/mixed; boundary=f\n\n--f\n\nsee below\n--f\n"
+         b"Content-Type: message/rfc822\n\n" + forwarded + b"--f--\n"),
+        ("digest", b"Content-Type: multipart/digest; boundary=d\n\n--d\n\n" + forwarded + b"--d--\n"),
+        ("RFC 2231 file name", b"Content-Type: multipart/mixed; boundary=r\n\n--r\nContent-Type: text/plain;\n"
+         b" charset*=utf-8''x\nContent-Disposition: attachment; filename*=utf-8''r%C3%A9sum%C3%A9.txt\n\nx\n--r--\n"),
+        ("quoted-printable and latin-1 parts", b"Content-Type: multipart/mixed; boundary=q\n\n--q\n"
+         b"Content-Type: text/plain; charset=\"ISO-8859-1\"\nContent-Transfer-Encoding: quoted-printable\n\n"
+         b"R=E9sum=E9 =\nsuite\n--q\nContent-Type: text/plain; charset=iso-8859-1\n\n\xe9t\xe9\n--q--"),
+        ("a longer boundary is not the boundary", b"Content-Type: multipart/mixed; boundary=b\n\n--b\n\none\n"
+         b"--bb\nstill one\n--b--\n"),
+        ("boundary never found", b"Content-Type: multipart/mixed; boundary=nope\n\n--other\n\ntext\n"),
+        ("no boundary", b"Content-Type: multipart/mixed\n\nplain words\n"),
+        ("no closing delimiter", b"Content-Type: multipart/mixed; boundary=b\n\n--b\n\nopen to the end\n"),
+        ("delivery report", b"Content-Type: multipart/report; boundary=r\n\n--r\n\nfailed\n--r\n"
+         b"Content-Type: message/delivery-status\n\nReporting-MTA: dns; x\n\nAction: failed\n--r--\n"),
+    ]
+
+
+@pytest.mark.parametrize(("kind", "raw"), multipart_messages(), ids=[k for k, _ in multipart_messages()])
+def test_parts_read_directly_give_what_the_email_parser_gives(kind: str, raw: bytes) -> None:
+    """A body split on its boundary directly gives exactly the features of the email parser's walk."""
+    headers, body = content.split_message(raw)
+    assert content.message_features(headers, body) == content.message_features(headers, body, mime_parser=True)
+
+
+def test_headers_without_an_empty_line_after_them() -> None:
+    """A message that is all headers, or whose headers end at a line that is no field, splits as before."""
+    assert content.split_message(b"Subject: x\r\nTo: y\r\n") == ([("Subject", "x"), ("To", "y")], b"")
+    assert content.split_message(b"Subject: x\n\tfolded\nbody line\n\nmore\n") == (
+        [("Subject", "x\n\tfolded")], b"body line\n\nmore\n")
+    assert content.split_message(b"\tblank first\n\nbody\n") == ([], b"\tblank first\n\nbody\n")
