@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import click
 
 # The command modules register their commands on the root group when imported.
-from policyd.cli import accounts, content, exemptions, learning, quarantine, servers  # noqa: F401
+from policyd.cli import accounts, content, exemptions, forwarding, learning, quarantine, servers  # noqa: F401
 from policyd.cli.common import cli, say
 from policyd.errors import PolicydError
 from policyd.logs import under_journald

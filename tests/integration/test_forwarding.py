@@ -1,8 +1,10 @@
-"""Forwarding through Postfix's own tools: aliases read from a Postfix table with postmap -q."""
+"""Forwarding through the real tools: aliases read from a Postfix table with postmap -q, policyd arc keygen."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from policyd.forwarding.aliases import Aliases, Targets
+from tests.harness.servers import policyd
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +50,26 @@ def test_missing_table_means_no_forwarding(tmp_path: Path) -> None:
     found: list[dict[str, Targets]] = []
     aliases.forwarding_targets(["fwd@example.org"]).addCallback(found.append)
     assert found == [{}]
+
+
+def test_arc_keygen_writes_a_private_key_and_prints_its_record(tmp_path: Path) -> None:
+    """arc keygen writes a 0600 RSA key once and prints the TXT record; arc record and config check use it."""
+    key = tmp_path / "arc.key"
+    made = policyd("arc", "keygen", "--domain", "Example.org", "--selector", "arc1", "--key", str(key))
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith('arc1._domainkey.example.org. IN TXT "v=DKIM1; k=rsa; p=')
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY")
+    again = policyd("arc", "keygen", "--domain", "example.org", "--selector", "arc1", "--key", str(key))
+    assert again.returncode == 2 and "exists; not replaced" in again.stderr
+    config = tmp_path / "policyd.yaml"
+    config.write_text(
+        "store:\n  url: memory://\nlocal_domains: [example.org]\n"
+        f"forwarding:\n  arc: {{domain: example.org, selector: arc1, key: {key}}}\n"
+    )
+    shown = policyd("arc", "record", "-c", str(config), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["record"] == made.stdout.strip()
+    assert policyd("config", "check", "-c", str(config)).returncode == 0
+    key.unlink()
+    missing = policyd("config", "check", "-c", str(config))
+    assert missing.returncode == 2 and f"forwarding.arc.key: cannot read {key}" in missing.stderr
