@@ -1,4 +1,4 @@
-"""Forwarding through the real tools: aliases read from a Postfix table with postmap -q, policyd arc keygen."""
+"""Forwarding through the real tools: aliases read with postmap -q, policyd arc keygen, spam held through real Postfix."""
 
 from __future__ import annotations
 
@@ -6,13 +6,25 @@ import json
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
 
 from policyd.forwarding.aliases import Aliases, Targets
+from tests.harness.postfix import PostfixInstance, SmtpSink
 from tests.harness.servers import policyd
+from tests.integration.test_postfix_milter import (
+    HAM_BODY,
+    HAM_SUBJECT,
+    SPAM_BODY,
+    SPAM_SUBJECT,
+    Milter,
+    arrived,
+    headers,
+)
+from tests.unit.content.test_classifier import training_mail
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +85,49 @@ def test_arc_keygen_writes_a_private_key_and_prints_its_record(tmp_path: Path) -
     key.unlink()
     missing = policyd("config", "check", "-c", str(config))
     assert missing.returncode == 2 and f"forwarding.arc.key: cannot read {key}" in missing.stderr
+
+
+class ForwardingMilter(Milter):
+    """The end-to-end milter, its configuration with a forwarding section (aliases as Postfix's own map)."""
+
+    def write_config(self, smtp: str) -> None:
+        """The milter's configuration plus ``forwarding: {aliases, spam: hold}``."""
+        super().write_config(smtp)
+        aliases = self.root / "virtual"
+        aliases.write_text("fwd@example.org  outside@example.net\n", encoding="utf-8")
+        with self.config.open("a", encoding="utf-8") as handle:
+            handle.write(f"forwarding:\n  aliases: '{aliases}'\n  spam: hold\n")
+
+
+def test_held_spam_never_leaves_for_the_forwarding_alias(
+    tmp_path: Path, postfix_factory: Callable[..., PostfixInstance], smtp_sink: SmtpSink
+) -> None:
+    """Through real Postfix (virtual alias to an outside address): spam for the alias never reaches the
+    sink and is held under the alias; the local recipient gets it tagged; ham is forwarded untouched."""
+    milter = ForwardingMilter(tmp_path)
+    ham, spam = training_mail(tmp_path)
+    milter.cli("train", "--ham", str(ham), "--spam", str(spam))
+    milter.start()
+    try:
+        mta = postfix_factory(
+            milters=f"inet:127.0.0.1:{milter.port}",
+            main_cf={"virtual_alias_maps": "inline:{ fwd@example.org=outside@example.net }"},
+        )
+        sent = mta.send(mta.inbound_port, "spammer@example.net", ["fwd@example.org", "bob@example.org"],
+                        subject=SPAM_SUBJECT, body=SPAM_BODY)
+        assert sent.accepted == ["fwd@example.org", "bob@example.org"], mta.log_tail()
+        (bob,) = arrived(smtp_sink, "bob@example.org")
+        mta.wait_queue_empty()
+        assert bob.recipients == ("bob@example.org",)
+        assert headers(bob, "Subject") == [f"*{{spam}}* {SPAM_SUBJECT}"]
+        assert not [d for d in smtp_sink.snapshot() if "outside@example.net" in d.recipients]
+        (held,) = [json.loads(line) for line in milter.cli("quarantine", "list", "--json").splitlines()]
+        assert held["recipient"] == "fwd@example.org" and held["subject"] == SPAM_SUBJECT
+
+        sent = mta.send(mta.inbound_port, "friend@example.net", ["fwd@example.org"],
+                        subject=HAM_SUBJECT, body=HAM_BODY)
+        assert sent.accepted == ["fwd@example.org"], mta.log_tail()
+        (forwarded,) = arrived(smtp_sink, "outside@example.net")
+        assert headers(forwarded, "Subject") == [HAM_SUBJECT] and headers(forwarded, "X-Spam-Flag") == []
+    finally:
+        assert milter.stop() == 0, milter.output()
