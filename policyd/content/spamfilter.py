@@ -28,6 +28,7 @@ from policyd.config import Config
 from policyd.content import features as content
 from policyd.content.scorer import SUMMARY_REASONS, ContentScorer, Score
 from policyd.forwarding.aliases import Aliases
+from policyd.forwarding.sealing import ArcSealer
 from policyd.metrics import MilterMetrics
 from policyd.protocols.milter import (
     ACCEPT,
@@ -257,6 +258,8 @@ class SpamFilter:
     :param metrics: the milter's Prometheus metrics; None keeps none.
     :param aliases: ``forwarding.aliases``, which recipients forward (with
         ``forwarding.spam: hold`` their spam is held, never forwarded); None: none does.
+    :param sealer: adds an ARC set to mail still going to a forwarding
+        recipient, after every other change (``forwarding.arc``); None: no seal.
     """
 
     def __init__(
@@ -270,6 +273,7 @@ class SpamFilter:
         inline_bytes: int = INLINE_BYTES,
         metrics: MilterMetrics | None = None,
         aliases: Aliases | None = None,
+        sealer: ArcSealer | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -280,8 +284,14 @@ class SpamFilter:
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
         self.metrics = metrics
         self.aliases = aliases
+        self.sealer = sealer
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
+        """Decide one message (see :meth:`decide`), then seal it for forwarding recipients (``forwarding.arc``)."""
+        decided = self._counted(message)
+        return decided if self.sealer is None else decided.addCallback(self.sealer, message)
+
+    def _counted(self, message: MilterMessage) -> Deferred[Verdict]:
         """Decide one message (see :meth:`decide`), counting a failure in the metrics."""
         if self.metrics is None:
             return self.decide(message)

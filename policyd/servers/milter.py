@@ -22,6 +22,7 @@ from policyd.content.spamfilter import SpamFilter
 from policyd.daemon import BaseServer, run_daemon
 from policyd.errors import PolicydError
 from policyd.forwarding.aliases import aliases_from_config
+from policyd.forwarding.sealing import arc_sealer
 from policyd.metrics import MilterMetrics
 from policyd.netlists import NetworkSet
 from policyd.protocols.milter import (
@@ -58,6 +59,7 @@ class MilterServer(BaseServer):
         self.store: Store = open_store(config.store.url, float(config.store.deadline), reactor)
         self.scorer = ContentScorer(model, header_secret(config, create=True), config.content.max_body)
         self.metrics = MilterMetrics()
+        aliases = aliases_from_config(config, reactor, in_thread(reactor))
         self.filter = SpamFilter(
             config,
             self.store,
@@ -66,7 +68,8 @@ class MilterServer(BaseServer):
             in_thread(reactor),
             Preferences(config, self.store, reactor, in_thread(reactor)),
             metrics=self.metrics,
-            aliases=aliases_from_config(config, reactor, in_thread(reactor)),
+            aliases=aliases,
+            sealer=arc_sealer(config, aliases, reactor, in_thread(reactor)),
         )
         self.factory = MilterFactory(
             self.filter,
@@ -136,10 +139,13 @@ class MilterServer(BaseServer):
 
     def configure(self, config: Config) -> None:
         """Apply a reloaded configuration: thresholds, choices, body bound, and the model again."""
+        # Made afresh, before anything changes (a key that is no RSA key refuses the reload):
+        # SIGHUP reads the aliases, local_domains and the ARC key again, like every list.
+        aliases = aliases_from_config(config, self.reactor, in_thread(self.reactor))
+        sealer = arc_sealer(config, aliases, self.reactor, in_thread(self.reactor))
         self.filter.config = config
         self.filter.preferences.configure(config)
-        # Made afresh: SIGHUP reads the aliases (and local_domains) again, like every list.
-        self.filter.aliases = aliases_from_config(config, self.reactor, in_thread(self.reactor))
+        self.filter.aliases, self.filter.sealer = aliases, sealer
         self.scorer.max_bytes = config.content.max_body
         self.config = config
         self._model_stamp = None
