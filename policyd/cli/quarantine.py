@@ -27,9 +27,11 @@ from policyd.cli.common import (
     who,
 )
 from policyd.content import features as content
+from policyd.content.feedback import Feedback
 from policyd.content.scorer import header_secret
 from policyd.quarantine.digest import DigestJob, DigestRun
 from policyd.quarantine.held import Quarantine
+from policyd.reactor import in_thread
 from policyd.store import Quarantined, open_store
 
 T = TypeVar("T")
@@ -43,9 +45,12 @@ def with_quarantine(work: Callable[[Any], Coroutine[Any, Any, T]], secret: bool 
 
     async def main(reactor: Any) -> T:
         store = open_store(config.store.url, float(config.store.deadline))
+        # Released mail is learned as ham once delivered; the command waits for that before it exits.
+        quarantine = Quarantine(config, store, reactor, key, feedback=Feedback(store, in_thread(reactor), reactor))
         try:
-            return await work(Quarantine(config, store, reactor, key))
+            return await work(quarantine)
         finally:
+            await quarantine.settled()
             await store.close()
 
     return run_async(main)

@@ -241,6 +241,14 @@ class Notify:
         return tuple(dict.fromkeys(a.strip() for a in chosen if a.strip()))
 
 
+def _report_addresses(value: object) -> None:
+    """``content.report_spam`` and ``report_ham``: one address or a list of them, each local@domain."""
+    for address in [value] if isinstance(value, str) else list(value):  # type: ignore[call-overload]
+        local, at, domain = str(address).strip().rpartition("@")
+        if not at or not local or not domain or any(c.isspace() for c in str(address).strip()):
+            raise ValueError(f"{address!r} is not a mail address (local@domain)")
+
+
 @attrs.frozen
 class Content:
     """Content scoring by the milter (SPEC 6)."""
@@ -267,6 +275,34 @@ class Content:
         "Milter reply when scoring fails: accept (mail flows unscored) or tempfail (the client retries).",
         _one_of("accept", "tempfail"),
     )
+    learn_from_release: bool = _field(
+        True,
+        "Learn a message released from the quarantine (by an admin or its recipient) as ham "
+        "onto the model in use, once per message: a release is a user saying the verdict was wrong.",
+    )
+    report_spam: str | list[str] = _field(
+        [],
+        "Address(es) to which local users forward missed spam as an attachment "
+        "(e.g. spam-report@example.org): the milter learns the attached messages as spam and "
+        "discards the report.  Only reports of SASL-authenticated senders count.  Default: none.",
+        _report_addresses,
+    )
+    report_ham: str | list[str] = _field(
+        [],
+        "Address(es) to which local users forward wrongly tagged mail as an attachment "
+        "(e.g. ham-report@example.org): learned as ham, the report discarded.  Default: none.",
+        _report_addresses,
+    )
+
+    def report_addresses(self) -> dict[str, bool]:
+        """Each report address (lower case) and whether what it receives is spam."""
+        found = {a.strip().lower(): False for a in _listed(self.report_ham)}
+        found.update({a.strip().lower(): True for a in _listed(self.report_spam)})
+        return found
+
+
+def _listed(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 @attrs.frozen

@@ -21,6 +21,12 @@ release button (or an admin and a user at once) deliver it once; the message
 stays held until the MTA has taken it, so a release that dies on the way
 loses nothing.
 
+Once the MTA has taken it, a released message is learned as ham onto the
+content model in use (``content.learn_from_release``; who learned it is who
+released it), through the :class:`~policyd.content.feedback.Feedback`
+given to :class:`Quarantine`: off the reactor thread, after the release is
+done, so learning can neither delay nor fail a release.
+
 policyd's own digest mail carries an ``X-Policyd-Digest`` header signed the
 same way, so the milter never tags or holds the digest that lists spam.
 """
@@ -32,7 +38,7 @@ import hmac
 import logging
 import smtplib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +47,9 @@ from policyd.config import Config
 from policyd.errors import NoSuchObject, PolicydError, UsageError
 from policyd.quarantine.preferences import Preferences
 from policyd.store import SPAM_CHOICES, AuditEntry, Quarantined, Store
+
+if TYPE_CHECKING:
+    from policyd.content.feedback import Feedback
 
 log = logging.getLogger("policyd.quarantine")
 
@@ -219,6 +228,8 @@ class Quarantine:
         :func:`reinject` in the reactor's thread pool (``clock`` is then the reactor).
     :param preferences: resolves choices (own, provisioned, default); one
         reading provisioning at once is made when not given.
+    :param feedback: learns released mail as ham (with ``content.learn_from_release``);
+        None: released mail is not learned.
     """
 
     def __init__(
@@ -229,6 +240,7 @@ class Quarantine:
         secret: bytes | None = None,
         deliver: Deliver | None = None,
         preferences: Preferences | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -236,6 +248,9 @@ class Quarantine:
         self.secret = secret
         self.deliver = deliver or self._reinject_in_thread
         self.preferences = preferences or Preferences(config, store, clock)
+        self.feedback = feedback
+        # Learning started by releases and not finished yet (see settled()).
+        self._learning: set[Deferred[Any]] = set()
 
     def _reinject_in_thread(self, smtp: str, sender: str, recipient: str, message: bytes) -> Deferred[Any]:
         from twisted.internet import threads
@@ -288,6 +303,7 @@ class Quarantine:
             raise UsageError(f"quarantine #{entry_id} is not the message this link names")
         if not await self.store.claim_release(entry.id, now=self.clock.seconds(), lease=RELEASE_LEASE):
             raise UsageError(f"quarantine #{entry_id} is being released already")
+        held = message
         if self.secret is not None:
             header = f"{RELEASE_HEADER}: {release_header(self.secret, entry.id, entry.recipient)}\r\n"
             message = header.encode() + message
@@ -303,7 +319,30 @@ class Quarantine:
         await self.store.quarantine_delete(entry.id)
         await self._audit(by, "release", entry, message, reason or f"re-injected through {smtp}")
         log.info("quarantine #%d released to %s by %s", entry.id, entry.recipient, by)
+        self._learn_ham(entry, held, by)
         return entry
+
+    def _learn_ham(self, entry: Quarantined, message: bytes, by: str) -> None:
+        """Start learning a released message as ham; the release does not wait for it."""
+        if self.feedback is None or not self.config.content.learn_from_release:
+            return
+        try:
+            learning = self.feedback.learn(self.config, message, False, by, f"quarantine #{entry.id} released")
+        except Exception as error:  # the release is done whatever happens here
+            log.error("quarantine #%d: released message not learned: %s", entry.id, error)
+            return
+        self._learning.add(learning)
+
+        def done(result: object) -> object:
+            self._learning.discard(learning)
+            return result
+
+        learning.addBoth(done)
+
+    async def settled(self) -> None:
+        """Wait until the learning of released mail has finished (a command waits before it exits)."""
+        while self._learning:
+            await next(iter(self._learning))
 
     async def delete(self, entry_id: int, by: str, reason: str = "") -> Quarantined:
         """Forget a held message.

@@ -37,6 +37,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from policyd.config import Config
+from policyd.content.feedback import Feedback
 from policyd.errors import PolicydError, UsageError
 from policyd.quarantine.digest import (
     DigestJob,
@@ -89,6 +90,8 @@ class SelfService:
     :param run_blocking: how provisioning is read (a thread in the server).
     :param deliver: hands released messages to the MTA (tests inject one).
     :param tz: time zone of ``digest_at`` and of dates shown; None: the server's.
+    :param feedback: learns released mail as ham when ``deliver`` is given (by
+        default the real delivery comes with the real learning).
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class SelfService:
         run_blocking: RunBlocking | None = None,
         deliver: Deliver | None = None,
         tz: datetime.tzinfo | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -109,7 +113,10 @@ class SelfService:
         self.tz = tz
         self.signer = LinkSigner(secret, reactor, float(config.quarantine.link_ttl))
         self.preferences = Preferences(config, store, reactor, run_blocking or in_thread(reactor))
-        self.quarantine = Quarantine(config, store, reactor, header_secret, deliver, self.preferences)
+        # Released mail is learned as ham off the reactor thread (content.learn_from_release);
+        # with a test's deliver, nothing is learned unless the test says so.
+        learning = Feedback(store, in_thread(reactor), reactor) if deliver is None else feedback
+        self.quarantine = Quarantine(config, store, reactor, header_secret, deliver, self.preferences, learning)
         self.digest = DigestJob(config, store, reactor, kick, tz)
         self.mail = DigestMail(config, self.signer, config.quarantine.base_url, header_secret, tz)
 

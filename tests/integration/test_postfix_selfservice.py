@@ -92,6 +92,9 @@ def write_config(path: Path, root: Path, ports: dict[str, int], inbound: int) ->
         "local_domains: [example.org]\noutbound:\n  limit: 5000\n"
         # A model trained on 120 messages is cautious: spam starts at 0 points.
         "content:\n  tag_at: 0\n"
+        # The same spam is sent again after the release: learning the released copy as ham
+        # would let it through untagged (tests/integration/test_feedback.py tests that).
+        "  learn_from_release: false\n"
         f"notify:\n  smtp: '127.0.0.1:{inbound}'\n  from: 'policyd@example.org'\n  retry_first: 1s\n"
         "quarantine:\n  default: inbox\n"
         f"  preferences: 'hash:{root}/spam_choices'\n"
