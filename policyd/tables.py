@@ -1,4 +1,4 @@
-"""Asking a Postfix lookup table (``hash:/etc/postfix/virtual``, ``ldap:...``) with ``postmap -q``.
+"""Postfix lookup tables (``hash:/etc/postfix/virtual``, ``ldap:...``): telling them from files, asking them with ``postmap -q``.
 
 Postfix's own ``postmap -q - TABLE`` reads keys on its input and prints
 ``key<TAB>value`` for each found, so any table type Postfix reads works,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,9 +12,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from policyd.errors import ConfigError, PolicydError
 from policyd.store import Counts
-
-#: ``type:name`` as Postfix writes lookup tables (hash:/etc/postfix/accounts, ldap:/..., ...).
-_TABLE = re.compile(r"^[a-z][a-z0-9_]*:.+")
+from policyd.tables import is_table
 
 
 class Accounts:
@@ -42,7 +39,7 @@ class Accounts:
         account = account.lower()
         if self.source is None:
             return bool(await self.store.account_seen(account))
-        if _TABLE.match(self.source) and not self.source.startswith("/"):
+        if is_table(self.source):
             if self.reactor is not None and IReactorThreads.providedBy(self.reactor):
                 # postmap takes a second or two to fail on a broken table:
                 # never on the reactor thread of a server.

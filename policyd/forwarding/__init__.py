@@ -3,6 +3,6 @@
 - :mod:`policyd.forwarding.aliases`: ``forwarding.aliases`` (a virtual(5)
   file or a Postfix table), resolved through nested aliases into outside
   and local targets; a forwarding recipient has at least one outside one.
-- :mod:`policyd.forwarding.postmap`: asking a Postfix table with ``postmap -q``.
+- :mod:`policyd.tables`: asking a Postfix table with ``postmap -q``.
 - :mod:`policyd.forwarding.arc`: ARC keys and seals (dkimpy).
 """

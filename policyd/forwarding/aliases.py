@@ -6,7 +6,7 @@ The source is normally the map Postfix itself expands (``virtual_alias_maps``):
   logical line, ``#`` comments, a line starting with white space continuing
   the one before (as ``postmap`` reads it); or
 - a Postfix table (``hash:/etc/postfix/virtual``, ``ldap:...``) read with
-  ``postmap -q`` (:mod:`policyd.forwarding.postmap`).
+  ``postmap -q`` (:mod:`policyd.tables`).
 
 What is supported, as Postfix's virtual(5) does it:
 
@@ -44,8 +44,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config, read_domain_list
-from policyd.forwarding.postmap import TableError, is_table, postmap_query, table_files
 from policyd.reactor import RunBlocking, inline
+from policyd.tables import TableError, is_table, postmap_query, table_files
 
 log = logging.getLogger("policyd.forwarding")
 

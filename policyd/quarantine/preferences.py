@@ -20,9 +20,6 @@ mail keeps flowing by the other two.
 from __future__ import annotations
 
 import logging
-import re
-import shutil
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from policyd.config import Config
 from policyd.reactor import RunBlocking, inline
 from policyd.store import SPAM_CHOICES, Choices
+from policyd.tables import TableError, is_table, postmap_query, table_files
 
 log = logging.getLogger("policyd.preferences")
 
@@ -59,12 +57,6 @@ POSTMAP_TIMEOUT = 10.0
 #: takes a second to fail) must not cost every message that second.
 TABLE_BACKOFF = 30.0
 
-#: ``type:name`` as Postfix writes lookup tables.
-_TABLE = re.compile(r"^[a-z][a-z0-9_]*:.+")
-
-#: Files Postfix's indexed table types keep beside ``name``.
-_TABLE_SUFFIXES = ("", ".db", ".lmdb", ".cdb", ".dir", ".pag")
-
 @attrs.frozen
 class Choice:
     """An address's spam choice and where it came from (:data:`OWN`, :data:`PROVISIONED`, :data:`DEFAULT`)."""
@@ -84,24 +76,20 @@ def _clean_choice(value: str) -> str | None:
     return word if word in SPAM_CHOICES else None
 
 
-def _is_table(source: str) -> bool:
-    return bool(_TABLE.match(source)) and not source.startswith("/")
-
-
 class ProvisionedChoices:
     """The choices of ``quarantine.preferences``, a file or a Postfix table.
 
     :param source: the file's path or ``type:name``.
     :param clock: time source (when to look for changes).
     :param run_blocking: how file reads and ``postmap`` run: in a thread in
-        the servers (:func:`policyd.content.scoring.in_thread`), at once otherwise.
+        the servers (:func:`policyd.reactor.in_thread`), at once otherwise.
     """
 
     def __init__(self, source: str, clock: IReactorTime, run_blocking: RunBlocking = inline) -> None:
         self.source = source
         self.clock = clock
         self.run_blocking = run_blocking
-        self.table = _is_table(source)
+        self.table = is_table(source)
         self._entries: dict[str, str] = {}
         self._stamp: object = None
         self._checked = -RECHECK
@@ -114,8 +102,7 @@ class ProvisionedChoices:
     def _files(self) -> list[Path]:
         if not self.table:
             return [Path(self.source)]
-        name = self.source.split(":", 1)[1]
-        return [Path(name + suffix) for suffix in _TABLE_SUFFIXES] if name.startswith("/") else []
+        return table_files(self.source)
 
     def _current_stamp(self) -> object:
         stamps: list[tuple[int, int, int] | None] = []
@@ -229,35 +216,20 @@ class ProvisionedChoices:
 
     def _postmap(self, keys: list[str]) -> dict[str, str] | None:
         """``postmap -q - TABLE`` with the keys on its input; None when it failed (logged)."""
-        postmap = shutil.which("postmap") or ("/usr/sbin/postmap" if Path("/usr/sbin/postmap").exists() else None)
-        if postmap is None:
-            self._complain("postmap is not installed")
-            return None
         started = time.monotonic()
         try:
-            done = subprocess.run(  # noqa: S603 - fixed program, no shell
-                [postmap, "-q", "-", self.source],
-                input="".join(f"{k}\n" for k in keys),
-                capture_output=True,
-                text=True,
-                timeout=POSTMAP_TIMEOUT,
-            )
-        except (OSError, subprocess.TimeoutExpired) as error:
-            self._complain(f"postmap -q failed: {error}")
-            return None
-        # Exit 1 with nothing on stderr: none of the keys is in the table.
-        if done.returncode not in (0, 1) or done.stderr.strip():
-            self._complain("postmap -q failed: " + (" ".join(done.stderr.split()) or f"exit status {done.returncode}"))
+            found = postmap_query(self.source, keys, POSTMAP_TIMEOUT)
+        except TableError as error:
+            self._complain(str(error))
             return None
         self._complained.clear()
         answers: dict[str, str] = {}
-        for line in done.stdout.splitlines():
-            key, _, value = line.partition("\t")
+        for key, value in found.items():
             choice = _clean_choice(value)
             if choice is not None:
-                answers[key.strip().lower()] = choice
-            elif key.strip():
-                self._complain(f"{key.strip()!r} has {value.strip()[:40]!r}, not inbox or quarantine")
+                answers[key] = choice
+            else:
+                self._complain(f"{key!r} has {value[:40]!r}, not inbox or quarantine")
         log.debug("postmap -q on %s: %d keys in %.1f ms", self.source, len(keys), (time.monotonic() - started) * 1000)
         return answers
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from twisted.internet.task import Clock
 
 from policyd.forwarding.aliases import MAX_DEPTH, Aliases, Targets, expand, parse_virtual
-from policyd.forwarding.postmap import TableError
+from policyd.tables import TableError
 
 LOCAL = frozenset({"example.org", "lists.example.org"})
 
