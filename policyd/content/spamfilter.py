@@ -26,6 +26,8 @@ from twisted.internet.interfaces import IReactorTime
 from policyd import logs
 from policyd.config import Config
 from policyd.content import features as content
+from policyd.content.feedback import Feedback
+from policyd.content.reports import Reports
 from policyd.content.scorer import SUMMARY_REASONS, ContentScorer, Score
 from policyd.forwarding.aliases import Aliases
 from policyd.forwarding.sealing import ArcSealer
@@ -283,6 +285,8 @@ class SpamFilter:
         self.inline_bytes = inline_bytes
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
         self.metrics = metrics
+        # Mail to content.report_spam / report_ham is learned, never delivered.
+        self.reports = Reports(Feedback(store, run_cpu, clock), run_cpu)
         self.aliases = aliases
         self.sealer = sealer
 
@@ -327,6 +331,9 @@ class SpamFilter:
                     f"header block of {message.header_count} fields, {message.header_size} bytes",
                 )
             )
+        report = self.reports.take(message, self.config)
+        if report is not None:
+            return succeed(report)
         if self._our_digest(message):
             # Our digest lists spam subjects: scoring it could hold it in the quarantine it describes.
             changes = header_changes(message.headers, None, self.config)

@@ -222,3 +222,124 @@ def test_learned_ham_words_score_lower(tmp_path: Path, small: Path) -> None:
     before = Model.load(small).points(features)
     assert learn_message(config_in(tmp_path), raw, True, files).learned
     assert Model.load(files.path).points(features) > before
+
+
+# --- report addresses -----------------------------------------------------------------
+
+REPORTS = "content:\n  report_spam: spam-report@example.org\n  report_ham: [Ham-Report@example.org]\n"
+
+
+def report_of(*attached: bytes, eml: bool = False) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of a report forwarding ``attached`` as message/rfc822 parts (or .eml files)."""
+    parts = [b"--b\r\nContent-Type: text/plain\r\n\r\nThis one is spam.\r\n"]
+    for raw in attached:
+        if eml:
+            parts.append(b"--b\r\nContent-Type: application/octet-stream; name=\"x.eml\"\r\n"
+                         b"Content-Disposition: attachment; filename=\"x.eml\"\r\n\r\n" + raw + b"\r\n")
+        else:
+            parts.append(b"--b\r\nContent-Type: message/rfc822\r\n\r\n" + raw + b"\r\n")
+    body = b"".join(parts) + b"--b--\r\n"
+    headers = [("From", "alice@example.org"), ("Subject", "Fwd: spam"), ("MIME-Version", "1.0"),
+               ("Content-Type", 'multipart/mixed; boundary="b"')]
+    return headers, body
+
+
+class ReportSite:
+    """A spam filter with report addresses whose learner records what it is given."""
+
+    def __init__(self, tmp_path: Path, config_text: str = REPORTS) -> None:
+        from policyd.content.scorer import ContentScorer
+        from policyd.content.spamfilter import SpamFilter
+
+        self.store = MemoryStore()
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.config = config_in(tmp_path, config_text)
+        self.filter = SpamFilter(self.config, self.store, self.clock, ContentScorer(Model.load(small_path(tmp_path)), None))
+        self.learned: list[tuple[bytes, bool]] = []
+        self.keys: set[tuple[str, bool]] = set()
+        self.filter.reports.feedback.learn_message = self.learn  # a recording learner
+
+    def learn(self, config: Config, raw: bytes, spam: bool) -> Outcome:
+        key = message_key(raw)
+        if (key, spam) in self.keys:
+            return Outcome(False, spam, key, "")
+        self.keys.add((key, spam))
+        self.learned.append((raw, spam))
+        return Outcome(True, spam, key, "")
+
+    def send(self, recipients: list[str], headers: list[tuple[str, str]], body: bytes, user: str = "alice") -> list[bytes]:
+        """One message from ``user`` (unauthenticated when empty); the kinds of end-of-message replies."""
+        from policyd.protocols.milter_session import MilterProtocol
+        from policyd.testing import FakeMTA
+
+        mta = FakeMTA(MilterProtocol(self.filter, self.clock))
+        mta.negotiate()
+        mta.connect(address="192.0.2.7")
+        if user:
+            mta.macros(b"M", auth_authen=user)
+        replies = mta.message("alice@example.org", recipients, headers, body)
+        return [r.command for r in replies]
+
+
+def small_path(tmp_path: Path) -> Path:
+    """A tiny model file for the scorer (the reports never reach it)."""
+    path = tmp_path / "scorer.model"
+    if not path.exists():
+        training.train([(content.extract(raw), spam) for raw, spam in messages(seed=5, each=10)], bits=12).save(path)
+    return path
+
+
+def test_a_report_is_learned_and_discarded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An authenticated user's report is discarded; each attached message is learned by the address, once."""
+    site = ReportSite(tmp_path)
+    headers, body = report_of(SPAM, mail(HAM_WORDS[:5], "Other"))
+    with caplog.at_level(logging.INFO, "policyd"):
+        assert site.send(["Spam-Report@example.org"], headers, body) == [b"d"]
+    assert [spam for _, spam in site.learned] == [True, True]
+    assert message_key(site.learned[0][0]) == message_key(SPAM)
+    assert [(e.who, e.action, e.reason) for e in site.store.entries] == [
+        ("alice", "model-learn", "learned 1 spam: reported to spam-report@example.org (Message-ID (none))"),
+        ("alice", "model-learn", "learned 1 spam: reported to spam-report@example.org (Message-ID (none))"),
+    ]
+    # Reported again (by anyone): counted once.  As ham, to the other address: a correction.
+    with caplog.at_level(logging.INFO, "policyd"):
+        assert site.send(["spam-report@example.org"], *report_of(SPAM), user="bob") == [b"d"]
+        assert site.send(["ham-report@example.org"], *report_of(SPAM, eml=True)) == [b"d"]
+    assert [spam for _, spam in site.learned] == [True, True, False]
+    assert any("already learned as spam" in r.getMessage() for r in caplog.records)
+
+
+def test_reports_that_do_not_count_are_discarded_and_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Outside senders' reports, reports without a message and to both addresses are discarded, learned from never."""
+    site = ReportSite(tmp_path)
+    with caplog.at_level(logging.INFO, "policyd"):
+        assert site.send(["spam-report@example.org"], *report_of(SPAM), user="") == [b"d"]
+        assert site.send(["spam-report@example.org"], [("Subject", "spam!")], b"see above\r\n") == [b"d"]
+        assert site.send(["spam-report@example.org", "ham-report@example.org"], *report_of(SPAM)) == [b"d"]
+    assert site.learned == [] and site.store.entries == []
+    lines = [r.getMessage() for r in caplog.records if r.name == "policyd.milter" and "report" in r.getMessage()]
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "report from an unauthenticated sender ignored (discarded)",
+        "report with no attached message ignored (discarded)",
+        "report to both spam and ham addresses ignored (discarded)",
+    ]
+
+
+def test_mail_to_a_report_address_and_a_person_is_not_a_report(tmp_path: Path) -> None:
+    """Only a message whose every recipient is a report address is a report; without report addresses nothing is."""
+    site = ReportSite(tmp_path)
+    assert b"d" not in site.send(["spam-report@example.org", "bob@example.org"], *report_of(SPAM))
+    plain = ReportSite(tmp_path, "")
+    assert b"d" not in plain.send(["spam-report@example.org"], *report_of(SPAM))
+    assert site.learned == plain.learned == []
+
+
+def test_a_report_learns_onto_the_model_in_use(tmp_path: Path, small: Path) -> None:
+    """With the real learner, a report changes the model file the milter reads and audits it."""
+    site = ReportSite(tmp_path)
+    files = files_in(tmp_path, small)
+    site.filter.reports.feedback.learn_message = lambda c, raw, spam: learn_message(c, raw, spam, files)
+    assert site.send(["spam-report@example.org"], *report_of(SPAM)) == [b"d"]
+    assert Model.load(files.path).info["spam"] == 1
+    assert [e.action for e in site.store.entries] == ["model-learn"]
