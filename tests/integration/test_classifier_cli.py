@@ -160,6 +160,9 @@ def test_quarantine_and_prefs_commands(tmp_path: Path) -> None:
         again = policyd("quarantine", "release", "1", "-c", str(config))
         assert again.returncode == 1 and "no quarantined message #1" in again.stderr
         audit = policyd("audit", "--json", "-c", str(config)).stdout
-        assert [json.loads(line)["action"] for line in audit.splitlines()] == ["prefs", "quarantine-delete", "release"]
+        # The released message is learned as ham (content.learn_from_release), audited after the release.
+        assert [json.loads(line)["action"] for line in audit.splitlines()] == [
+            "prefs", "quarantine-delete", "release", "model-learn"
+        ]
     finally:
         sink.stop()
