@@ -40,6 +40,19 @@ def table_files(source: str) -> list[Path]:
     return [Path(name + suffix) for suffix in TABLE_SUFFIXES] if name.startswith("/") else []
 
 
+def source_stamp(source: str) -> tuple[tuple[int, int, int] | None, ...]:
+    """What changes when the file or table ``source`` changes: (inode, mtime, size) of each of its files."""
+    stamps: list[tuple[int, int, int] | None] = []
+    for path in table_files(source) if is_table(source) else [Path(source)]:
+        try:
+            stat = path.stat()
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return tuple(stamps)
+
+
 def postmap_query(source: str, keys: list[str], timeout: float = POSTMAP_TIMEOUT) -> dict[str, str]:
     """The value of each key found in the table ``source`` (keys as given, lower case).
 

@@ -45,7 +45,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from policyd.config import Config, read_domain_list
 from policyd.reactor import RunBlocking, inline
-from policyd.tables import TableError, is_table, postmap_query, table_files
+from policyd.tables import TableError, is_table, postmap_query, source_stamp
 
 log = logging.getLogger("policyd.forwarding")
 
@@ -259,19 +259,8 @@ class Aliases:
 
     # --- the source --------------------------------------------------------------
 
-    def _files(self) -> list[Path]:
-        return table_files(self.source) if self.table else [Path(self.source)]
-
     def _current_stamp(self) -> object:
-        stamps: list[tuple[int, int, int] | None] = []
-        for path in self._files():
-            try:
-                stat = path.stat()
-            except OSError:
-                stamps.append(None)
-                continue
-            stamps.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
-        return tuple(stamps)
+        return source_stamp(self.source)
 
     def _refresh(self) -> None:
         stamp = self._current_stamp()

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from policyd.config import Config
 from policyd.reactor import RunBlocking, inline
 from policyd.store import SPAM_CHOICES, Choices
-from policyd.tables import TableError, is_table, postmap_query, table_files
+from policyd.tables import TableError, is_table, postmap_query, source_stamp
 
 log = logging.getLogger("policyd.preferences")
 
@@ -99,21 +99,8 @@ class ProvisionedChoices:
 
     # --- changes ---------------------------------------------------------------
 
-    def _files(self) -> list[Path]:
-        if not self.table:
-            return [Path(self.source)]
-        return table_files(self.source)
-
     def _current_stamp(self) -> object:
-        stamps: list[tuple[int, int, int] | None] = []
-        for path in self._files():
-            try:
-                stat = path.stat()
-            except OSError:
-                stamps.append(None)
-                continue
-            stamps.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
-        return tuple(stamps)
+        return source_stamp(self.source)
 
     def reload(self) -> None:
         """Forget what was read (SIGHUP): the next look-up reads the source again."""
