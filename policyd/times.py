@@ -40,14 +40,19 @@ def show_time(timestamp: float) -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def say_time(timestamp: float) -> str:
-    """A time for a mail to people: ``2026-12-03 15:00 CET (UTC+01:00)``, the zone named."""
+def zone_name(timestamp: float) -> str:
+    """The server's time zone at ``timestamp``, as people read it: ``CET (UTC+01:00)``, or ``UTC``."""
     moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
     offset = moment.strftime("%z")
     utc = f"UTC{offset[:3]}:{offset[3:]}" if offset and offset != "+0000" else "UTC"
     name = moment.strftime("%Z")
-    zone = utc if name in ("UTC", utc, "") else f"{name} ({utc})"
-    return f"{moment.strftime('%Y-%m-%d %H:%M')} {zone}"
+    return utc if name in ("UTC", utc, "") else f"{name} ({utc})"
+
+
+def say_time(timestamp: float) -> str:
+    """A time for a mail to people: ``2026-12-03 15:00 CET (UTC+01:00)``, the zone named."""
+    moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
+    return f"{moment.strftime('%Y-%m-%d %H:%M')} {zone_name(timestamp)}"
 
 
 def iso_time(timestamp: float) -> str:

@@ -19,6 +19,7 @@ import jinja2
 from markupsafe import Markup, escape
 from twisted.web.server import Request
 
+from policyd.quarantine.digest import show_time
 from policyd.web.texts import CATALOGUES
 
 #: An answer: status, content type, body.
@@ -81,18 +82,10 @@ class Texts:
 
     def when(self, timestamp: float, zone: bool = True) -> str:
         """A time in the server's time zone, written the language's way, the zone named."""
-        moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
-        shown = moment.strftime("%d/%m/%Y %H:%M" if self.language == "fr" else "%Y-%m-%d %H:%M")
-        return f"{shown} {moment.strftime('%Z')}" if zone else shown
-
-
-def zone_name(timestamp: float) -> str:
-    """The server's time zone at ``timestamp``, as people read it: ``CET (UTC+01:00)``."""
-    moment = datetime.datetime.fromtimestamp(timestamp).astimezone()
-    offset = moment.strftime("%z")
-    utc = f"UTC{offset[:3]}:{offset[3:]}" if offset and offset != "+0000" else "UTC"
-    name = moment.strftime("%Z")
-    return utc if name in ("UTC", utc, "") else f"{name} ({utc})"
+        shown = show_time(timestamp, self.language)
+        if not zone:
+            return shown
+        return f"{shown} {datetime.datetime.fromtimestamp(timestamp).astimezone().strftime('%Z')}"
 
 
 def render(template: str, language: str, **context: Any) -> bytes:

@@ -27,9 +27,10 @@ from policyd.admin import UnknownAccount, normalise_account, parse_when
 from policyd.errors import PolicydError
 from policyd.quarantine.digest import show_duration
 from policyd.store import AuditEntry
+from policyd.times import zone_name
 from policyd.web.limits import ClientRate
 from policyd.web.pages import asserted_user, client_address, form_fields, printable, respond
-from policyd.web.render import Answer, Texts, message_page, page, request_language, zone_name
+from policyd.web.render import Answer, Texts, message_page, page, request_language
 
 if TYPE_CHECKING:
     from policyd.config import Config
