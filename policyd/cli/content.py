@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,16 @@ from policyd.cli.common import (
     json_option,
     load_config,
     say,
-    show,
-    who,
 )
-from policyd.cli.learning import checker, model_files, read_mail, record_change
-from policyd.content import classifier, corpus, training
+from policyd.cli.learning import put_in_use, read_mail
+from policyd.content import classifier, training
 from policyd.content import features as content
+from policyd.content.classifier import Model
+from policyd.content.features import Features
 from policyd.content.models import Refused
 from policyd.content.scorer import ContentScorer, header_secret, load_model
-from policyd.content.training import Check
-from policyd.errors import PolicydError, UsageError
+from policyd.content.training import Checker
+from policyd.errors import UsageError
 
 
 @cli.command()
@@ -64,37 +64,19 @@ def train(
             f"refused: {ham_count} ham and {spam_count} spam is too little to train a model on "
             f"(at least {training.MIN_TRAIN} of each; --force to train anyway)"
         )
-    unreadable: list[str] = []
-    files = model_files(config)
-    checks: list[Check] = []
-    with files.locked():
-        current, _ = files.current()
+
+    def build(current: Model, _source: Path, examples: Iterator[tuple[Features, bool]], check: Checker) -> Model:
         try:
             model = training.train(
-                corpus.features_of(messages, config.content.max_body, unreadable),
-                passes=passes or classifier.PASSES,
-                current=current,
-                threshold=config.content.tag_at,
-                check=checker(force, checks),
+                examples, passes=passes or classifier.PASSES, current=current, threshold=config.content.tag_at,
+                check=check,
             )
         except ValueError as error:
             raise UsageError(str(error)) from None
-        if unreadable:
-            raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
         model.info["sources"] = [*ham, *spam]
-        kept = files.swap(model, "train")
-    seconds = time.monotonic() - started
-    reason = f"trained on {model.info['ham']} ham and {model.info['spam']} spam"
-    check = checks[0] if checks else None
-    if check is not None:
-        reason += f"; {check.summary()}" + ("; forced" if force and check.worse() else "")
-    record_change(config, who(by), "model-train", reason)
-    show(
-        as_json,
-        {"model": str(files.path), "ham": model.info["ham"], "spam": model.info["spam"],
-         "seconds": round(seconds, 1), "previous": str(kept), "check": check.as_dict() if check else None},
-        f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {kept})",
-    )
+        return model
+
+    put_in_use(config, messages, build, "train", "trained on", force, by, as_json, started)
 
 
 def _messages_to_score(paths: Sequence[str]) -> Any:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,6 +34,8 @@ from policyd.cli.common import (
 )
 from policyd.config import Config
 from policyd.content import corpus, training
+from policyd.content.classifier import Model
+from policyd.content.features import Features
 from policyd.content.models import ModelFiles, Refused
 from policyd.content.scorer import model_path, shipped_model
 from policyd.content.training import Check
@@ -108,6 +111,53 @@ def checker(force: bool, seen: list[Check]) -> training.Checker:
     return check
 
 
+ModelBuilder = Callable[[Model, Path, Iterator[tuple[Features, bool]], training.Checker], Model]
+
+
+def put_in_use(
+    config: Config,
+    messages: Sequence[corpus.LabelledMessage],
+    build: ModelBuilder,
+    made: str,
+    verb: str,
+    force: bool,
+    by: str | None,
+    as_json: bool,
+    started: float,
+) -> None:
+    """Make a model from ``messages`` and put it in use: what ``train`` and ``learn`` share.
+
+    With the model lock held, ``build(current model, its file, the messages'
+    features, the held-back check)`` makes the new model, which then replaces
+    the current one (kept); the change is logged, audited (``model-MADE``) and shown.
+
+    :raises PolicydError: when a message cannot be read (nothing is changed then).
+    """
+    files = model_files(config)
+    checks: list[Check] = []
+    unreadable: list[str] = []
+    with files.locked():
+        current, source = files.current()
+        new = build(current, source, corpus.features_of(messages, config.content.max_body, unreadable),
+                    checker(force, checks))
+        if unreadable:
+            raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
+        kept = files.swap(new, made)
+    seconds = time.monotonic() - started
+    ham_count, spam_count = int(new.info["ham"]), int(new.info["spam"])
+    check = checks[0] if checks else None
+    reason = f"{verb} {ham_count} ham and {spam_count} spam"
+    if check is not None:
+        reason += f"; {check.summary()}" + ("; forced" if force and check.worse() else "")
+    record_change(config, who(by), f"model-{made}", reason)
+    show(
+        as_json,
+        {"model": str(files.path), "ham": ham_count, "spam": spam_count, "seconds": round(seconds, 1),
+         "previous": str(kept), "check": check.as_dict() if check else None},
+        f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {kept})",
+    )
+
+
 @cli.command()
 @config_option
 @click.option("--ham", "ham", multiple=True, metavar="PATH",
@@ -126,32 +176,18 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
     messages = read_mail(ham, spam)
     if not messages:
         raise Refused("nothing to learn: no message found in the PATHs given")
-    unreadable: list[str] = []
-    files = model_files(config)
-    checks: list[Check] = []
-    with files.locked():
-        model, source = files.current()
+
+    def build(
+        current: Model, source: Path, examples: Iterator[tuple[Features, bool]], check: training.Checker
+    ) -> Model:
         try:
-            new = training.learn(model, corpus.features_of(messages, config.content.max_body, unreadable), threshold=config.content.tag_at, check=checker(force, checks))
+            new = training.learn(current, examples, threshold=config.content.tag_at, check=check)
         except ValueError as error:
             raise Refused(str(error)) from None
-        if unreadable:
-            raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
         new.info["learned_onto"] = str(source)
-        kept = files.swap(new, "learn")
-    seconds = time.monotonic() - started
-    ham_count, spam_count = int(new.info["ham"]), int(new.info["spam"])
-    check = checks[0] if checks else None
-    reason = f"learned {ham_count} ham and {spam_count} spam"
-    if check is not None:
-        reason += f"; {check.summary()}" + ("; forced" if force and check.worse() else "")
-    record_change(config, who(by), "model-learn", reason)
-    show(
-        as_json,
-        {"model": str(files.path), "ham": ham_count, "spam": spam_count, "seconds": round(seconds, 1),
-         "previous": str(kept), "check": check.as_dict() if check else None},
-        f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {kept})",
-    )
+        return new
+
+    put_in_use(config, messages, build, "learn", "learned", force, by, as_json, started)
 
 
 @cli.group()
