@@ -18,10 +18,7 @@ import click
 
 from policyd import __version__
 from policyd import config as configuration
-from policyd.admin import Admin, normalise_account
 from policyd.errors import UsageError
-from policyd.reactor import install_reactor
-from policyd.store import open_store
 from policyd.texts import printable
 from policyd.times import WHEN_HELP, show_time, with_iso
 
@@ -70,6 +67,8 @@ class AccountName(Text):
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         """The account as the stores know it, or :class:`~policyd.errors.UsageError`."""
+
+        from policyd.admin import normalise_account
 
         text = super().convert(value, param, ctx)
         # normalise_account refuses the C0 controls; DEL and the C1 ones are refused here too.
@@ -179,6 +178,7 @@ def run_async(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     from twisted.internet.defer import Deferred
     from twisted.python.failure import Failure
 
+    from policyd.reactor import install_reactor
 
     reactor = install_reactor()
     outcome: list[Any] = []
@@ -198,6 +198,9 @@ def run_async(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
 
 def with_admin(work: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     """Open the store, run ``work(admin)``, close the store."""
+    # Imported here: a command that needs no store (policyd score) starts without them.
+    from policyd.admin import Admin
+    from policyd.store import open_store
 
     config = load_config()
 

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,15 +21,17 @@ from policyd.cli.common import (
     load_config,
     say,
 )
-from policyd.cli.learning import put_in_use, read_mail
-from policyd.content import classifier, training
+from policyd.content import classifier
 from policyd.content import features as content
-from policyd.content.classifier import Model
-from policyd.content.features import Features
-from policyd.content.models import Refused
-from policyd.content.scorer import ContentScorer, header_secret, load_model
-from policyd.content.training import Checker
 from policyd.errors import UsageError
+
+if TYPE_CHECKING:
+    from policyd.content.classifier import Model
+    from policyd.content.features import Features
+    from policyd.content.training import Checker
+
+# Training's modules are imported by train itself: policyd score, run by scripts
+# over thousands of files, starts without them (see policyd.cli.load_commands).
 
 
 @cli.command()
@@ -52,6 +54,10 @@ def train(
     The files of all PATHs are learned as one sequence ordered by file name,
     ham and spam interleaved.
     """
+    from policyd.cli.learning import put_in_use, read_mail
+    from policyd.content import training
+    from policyd.content.models import Refused
+
     config = load_config()
     started = time.monotonic()
     messages = read_mail(ham, spam)
@@ -104,6 +110,8 @@ def score(paths: tuple[str, ...], top: int | None, as_json: bool) -> None:
     "network", "reasons"}; spam is score >= content.tag_at; reasons are
     listed with --top N.
     """
+    from policyd.content.scorer import ContentScorer, header_secret, load_model
+
     explain = top if top is not None else (0 if as_json else 8)
 
     config = load_config()

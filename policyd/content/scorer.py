@@ -70,20 +70,25 @@ def load_model(config: Config) -> tuple[Model, Path]:
         raise PolicydError(f"content model: {error}") from None
 
 
+#: The header secret's file name: :data:`policyd.checks.network_header.SECRET_NAME`, named
+#: here too so that ``policyd score`` without a secret starts without the checks' modules.
+SECRET_NAME = "header.secret"  # noqa: S105 (a file name, not a secret)
+
+
 def header_secret(config: Config, create: bool) -> bytes | None:
     """The install's header secret (:mod:`policyd.checks.reputation`), or None when unusable.
 
     :param create: create it when missing (the milter does; ``policyd score`` only reads).
     """
-    from policyd.checks.network_header import header_secret_path, load_header_secret
+    from policyd.statefiles import load_secret, secret_file
 
-    path = header_secret_path(config)
+    path = secret_file(config, SECRET_NAME, config.inbound.header_secret)
     if path is None:
         return None
     if not create and not path.exists():
         return None
     try:
-        return load_header_secret(path)
+        return load_secret(path, "header secret")
     except (OSError, ValueError) as problem:
         log.error("header secret %s unusable (%s): network points and releases are not trusted", path, problem)
         return None
@@ -137,10 +142,10 @@ class ContentScorer:
         a copy the sender wrote comes below Postfix's own ``Received``
         header and, lacking the secret, never verifies anyway.
         """
-        from policyd.checks.network_header import HEADER, parse_header, verify_header
-
         if self.secret is None:
             return 0.0, ""
+        from policyd.checks.network_header import HEADER, parse_header, verify_header
+
         for name, value in headers:
             lower = name.lower()
             if lower == "received":
