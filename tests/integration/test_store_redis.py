@@ -6,6 +6,9 @@ free loopback port (see :mod:`tests.harness.redis_server`).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -328,3 +331,88 @@ def test_url_forms_are_accepted_without_connecting() -> None:
     assert sentinel.name == "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,[::1]:26380/mail/2"
     assert sorted(sentinel._secrets) == ["pw", "sp"]
     assert isinstance(open_store("unix:///run/redis/redis.sock?db=2"), RedisStore)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_turn_is_one_script_call_partly_over_the_limit(store: RedisStore, redis_server: RedisServer) -> None:
+    """Recipients counted in one turn go to Redis as one script call, counted in order: a
+    batch that crosses an account's limit allows up to it, blocks at it and refuses the
+    rest, while another account in the same batch is counted on its own."""
+    await admit(store, "carol")  # the script is loaded
+    with raw(redis_server) as client:
+        client.config_resetstat()
+    charges = [Charge("alice", T0 + n / 1000, HOUR, 4, 60, "r", client=f"192.0.2.{n}") for n in range(10)]
+    charges.insert(5, Charge("bob", T0, HOUR, 4, 60, "r"))
+    results = await DeferredList([store.admit(c) for c in charges], fireOnOneErrback=True, consumeErrors=True)
+    admissions = [admission for _, admission in results]
+    bob = admissions.pop(5)
+    assert bob.outcome is Outcome.ALLOWED and bob.count == 1
+    assert [(a.outcome, a.count) for a in admissions] == (
+        [(Outcome.ALLOWED, n) for n in (1, 2, 3, 4)] + [(Outcome.NEWLY_BLOCKED, 4)] + [(Outcome.BLOCKED, 4)] * 5
+    )
+    assert admissions[4].block is not None and admissions[4].block.clients == tuple(
+        f"192.0.2.{n}" for n in (3, 2, 1, 0)
+    )
+    with raw(redis_server) as client:
+        stats = client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 1, stats
+    assert await store.usage("alice", now=T0 + 1, window=HOUR) == 4
+
+
+#: A second process counting recipients of one account in batches, as a server does.
+COUNTING_PROCESS = """
+import json, sys
+from twisted.internet import asyncioreactor
+asyncioreactor.install()
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, ensureDeferred
+from policyd.store import Charge
+from policyd.store.redis import RedisStore
+
+async def main():
+    store = RedisStore(sys.argv[1], deadline=10.0)
+    outcomes = []
+    for turn in range(int(sys.argv[2])):
+        pending = [store.admit(Charge("shared", 1000.0 + turn + n / 1000, 3600.0, int(sys.argv[3]), 60.0, "r"))
+                   for n in range(50)]
+        results = await DeferredList(pending, fireOnOneErrback=True, consumeErrors=True)
+        outcomes += [admission.outcome.name for _, admission in results]
+    await store.close()
+    print(json.dumps(outcomes))
+
+failed = []
+
+def run():
+    done = ensureDeferred(main())
+    done.addErrback(lambda failure: failed.append(failure.getTraceback()))
+    done.addBoth(lambda _: reactor.stop())
+
+reactor.callLater(0, run)
+reactor.run()
+if failed:
+    sys.exit(failed[0])
+"""
+
+
+def test_batches_of_two_processes_keep_the_exact_limit(redis_server: RedisServer) -> None:
+    """Two processes counting one account in batches of 50 at the same time let exactly
+    the limit through, and block it once."""
+    if not redis_server.running:
+        redis_server.start()
+    with raw(redis_server) as client:
+        client.flushall()
+    limit = 137
+    children = [
+        subprocess.Popen([sys.executable, "-c", COUNTING_PROCESS, redis_server.url, "8", str(limit)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outcomes: list[str] = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        outcomes += json.loads(out)
+    assert len(outcomes) == 800
+    assert outcomes.count("ALLOWED") == limit
+    assert outcomes.count("NEWLY_BLOCKED") == 1
+    assert outcomes.count("BLOCKED") == 800 - limit - 1

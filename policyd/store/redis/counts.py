@@ -7,7 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any, cast
 
-from redis.exceptions import NoScriptError
+import hiredis
+from redis.exceptions import NoScriptError, RedisError
 from twisted.internet.defer import Deferred
 
 from policyd.store import (
@@ -23,12 +24,10 @@ from policyd.store.redis.schema import (
     ACTIVE,
     ADMIT,
     ADMIT_BATCH,
+    ADMIT_SHARED,
     BLOCK_FIELDS,
     BLOCKS,
-    NOTICE_SEQUENCE,
-    OUTBOX,
     PRUNE_BATCH,
-    SEQUENCE,
     UNREADABLE,
     PendingAdmit,
     block_key,
@@ -47,80 +46,71 @@ class RedisCounts(RedisConnection):
         """See :meth:`policyd.store.Store.admit`.
 
         Recipients counted in one turn of the event loop go to Redis
-        together, in one pipeline (one round trip, one connection): with one
-        script call per recipient, redis-py's cost per call was the limit.
+        together, as one call of the admit script: one round trip, one
+        command, still atomic (the script counts them in order, so the
+        exact limit holds across processes), and each recipient gets its
+        own answer.
         """
-        account = charge.account
-        keys = [
-            window_key(account),
-            block_key(account),
-            SEQUENCE,
-            ACTIVE,
-            BLOCKS,
-            instance_key(account, charge.instance),
-            OUTBOX,
-            NOTICE_SEQUENCE,
-        ]
-        args = [
-            repr(charge.now),
-            repr(charge.now - charge.window),
-            charge.limit,
-            repr(charge.now + charge.block_for),
-            charge.reason,
-            charge.instance,
-            charge.client,
-            milliseconds(charge.window),
-            milliseconds(charge.block_for),
-            MAX_BLOCK_CLIENTS,
-            account,
-            *charge.notify,
-        ]
         waiting: Deferred[Admission] = Deferred()
-        self._admits.append((account, keys, args, waiting))
+        self._admits.append((charge, waiting))
         if len(self._admits) == 1:
             asyncio.get_running_loop().call_soon(self._send_admits)
         return waiting
 
     def _send_admits(self) -> None:
-        """Send the recipients counted since the last turn, at most :data:`ADMIT_BATCH` in one pipeline."""
+        """Send the recipients counted since the last turn, at most :data:`ADMIT_BATCH` in one script call."""
         batch, self._admits = self._admits[:ADMIT_BATCH], self._admits[ADMIT_BATCH:]
         if self._admits:
             asyncio.get_running_loop().call_soon(self._send_admits)
         if not batch:
             return
+        command = _admit_command(self._admit.sha, batch)
 
         def answered(replies: list[Any]) -> None:
-            for (account, _, _, waiting), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    waiting.errback(self._error("admit", reply))
-                    continue
+            if not isinstance(replies, list) or len(replies) != len(batch):
+                failed(self._error("admit", ValueError(f"{len(batch)} recipients, reply {replies!r:.60}")))
+                return
+            for (charge, waiting), reply in zip(batch, replies, strict=True):
                 try:
-                    admission = _admission(account, reply)
+                    if reply[0] == "error":
+                        waiting.errback(self._error("admit", RedisError(reply[1])))
+                        continue
+                    admission = _admission(charge.account, reply)
                 except UNREADABLE as error:
                     waiting.errback(self._error("admit", error))
                     continue
                 waiting.callback(admission)
 
         def failed(failure: Any) -> None:
-            for *_, waiting in batch:
+            for _, waiting in batch:
                 waiting.errback(failure)
 
-        self._call(lambda: self._pipelined_admits(batch), "admit").addCallbacks(answered, failed)
+        self._call(lambda: self._admit_batch(command), "admit").addCallbacks(answered, failed)
 
-    async def _pipelined_admits(self, batch: list[PendingAdmit]) -> list[Any]:
-        """Every script call's reply, or its error; the script is loaded once if Redis lost it."""
-        replies = await self._pipeline_admits(batch)
-        if any(isinstance(reply, NoScriptError) for reply in replies):
+    async def _admit_batch(self, command: bytes) -> Any:
+        """The admit script's replies; the script is loaded once if Redis lost it.
+
+        The command is packed once by hiredis and sent on a connection of
+        the pool: packing a script call's arguments in Python cost more
+        than everything else policyd does for a recipient.
+        """
+        try:
+            return await self._send_packed(command)
+        except NoScriptError:
             await self.client.script_load(ADMIT)
-            replies = await self._pipeline_admits(batch)
-        return replies
+            return await self._send_packed(command)
 
-    async def _pipeline_admits(self, batch: list[PendingAdmit]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        sha = self._admit.sha
-        for _, keys, args, _ in batch:
-            pipe.evalsha(sha, len(keys), *keys, *args)
-        return await pipe.execute(raise_on_error=False)
+    async def _send_packed(self, command: bytes) -> Any:
+        """Send one packed command on a pooled connection and read its reply."""
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            # Both disconnect on any error but a reply of Redis's, so a
+            # connection never goes back to the pool in the middle of a reply.
+            await connection.send_packed_command(command, check_health=False)
+            return await connection.read_response()
+        finally:
+            await pool.release(connection)
 
     def give_back(self, account: str, instance: str, since: float | None = None) -> Deferred[int]:
         """See :meth:`policyd.store.Store.give_back`."""
@@ -267,6 +257,43 @@ class RedisCounts(RedisConnection):
             return removed
 
         return self._call(work, "prune")
+
+
+def _text(value: str) -> bytes:
+    """Text as Redis gets it: UTF-8, the protocol's lone surrogates back to their bytes."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+#: The shared keys of the admit script, encoded once.
+_SHARED_KEYS = [_text(key) for key in ADMIT_SHARED]
+_MAX_CLIENTS = str(MAX_BLOCK_CLIENTS).encode()
+
+
+def _admit_command(sha: str, batch: Sequence[PendingAdmit]) -> bytes:
+    """One EVALSHA of the admit script counting every recipient of ``batch``, packed for the wire."""
+    keys = list(_SHARED_KEYS)
+    args: list[bytes | str | int] = [_MAX_CLIENTS]
+    for charge, _ in batch:
+        account = charge.account
+        instance = charge.instance
+        now = charge.now
+        keys += (_text(window_key(account)), _text(block_key(account)), _text(instance_key(account, instance)))
+        args += (
+            repr(now),
+            repr(now - charge.window),
+            charge.limit,
+            repr(now + charge.block_for),
+            _text(charge.reason),
+            _text(instance),
+            _text(charge.client),
+            milliseconds(charge.window),
+            milliseconds(charge.block_for),
+            _text(account),
+            len(charge.notify),
+        )
+        args += map(_text, charge.notify)
+    # hiredis's stub types the tuple as having one element.
+    return cast(bytes, hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)))  # type: ignore[arg-type]
 
 
 def _admission(account: str, reply: Sequence[Any]) -> Admission:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.defer import Deferred
 
-from policyd.store import (
-    Admission,
-)
+from policyd.store import Admission, Charge
 
 #: Every key starts with this, so policyd can share a Redis database.
 PREFIX = "policyd:"
@@ -36,11 +32,11 @@ AUDIT_CAP = 100_000
 #: for a free connection (within their deadline) instead of failing.
 CONNECTIONS = 32
 
-#: Most recipients counted in one pipeline.
+#: Most recipients counted in one script call: bounds how long it holds Redis.
 ADMIT_BATCH = 256
 
-#: A recipient waiting for its pipeline: account, script keys and arguments, its answer.
-PendingAdmit = tuple[str, list[str], list[Any], Deferred[Admission]]
+#: A recipient waiting for its batch: what to count, and its answer.
+PendingAdmit = tuple[Charge, Deferred[Admission]]
 
 #: Errors of reading a reply that is not what our scripts return.
 UNREADABLE = (ValueError, TypeError, KeyError, IndexError)
@@ -82,57 +78,86 @@ local function split(member)
 end
 """
 
-#: KEYS: window, block, sequence, active, blocks, instance, outbox, notice sequence.
-#: ARGV: now, cutoff, limit, until, reason, instance, client, window ms,
-#: block ms, max clients, account, then the addresses to notify of a block.
+#: Keys every admission of a batch shares, in the order of the admit script's KEYS.
+ADMIT_SHARED = (SEQUENCE, ACTIVE, BLOCKS, OUTBOX, NOTICE_SEQUENCE)
+#: Arguments of one recipient in the admit script, before its addresses to notify.
+ADMIT_FIELDS = 11
+
+#: Counts a batch of recipients, in order, atomically: the recipients a
+#: process counts in one turn of its event loop are one script call.
+#: KEYS: sequence, active, blocks, outbox, notice sequence, then for each
+#: recipient its window, block and instance.  ARGV: max clients, then for
+#: each recipient: now, cutoff, limit, until, reason, instance, client,
+#: window ms, block ms, account, the number of addresses to notify of a
+#: block, and those addresses.  Each recipient gets its own reply: allowed
+#: and the count, blocked or newly-blocked and the block, or error and why
+#: (a key of ours holding something else fails its own recipient only).
 ADMIT = (
     PRELUDE
     + """
-local block = redis.call('HMGET', KEYS[2], 'since', 'until', 'reason', 'count', 'clients', 'by')
-if block[1] then
-  if tonumber(block[2]) > tonumber(ARGV[1]) then
-    return {'blocked', block[1], block[2], block[3], block[4], block[5], block[6]}
+local max_clients = tonumber(ARGV[1])
+
+local function admit(window, block_key, instance, a, notify)
+  local now, account = ARGV[a], ARGV[a + 9]
+  local block = redis.call('HMGET', block_key, 'since', 'until', 'reason', 'count', 'clients', 'by')
+  if block[1] then
+    if tonumber(block[2]) > tonumber(now) then
+      return {'blocked', block[1], block[2], block[3], block[4], block[5], block[6]}
+    end
+    redis.call('DEL', block_key)
+    redis.call('ZREM', KEYS[3], account)
   end
-  redis.call('DEL', KEYS[2])
-  redis.call('ZREM', KEYS[5], ARGV[11])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-local count = redis.call('ZCARD', KEYS[1])
-if count < tonumber(ARGV[3]) then
-  local seq = redis.call('INCR', KEYS[3])
-  local member = string.format('%016x', seq) .. '|' .. #ARGV[6] .. '|' .. ARGV[6] .. ARGV[7]
-  redis.call('ZADD', KEYS[1], ARGV[1], member)
-  redis.call('PEXPIRE', KEYS[1], ARGV[8])
-  redis.call('SADD', KEYS[6], member)
-  redis.call('PEXPIRE', KEYS[6], ARGV[8])
-  redis.call('ZADD', KEYS[4], 'GT', ARGV[1], ARGV[11])
-  redis.call('PEXPIRE', KEYS[4], ARGV[8])
-  return {'allowed', count + 1}
-end
-local seen, clients = {}, {}
-for _, member in ipairs(redis.call('ZREVRANGE', KEYS[1], 0, -1)) do
-  local _, client = split(member)
-  if client ~= '' and not seen[client] then
-    seen[client] = true
-    clients[#clients + 1] = cjson.encode(client)
-    if #clients >= tonumber(ARGV[10]) then break end
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', ARGV[a + 1])
+  local count = redis.call('ZCARD', window)
+  if count < tonumber(ARGV[a + 2]) then
+    local seq = redis.call('INCR', KEYS[1])
+    local member = string.format('%016x', seq) .. '|' .. #ARGV[a + 5] .. '|' .. ARGV[a + 5] .. ARGV[a + 6]
+    redis.call('ZADD', window, now, member)
+    redis.call('PEXPIRE', window, ARGV[a + 7])
+    redis.call('SADD', instance, member)
+    redis.call('PEXPIRE', instance, ARGV[a + 7])
+    redis.call('ZADD', KEYS[2], 'GT', now, account)
+    redis.call('PEXPIRE', KEYS[2], ARGV[a + 7])
+    return {'allowed', count + 1}
   end
+  local seen, clients = {}, {}
+  for _, member in ipairs(redis.call('ZREVRANGE', window, 0, -1)) do
+    local _, client = split(member)
+    if client ~= '' and not seen[client] then
+      seen[client] = true
+      clients[#clients + 1] = cjson.encode(client)
+      if #clients >= max_clients then break end
+    end
+  end
+  local listed = '[' .. table.concat(clients, ',') .. ']'
+  redis.call('HSET', block_key, 'since', now, 'until', ARGV[a + 3], 'reason', ARGV[a + 4],
+             'count', count, 'clients', listed, 'by', 'policyd')
+  redis.call('PEXPIRE', block_key, ARGV[a + 8])
+  redis.call('ZADD', KEYS[3], now, account)
+  local payload = '{"account":' .. cjson.encode(account) .. ',"since":' .. now ..
+    ',"until":' .. ARGV[a + 3] .. ',"reason":' .. cjson.encode(ARGV[a + 4]) .. ',"count":' .. count ..
+    ',"clients":' .. listed .. ',"by":"policyd"}'
+  for i = a + 11, a + 10 + notify do
+    local id = redis.call('INCR', KEYS[5])
+    redis.call('HSET', KEYS[4] .. ':' .. id, 'kind', 'block', 'recipient', ARGV[i],
+               'payload', payload, 'created', now, 'attempts', 0, 'last_error', '')
+    redis.call('ZADD', KEYS[4], now, id)
+  end
+  return {'newly-blocked', now, ARGV[a + 3], ARGV[a + 4], count, listed, 'policyd'}
 end
-local listed = '[' .. table.concat(clients, ',') .. ']'
-redis.call('HSET', KEYS[2], 'since', ARGV[1], 'until', ARGV[4], 'reason', ARGV[5],
-           'count', count, 'clients', listed, 'by', 'policyd')
-redis.call('PEXPIRE', KEYS[2], ARGV[9])
-redis.call('ZADD', KEYS[5], ARGV[1], ARGV[11])
-local payload = '{"account":' .. cjson.encode(ARGV[11]) .. ',"since":' .. ARGV[1] ..
-  ',"until":' .. ARGV[4] .. ',"reason":' .. cjson.encode(ARGV[5]) .. ',"count":' .. count ..
-  ',"clients":' .. listed .. ',"by":"policyd"}'
-for i = 12, #ARGV do
-  local id = redis.call('INCR', KEYS[8])
-  redis.call('HSET', KEYS[7] .. ':' .. id, 'kind', 'block', 'recipient', ARGV[i],
-             'payload', payload, 'created', ARGV[1], 'attempts', 0, 'last_error', '')
-  redis.call('ZADD', KEYS[7], ARGV[1], id)
+
+local replies, a = {}, 2
+for k = 6, #KEYS, 3 do
+  local notify = tonumber(ARGV[a + 10])
+  local ok, reply = pcall(admit, KEYS[k], KEYS[k + 1], KEYS[k + 2], a, notify)
+  if not ok then
+    if type(reply) == 'table' then reply = reply.err or reply.msg end
+    reply = {'error', tostring(reply)}
+  end
+  replies[#replies + 1] = reply
+  a = a + 11 + notify
 end
-return {'newly-blocked', ARGV[1], ARGV[4], ARGV[5], count, listed, 'policyd'}
+return replies
 """
 )
 
