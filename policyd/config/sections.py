@@ -413,6 +413,14 @@ class Arc:
     )
 
 
+def _host_name(value: object) -> None:
+    """``forwarding.authserv_id``: a host name (letters, digits, hyphens, dots)."""
+    from policyd.forwarding.authentication import valid_authserv_id
+
+    if not isinstance(value, str) or not valid_authserv_id(value):
+        raise ValueError("must be a host name such as mx.example.org")
+
+
 @attrs.frozen
 class Forwarding:
     """Mail forwarded to outside addresses (aliases), so receivers keep trusting this service."""
@@ -430,6 +438,20 @@ class Forwarding:
         "for any recipient); hold never forwards it, holding it in the quarantine under the "
         "alias instead (receivers block servers that forward spam).",
         _one_of("tag", "hold"),
+    )
+    authenticate: bool | None = _field(
+        None,
+        "Check SPF, DKIM and DMARC of every message on arrival (no client exempt) and add an "
+        "Authentication-Results header.  Unset: on exactly when arc is set (its "
+        "ARC-Authentication-Results carry the results); off otherwise, as the checks cost DNS "
+        "look-ups for every message (dns.nameservers, dns.timeout each, dns.deadline in all).",
+    )
+    authserv_id: str | None = _field(
+        None,
+        "Who checked: the first word of Authentication-Results (and of ARC-Authentication-"
+        "Results), a host name; incoming headers claiming it are removed.  Unset: this host's "
+        "fully qualified name.",
+        _host_name,
     )
     arc: Arc | None = attrs.field(
         default=None,

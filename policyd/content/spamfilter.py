@@ -6,7 +6,8 @@ at ``content.tag_at`` and above it tags the Subject ``*{spam}* ...``
 applies each recipient's choice: ``inbox`` recipients get the tagged
 message, ``quarantine`` recipients are removed from delivery and their copy
 is held (:mod:`policyd.quarantine.held`).  Incoming ``X-Spam-*`` copies are
-always removed, so users' rules only ever see ours.  The header block is
+removed, so users' rules only ever see ours, except from clean mail that goes
+to a forwarding recipient: that keeps every header as it came (SPEC 6.2).  The header block is
 judged whole: every Subject is tagged and every copy removed, however many
 headers come before them; a block beyond the milter's bounds, or one that
 would take more than :data:`MAX_HEADER_CHANGES` changes, is refused at end
@@ -30,6 +31,7 @@ from policyd.content.feedback import Feedback
 from policyd.content.reports import Reports
 from policyd.content.scorer import SUMMARY_REASONS, ContentScorer, Score
 from policyd.forwarding.aliases import Aliases
+from policyd.forwarding.authentication import Authenticator, Results
 from policyd.forwarding.sealing import ArcSealer
 from policyd.metrics import MilterMetrics
 from policyd.protocols.milter import (
@@ -262,6 +264,9 @@ class SpamFilter:
         ``forwarding.spam: hold`` their spam is held, never forwarded); None: none does.
     :param sealer: adds an ARC set to mail still going to a forwarding
         recipient, after every other change (``forwarding.arc``); None: no seal.
+    :param authenticator: checks SPF, DKIM and DMARC on arrival, alongside the
+        scoring, and adds their Authentication-Results (``forwarding.authenticate``);
+        None: no checks.
     """
 
     def __init__(
@@ -276,6 +281,7 @@ class SpamFilter:
         metrics: MilterMetrics | None = None,
         aliases: Aliases | None = None,
         sealer: ArcSealer | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -289,11 +295,26 @@ class SpamFilter:
         self.reports = Reports(Feedback(store, run_cpu, clock), run_cpu)
         self.aliases = aliases
         self.sealer = sealer
+        self.authenticator = authenticator
 
     def __call__(self, message: MilterMessage) -> Deferred[Verdict]:
-        """Decide one message (see :meth:`decide`), then seal it for forwarding recipients (``forwarding.arc``)."""
-        decided = self._counted(message)
-        return decided if self.sealer is None else decided.addCallback(self.sealer, message)
+        """Decide one message (see :meth:`decide`), add the checks' results, then seal it for
+        forwarding recipients (``forwarding.arc``)."""
+        if self.authenticator is None:
+            decided = self._counted(message)
+            return decided if self.sealer is None else decided.addCallback(self.sealer, message)
+        # The checks' DNS look-ups run while the message is scored.
+        checked = self.authenticator.check(message)
+        return Deferred.fromCoroutine(self._authenticated(message, self._counted(message), checked))
+
+    async def _authenticated(
+        self, message: MilterMessage, decided: Deferred[Verdict], checked: Deferred[Results]
+    ) -> Verdict:
+        assert self.authenticator is not None
+        verdict = await decided
+        results = await checked
+        verdict = self.authenticator.stamp(verdict, message, results)
+        return verdict if self.sealer is None else await self.sealer(verdict, message, results)
 
     def _counted(self, message: MilterMessage) -> Deferred[Verdict]:
         """Decide one message (see :meth:`decide`), counting a failure in the metrics."""
@@ -362,7 +383,22 @@ class SpamFilter:
             )
         if spam and message.recipients:
             return Deferred.fromCoroutine(self._spam(message, score, changes, started))
+        if changes and self.aliases is not None and message.recipients:
+            return Deferred.fromCoroutine(self._clean(message, score, changes, started))
         return succeed(self._verdict(message, score, changes, [], started))
+
+    async def _clean(
+        self, message: MilterMessage, score: Score, changes: list[Modification], started: float
+    ) -> Verdict:
+        """Clean mail that goes to a forwarding recipient keeps every header as it came (SPEC 6.2):
+        removing a sender's X-Spam-* copy could break its DKIM signature at the destination."""
+        try:
+            found = await self.aliases.forwarding_targets(message.recipients) if self.aliases else {}
+        except Exception as error:  # never let the aliases stop mail
+            log.error("forwarding.aliases: look-up failed (%s): incoming X-Spam-* copies removed", error)
+            found = {}
+        forwards = any(targets.forwards for targets in found.values())
+        return self._verdict(message, score, [] if forwards else changes, [], started)
 
     async def _spam(
         self, message: MilterMessage, score: Score, changes: list[Modification], started: float

@@ -205,6 +205,7 @@ def seal(
     dnsfunc: DnsFunc,
     authserv_id: str | None = None,
     timestamp: int | None = None,
+    cv: str = "",
 ) -> list[tuple[str, str]]:
     """The ARC set (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results) to add to a message.
 
@@ -219,12 +220,18 @@ def seal(
     :param dnsfunc: how keys of the incoming chain are looked up.
     :param authserv_id: who checked (the AAR's first word); default the ARC domain.
     :param timestamp: ``t=`` of the seal (now when None).
+    :param cv: the incoming chain's status as verified on arrival (``none``,
+        ``pass``, ``fail``); "" verifies it here, on the message as it leaves.
     :returns: (name, value) of each header, value without the name and the
         final line end, folded lines joined by CRLF as the milter sends them.
     """
-    server = (authserv_id or arc.domain).encode("ascii")
+    server_id = (authserv_id or arc.domain).lower()
+    server = server_id.encode("ascii")
+    # dkimpy takes the AAR from every Authentication-Results of our authserv-id:
+    # ours (added on arrival) would say each result twice.  It never signs them.
+    headers = [(n, v) for n, v in headers if n.lower() != "authentication-results" or _claims(v) != server_id]
     message = message_bytes(headers, body)
-    cv = chain_status(message, dnsfunc)
+    cv = cv or chain_status(message, dnsfunc)
     stated = "; ".join([f"arc={cv}", *results]) if cv != "none" else "; ".join(results) or "none"
     # dkimpy takes the AAR's results from an Authentication-Results header of
     # our authserv-id; it is given to dkimpy only (never signed, never added here).
@@ -242,6 +249,13 @@ def seal(
         name, _, value = line.decode("utf-8", "surrogateescape").partition(":")
         sealed.append((name.strip(), value.strip().replace("\r\n", "\n").replace("\n", "\r\n")))
     return sealed
+
+
+def _claims(value: str) -> str:
+    """The authserv-id an Authentication-Results value claims (lower case)."""
+    from policyd.forwarding.authentication import authserv_id_of
+
+    return authserv_id_of(value)
 
 
 def seal_in_thread(

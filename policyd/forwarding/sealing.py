@@ -21,6 +21,7 @@ from policyd.config import Config
 from policyd.config.sections import Arc
 from policyd.forwarding.aliases import Aliases
 from policyd.forwarding.arc import SEAL_DEADLINE, DnsFunc, seal_in_thread
+from policyd.forwarding.authentication import Results
 from policyd.protocols.milter import (
     ACCEPT,
     ADDHEADER,
@@ -55,6 +56,8 @@ class ArcSealer:
     :param run_blocking: where dkimpy runs (the thread pool in the milter).
     :param clock: for the deadline.
     :param deadline: seconds a seal may take before the message leaves without one.
+    :param authserv_id: who checked, the first word of ARC-Authentication-Results
+        (default: the ARC domain).
     """
 
     def __init__(
@@ -66,8 +69,10 @@ class ArcSealer:
         run_blocking: RunBlocking,
         clock: IReactorTime,
         deadline: float = SEAL_DEADLINE,
+        authserv_id: str | None = None,
     ) -> None:
         self.arc = arc
+        self.authserv_id = authserv_id
         self.key = key
         self.aliases = aliases
         self.dnsfunc = dnsfunc
@@ -75,13 +80,16 @@ class ArcSealer:
         self.clock = clock
         self.deadline = deadline
 
-    def __call__(self, verdict: Verdict, message: MilterMessage) -> Deferred[Verdict]:
-        """The verdict, with the ARC set added when the message still goes to a forwarding recipient."""
+    def __call__(self, verdict: Verdict, message: MilterMessage, checked: Results | None = None) -> Deferred[Verdict]:
+        """The verdict, with the ARC set added when the message still goes to a forwarding recipient.
+
+        :param checked: what the checks on arrival found (none: the set says only the chain's result).
+        """
         if verdict.reply != ACCEPT or not message.recipients or not message.complete:
             return succeed(verdict)
-        return Deferred.fromCoroutine(self._sealed(verdict, message))
+        return Deferred.fromCoroutine(self._sealed(verdict, message, checked))
 
-    async def _sealed(self, verdict: Verdict, message: MilterMessage) -> Verdict:
+    async def _sealed(self, verdict: Verdict, message: MilterMessage, checked: Results | None) -> Verdict:
         removed = {m.name for m in verdict.modifications if m.action == DELRCPT}
         staying = [r for r in message.recipients if r not in removed]
         try:
@@ -94,7 +102,8 @@ class ArcSealer:
         headers = _apply(message.headers, verdict)
         added: list[tuple[str, str]] = await seal_in_thread(
             self.run_blocking, self.clock, self.deadline,
-            headers, message.body(), self.arc, self.key, results(message), self.dnsfunc,
+            headers, message.body(), self.arc, self.key, results(checked), self.dnsfunc,
+            authserv_id=self.authserv_id, cv=checked.arc if checked is not None else "",
         )
         if not added:
             return verdict
@@ -104,13 +113,13 @@ class ArcSealer:
         return Verdict(tuple(verdict.modifications) + tuple(seal), verdict.reply, verdict.smtp_reply)
 
 
-def results(message: MilterMessage) -> list[str]:
-    """The authentication results checked on arrival, for ARC-Authentication-Results.
+def results(checked: Results | None) -> list[str]:
+    """The authentication results checked on arrival (SPF, DKIM, DMARC), for ARC-Authentication-Results.
 
-    The checks themselves (SPF, every DKIM signature, DMARC) are not made
-    yet: the set says what the chain's verification found, nothing more.
+    Without the checks (``forwarding.authenticate: false``) the set says
+    what the chain's verification found, nothing more.
     """
-    return []
+    return [] if checked is None else checked.texts()
 
 
 def arc_sealer(config: Config, aliases: Aliases | None, reactor: Any, run_blocking: RunBlocking) -> ArcSealer | None:
@@ -123,9 +132,11 @@ def arc_sealer(config: Config, aliases: Aliases | None, reactor: Any, run_blocki
     """
     from policyd.checks.resolver import make_resolver
     from policyd.forwarding.arc import LOOKUP_TIMEOUT, blocking_lookup, read_key
+    from policyd.forwarding.authentication import authserv_id
 
     arc = config.forwarding.arc
     if arc is None or aliases is None:
         return None
     resolver = make_resolver(config.dns.nameservers, reactor, LOOKUP_TIMEOUT)
-    return ArcSealer(arc, read_key(arc), aliases, blocking_lookup(resolver, reactor), run_blocking, reactor)
+    return ArcSealer(arc, read_key(arc), aliases, blocking_lookup(resolver, reactor), run_blocking, reactor,
+                     authserv_id=authserv_id(config))

@@ -22,6 +22,7 @@ from policyd.content.spamfilter import SpamFilter
 from policyd.daemon import BaseServer, run_daemon
 from policyd.errors import PolicydError
 from policyd.forwarding.aliases import aliases_from_config
+from policyd.forwarding.authentication import authenticator
 from policyd.forwarding.sealing import arc_sealer
 from policyd.metrics import MilterMetrics
 from policyd.netlists import NetworkSet
@@ -70,6 +71,7 @@ class MilterServer(BaseServer):
             metrics=self.metrics,
             aliases=aliases,
             sealer=arc_sealer(config, aliases, reactor, in_thread(reactor)),
+            authenticator=authenticator(config, reactor, in_thread(reactor)),
         )
         self.factory = MilterFactory(
             self.filter,
@@ -143,9 +145,10 @@ class MilterServer(BaseServer):
         # SIGHUP reads the aliases, local_domains and the ARC key again, like every list.
         aliases = aliases_from_config(config, self.reactor, in_thread(self.reactor))
         sealer = arc_sealer(config, aliases, self.reactor, in_thread(self.reactor))
+        checks = authenticator(config, self.reactor, in_thread(self.reactor))
         self.filter.config = config
         self.filter.preferences.configure(config)
-        self.filter.aliases, self.filter.sealer = aliases, sealer
+        self.filter.aliases, self.filter.sealer, self.filter.authenticator = aliases, sealer, checks
         self.scorer.max_bytes = config.content.max_body
         self.config = config
         self._model_stamp = None
