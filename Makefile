@@ -7,7 +7,7 @@ STATE_DIR ?= $(CURDIR)/var
 CONFIG    ?= $(STATE_DIR)/policyd.yaml
 BIN        = $(VENV)/bin
 # Debian packages the integration tests start (real Redis, real Postfix, ...).
-TEST_DEBS ?= redis-server postfix sqlite3 sasl2-bin libsasl2-modules chromium chromium-driver systemd postsrsd
+TEST_DEBS ?= redis-server postfix sqlite3 sasl2-bin libsasl2-modules chromium chromium-driver systemd postsrsd dovecot-imapd dovecot-sieve
 BENCH_DEBS ?= postfwd
 export DEBIAN_FRONTEND = noninteractive
 
