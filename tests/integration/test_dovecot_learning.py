@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import imaplib
 import json
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.dovecot import RECIPE, DovecotInstance, dovecot_factory  # noqa: F401  (fixture)
+from tests.harness.dovecot import RECIPE, DovecotInstance, dovecot_factory, ensure_dovecot  # noqa: F401  (fixture)
 from tests.harness.servers import policyd
 
 pytestmark = pytest.mark.integration
@@ -117,6 +118,24 @@ def test_the_recipe_dovecot_runs_is_the_shipped_one(dovecot: DovecotInstance) ->
     assert [a.split("=")[0] for a, _ in differ] == ["POLICYD", "CONFIG"]
     for name in ("report-spam.sieve", "report-ham.sieve"):
         assert (dovecot.sieve_dir / name).read_bytes() == (RECIPE / name).read_bytes()
+
+
+def test_the_snippet_fits_debians_configuration(tmp_path: Path) -> None:
+    """Dropped into a copy of Debian's /etc/dovecot/conf.d, the shipped snippet is read with the package's own
+    settings (doveconf -n), and the documentation shows every shipped file as it is."""
+    ensure_dovecot()
+    debian = tmp_path / "dovecot"
+    shutil.copytree("/etc/dovecot", debian)
+    shutil.copy(RECIPE / "90-policyd-imapsieve.conf", debian / "conf.d")
+    done = subprocess.run(["doveconf", "-c", str(debian / "dovecot.conf"), "-h", "plugin/sieve_plugins",
+                           "plugin/imapsieve_mailbox1_before", "service/policyd-learn/user"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["sieve_imapsieve", "sieve_extprograms",
+                                   "file:/etc/dovecot/sieve/report-spam.sieve", "policyd"]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "classifier.md").read_text(encoding="utf-8")
+    for shipped in sorted(RECIPE.iterdir()):
+        assert f"\n{shipped.read_text(encoding='utf-8')}```\n" in docs, f"docs/classifier.md lacks {shipped.name}"
 
 
 def test_moving_into_junk_learns_spam_and_out_of_it_learns_ham(
