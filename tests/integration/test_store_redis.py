@@ -416,3 +416,22 @@ def test_batches_of_two_processes_keep_the_exact_limit(redis_server: RedisServer
     assert outcomes.count("ALLOWED") == limit
     assert outcomes.count("NEWLY_BLOCKED") == 1
     assert outcomes.count("BLOCKED") == 800 - limit - 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_admissions_connection_comes_back_after_redis_drops_it(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Admissions go on a connection of their own, named policyd; when Redis drops it
+    (CLIENT KILL), the next admission opens it again and counts on."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    await admit(store)
+    with raw(redis_server) as client:
+        names = [c["name"] for c in client.client_list()]
+        assert "policyd" in names, names
+        killed = client.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1
+    await deferLater(reactor, 0.2, lambda: None)
+    assert (await admit(store)).count == 2

@@ -31,6 +31,7 @@ from policyd.store.redis.schema import (
     UNREADABLE,
     PendingAdmit,
 )
+from policyd.store.redis.wire import PLAIN_CONNECTIONS, AdmitLine
 
 T = TypeVar("T")
 
@@ -210,6 +211,14 @@ class RedisConnection:
 
         #: Recipients counted this turn, sent together by _send_admits.
         self._admits: list[PendingAdmit] = []
+        #: Where the admissions' own connection goes (None: through the pool).
+        pool = self.client.connection_pool
+        self._line_options: dict[str, Any] | None = (
+            dict(pool.connection_kwargs)
+            if self._sentinel is None and pool.connection_class.__name__ in PLAIN_CONNECTIONS
+            else None
+        )
+        self._line: AdmitLine | None = None
 
     @staticmethod
     def _url_secrets(url: str) -> list[str]:
@@ -250,14 +259,18 @@ class RedisConnection:
 
 
     def close(self) -> Deferred[None]:
-        """Close the connection pool (and the sentinels' connections)."""
+        """Close the admissions' connection and the pool (and the sentinels' connections)."""
 
         async def work() -> None:
             await self.client.aclose()
             if self._sentinel is not None:
                 await self._sentinel.aclose()
 
-        return self._call(work, "close")
+        line, self._line = self._line, None
+        closing = self._call(work, "close")
+        if line is None:
+            return closing
+        return line.close().addCallback(lambda _: closing)
 
     def __repr__(self) -> str:
         return f"RedisStore({self.name!r}, deadline={self.deadline!r})"

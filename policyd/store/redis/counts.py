@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from policyd.store.redis.schema import (
     instance_key,
     window_key,
 )
+from policyd.store.redis.wire import AdmitLine
 
 
 class RedisCounts(RedisConnection):
@@ -85,7 +87,20 @@ class RedisCounts(RedisConnection):
             for _, waiting in batch:
                 waiting.errback(failure)
 
-        self._call(lambda: self._admit_batch(command), "admit").addCallbacks(answered, failed)
+        line = self._admit_line()
+        if line is not None:
+            line.call(command, _LOAD_ADMIT).addCallbacks(answered, failed)
+        else:
+            self._call(lambda: self._admit_batch(command), "admit").addCallbacks(answered, failed)
+
+    def _admit_line(self) -> AdmitLine | None:
+        """The store's own connection for admissions (None: TLS or Sentinel, through the pool)."""
+        line = self._line
+        if line is None and self._line_options is not None:
+            from twisted.internet import reactor  # installed by now: the server runs on it
+
+            line = self._line = AdmitLine(reactor, self._line_options, self.deadline, self.name, self._error)
+        return line
 
     async def _admit_batch(self, command: bytes) -> Any:
         """The admit script's replies; the script is loaded once if Redis lost it.
@@ -264,34 +279,62 @@ def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+#: SCRIPT LOAD of the admit script, packed once.
+_LOAD_ADMIT = cast(bytes, hiredis.pack_command(("SCRIPT", "LOAD", ADMIT)))  # type: ignore[arg-type]
 #: The shared keys of the admit script, encoded once.
 _SHARED_KEYS = [_text(key) for key in ADMIT_SHARED]
 _MAX_CLIENTS = str(MAX_BLOCK_CLIENTS).encode()
+#: Where the keys of an account's window, block and instances start.
+_WINDOW = _text(window_key(""))
+_BLOCK = _text(block_key(""))
+_INSTANCE = _text(instance_key("", "")).removesuffix(b"0::")
 
 
 def _admit_command(sha: str, batch: Sequence[PendingAdmit]) -> bytes:
-    """One EVALSHA of the admit script counting every recipient of ``batch``, packed for the wire."""
+    """One EVALSHA of the admit script counting every recipient of ``batch``, packed for the wire.
+
+    What recipients of a batch usually share (the window, the block's
+    length and reason) is worked out once.
+    """
     keys = list(_SHARED_KEYS)
     args: list[bytes | str | int] = [_MAX_CLIENTS]
+    window = block_for = math.nan
+    window_ms = block_ms = 0
+    reason = ""
+    reason_text = b""
     for charge, _ in batch:
-        account = charge.account
-        instance = charge.instance
+        account = _text(charge.account)
+        instance = _text(charge.instance)
         now = charge.now
-        keys += (_text(window_key(account)), _text(block_key(account)), _text(instance_key(account, instance)))
+        if charge.window != window:
+            window = charge.window
+            window_ms = milliseconds(window)
+        if charge.block_for != block_for:
+            block_for = charge.block_for
+            block_ms = milliseconds(block_for)
+        if charge.reason is not reason:
+            reason = charge.reason
+            reason_text = _text(reason)
+        keys += (
+            _WINDOW + account,
+            _BLOCK + account,
+            b"%s%d:%s:%s" % (_INSTANCE, len(charge.account), account, instance),
+        )
         args += (
             repr(now),
-            repr(now - charge.window),
+            repr(now - window),
             charge.limit,
-            repr(now + charge.block_for),
-            _text(charge.reason),
-            _text(instance),
+            repr(now + block_for),
+            reason_text,
+            instance,
             _text(charge.client),
-            milliseconds(charge.window),
-            milliseconds(charge.block_for),
-            _text(account),
+            window_ms,
+            block_ms,
+            account,
             len(charge.notify),
         )
-        args += map(_text, charge.notify)
+        if charge.notify:
+            args += map(_text, charge.notify)
     # hiredis's stub types the tuple as having one element.
     return cast(bytes, hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)))  # type: ignore[arg-type]
 

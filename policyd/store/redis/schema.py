@@ -96,6 +96,9 @@ ADMIT = (
     PRELUDE
     + """
 local max_clients = tonumber(ARGV[1])
+-- One sequence number per recipient of the batch, taken at once.
+local seq = redis.call('INCRBY', KEYS[1], (#KEYS - 5) / 3) - (#KEYS - 5) / 3
+local active_ms = 0
 
 local function admit(window, block_key, instance, a, notify)
   local now, account = ARGV[a], ARGV[a + 9]
@@ -110,14 +113,14 @@ local function admit(window, block_key, instance, a, notify)
   redis.call('ZREMRANGEBYSCORE', window, '-inf', ARGV[a + 1])
   local count = redis.call('ZCARD', window)
   if count < tonumber(ARGV[a + 2]) then
-    local seq = redis.call('INCR', KEYS[1])
+    seq = seq + 1
     local member = string.format('%016x', seq) .. '|' .. #ARGV[a + 5] .. '|' .. ARGV[a + 5] .. ARGV[a + 6]
     redis.call('ZADD', window, now, member)
     redis.call('PEXPIRE', window, ARGV[a + 7])
     redis.call('SADD', instance, member)
     redis.call('PEXPIRE', instance, ARGV[a + 7])
     redis.call('ZADD', KEYS[2], 'GT', now, account)
-    redis.call('PEXPIRE', KEYS[2], ARGV[a + 7])
+    active_ms = math.max(active_ms, tonumber(ARGV[a + 7]))
     return {'allowed', count + 1}
   end
   local seen, clients = {}, {}
@@ -156,6 +159,9 @@ for k = 6, #KEYS, 3 do
   end
   replies[#replies + 1] = reply
   a = a + 11 + notify
+end
+if active_ms > 0 then
+  redis.call('PEXPIRE', KEYS[2], active_ms)
 end
 return replies
 """
