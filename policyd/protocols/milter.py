@@ -125,8 +125,9 @@ SMFIP_HDR_LEADSPC = 0x100000
 #: whose copy goes to the quarantine).
 WANTED_ACTIONS = SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_DELRCPT
 
-#: Steps we ask the MTA to leave out: we never look at them.
-SKIPPED_STEPS = SMFIP_NOHELO | SMFIP_NOUNKNOWN | SMFIP_NODATA | SMFIP_NOEOH
+#: Steps we ask the MTA to leave out: we never look at them.  HELO is kept:
+#: SPF checks the HELO name (:mod:`policyd.forwarding.authentication`); it needs no reply.
+SKIPPED_STEPS = SMFIP_NOUNKNOWN | SMFIP_NODATA | SMFIP_NOEOH
 
 #: Steps after which the MTA need not wait for our reply (we always continue).
 NO_REPLY_STEPS = (

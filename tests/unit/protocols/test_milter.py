@@ -77,7 +77,7 @@ def started(filter: Recorder, **options: object) -> FakeMTA:
 
 
 def test_negotiation_asks_only_what_it_needs() -> None:
-    """Version 6; add/change headers and delete recipients; skips HELO/DATA/EOH; no replies but the verdict."""
+    """Version 6; add/change headers and delete recipients; skips DATA/EOH; no replies but the verdict."""
     _, protocol = make()
     mta = FakeMTA(protocol)
     reply = mta.negotiate()
@@ -85,11 +85,11 @@ def test_negotiation_asks_only_what_it_needs() -> None:
     version, actions, steps = struct.unpack(">III", reply.data[:12])
     assert version == 6
     assert actions == milter.SMFIF_ADDHDRS | milter.SMFIF_CHGHDRS | milter.SMFIF_DELRCPT
-    for flag in (milter.SMFIP_NOHELO, milter.SMFIP_NODATA, milter.SMFIP_NOEOH, milter.SMFIP_NOUNKNOWN,
+    for flag in (milter.SMFIP_NODATA, milter.SMFIP_NOEOH, milter.SMFIP_NOUNKNOWN, milter.SMFIP_NR_HELO,
                  milter.SMFIP_NR_CONN, milter.SMFIP_NR_MAIL, milter.SMFIP_NR_RCPT, milter.SMFIP_NR_HDR,
                  milter.SMFIP_NR_BODY):
         assert steps & flag, hex(flag)
-    for flag in (milter.SMFIP_NOCONNECT, milter.SMFIP_NOMAIL, milter.SMFIP_NORCPT, milter.SMFIP_NOHDRS,
+    for flag in (milter.SMFIP_NOHELO, milter.SMFIP_NOCONNECT, milter.SMFIP_NOMAIL, milter.SMFIP_NORCPT, milter.SMFIP_NOHDRS,
                  milter.SMFIP_NOBODY, milter.SMFIP_SKIP):
         assert not steps & flag, hex(flag)
 
