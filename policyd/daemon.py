@@ -28,6 +28,7 @@ from twisted.internet.task import LoopingCall
 from policyd import config as configuration
 from policyd import logs
 from policyd.config import Config
+from policyd.config.files import check_files
 from policyd.errors import PolicydError
 
 #: Longest wait for in-flight requests or messages at shutdown; Postfix waits
@@ -176,10 +177,13 @@ class BaseServer:
     def reload(self) -> bool:
         """Re-read the configuration; a bad one is refused and the old one kept.
 
-        ``store.url`` and ``listen.*`` need a restart: their running values stay.
+        A file the new configuration names must be readable, as at start-up.
+        ``store.url`` and ``listen.*`` need a restart: their running values
+        stay.  ``log.*`` changes apply with the rest.
         """
         try:
             new = configuration.load(self.path)
+            check_files(new)
             if new.store.url != self.config.store.url or new.listen != self.config.listen:
                 self.log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
                 new = attrs.evolve(new, store=self.config.store, listen=self.config.listen)
@@ -187,9 +191,21 @@ class BaseServer:
         except PolicydError as error:
             self.log.error("reload refused, keeping the running configuration: %s", error)
             return False
+        if new.log != self.config.log:
+            self._relog(new)
         self.config = new
         self.log.info("configuration reloaded from %s", self.path)
         return True
+
+    def _relog(self, new: Config) -> None:
+        """Apply a changed ``log`` section; when it cannot be (syslog), the old logging stays."""
+        try:
+            logs.setup(new.log)
+        except PolicydError as error:
+            self.log.error("reload: %s; kept the running log settings", error)
+            return
+        for component in self.config.log.components.keys() - new.log.components.keys():
+            logging.getLogger(f"policyd.{component}").setLevel(logging.NOTSET)
 
     @inlineCallbacks
     def drain(self, factory: Drainable, what: str) -> Any:

@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -316,3 +316,38 @@ def test_sighup_storm_under_load_loses_no_request(tmp_path: Path) -> None:
     output = server.output()
     assert output.count("configuration reloaded") == 10, output
     assert "Traceback" not in output and " ERROR " not in output
+
+
+def test_sighup_refuses_a_configuration_naming_a_missing_file_and_applies_log_changes(tmp_path: Path) -> None:
+    """A reload checks the files it names as a start does, and a new log level takes effect."""
+    server = sqlite_server(tmp_path, limit=1)
+    conn = Connection(server.port)
+    config = Path(server.config)
+    original = config.read_text(encoding="utf-8")
+    try:
+        config.write_text(original + f"accounts: {tmp_path / 'no-such-accounts'}\n", encoding="utf-8")
+        server.signal(signal.SIGHUP)
+        assert _wait_for(lambda: "reload refused" in server.output())
+        assert "no-such-accounts" in server.output()
+        assert conn.ask(rcpt(sasl_username="ida", recipient="a@example.net")) == "DUNNO"
+        config.write_text(original + "log:\n  level: error\n", encoding="utf-8")
+        before = server.output()
+        server.signal(signal.SIGHUP)
+        time.sleep(2.0)  # the reload line itself is below the new level: nothing says it is done
+        # Over the limit: the block and its decision line are logged below error, hidden now.
+        assert conn.ask(rcpt(sasl_username="ida", recipient="b@example.net")).startswith("REJECT 5.7.1 ")
+        time.sleep(0.5)
+        assert server.output() == before
+    finally:
+        conn.close()
+        assert server.stop() == 0, server.output()
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> bool:
+    """Whether ``condition`` held within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
