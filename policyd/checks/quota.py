@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
+import sys
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol, TypeVar, cast
@@ -37,6 +41,11 @@ UNLIMITED = 1 << 40
 
 #: Recipients of an outage counted per reactor turn, with a store that answers at once.
 WRITE_BACK_BATCH = 500
+
+#: Most accounts noted as authenticating in one hour before the notes start again.
+MAX_NOTED = 200_000
+#: Most entries of a cache worked out from the configuration (notification addresses).
+MAX_CACHED = 10_000
 
 
 
@@ -77,25 +86,28 @@ class FallbackLimiter:
 
     It counts every recipient let through, so when the store fails the
     process still knows each account's recent sending and keeps applying the
-    limit on its own: an outage never means unlimited sending.
+    limit on its own: an outage never means unlimited sending.  Each
+    account's times are an array of doubles (8 bytes a recipient).
     """
 
     def __init__(self) -> None:
-        self._sends: dict[str, deque[float]] = {}
+        self._sends: dict[str, array[float]] = {}
 
     def note(self, account: str, now: float) -> None:
         """Count one recipient let through."""
         sends = self._sends.get(account)
         if sends is None:
-            sends = self._sends[account] = deque()
-        sends.append(now)
+            sends = self._sends[account] = array("d")
+        if not sends or now >= sends[-1]:
+            sends.append(now)
+        else:
+            sends.insert(bisect.bisect_right(sends, now), now)
 
     def allows(self, account: str, now: float, window: float, limit: int) -> bool:
         """Whether one more recipient stays within the limit (and count it if so)."""
         sends = self._sends.get(account)
         if sends is not None:
-            while sends and sends[0] <= now - window:
-                sends.popleft()
+            _expire(sends, now - window)
             if len(sends) >= limit:
                 return False
         self.note(account, now)
@@ -107,12 +119,18 @@ class FallbackLimiter:
 
     def prune(self, now: float, window: float) -> None:
         """Drop accounts with nothing left in the window."""
+        start = now - window
         for account in list(self._sends):
             sends = self._sends[account]
-            while sends and sends[0] <= now - window:
-                sends.popleft()
+            _expire(sends, start)
             if not sends:
                 del self._sends[account]
+
+
+def _expire(sends: array[float], start: float) -> None:
+    """Forget the times at or before ``start`` (``sends`` is in order)."""
+    if sends and sends[0] <= start:
+        del sends[: bisect.bisect_right(sends, start)]
 
 
 class OutboundQuota:
@@ -149,8 +167,10 @@ class OutboundQuota:
         self.exemptions: dict[str, list[Exemption]] = {}
         self._next_refresh = 0.0
         self._refreshing = False
-        #: When each account was last noted in the store as authenticating.
-        self._noted: dict[str, float] = {}
+        #: Accounts noted in the store as authenticating, this hour and the last.
+        self._noted: set[str] = set()
+        self._noted_before: set[str] = set()
+        self._noted_until = -math.inf
         #: Per connection: the account and instance whose recipients are counted
         #: but whose END-OF-MESSAGE has not been seen, and when its first
         #: recipient was (give-back only).
@@ -183,10 +203,12 @@ class OutboundQuota:
 
         :param login: the request's ``sasl_username`` (read once by the caller).
         """
+        # Interned: the store's window, the fallback limiter and the caches
+        # below then share one string per account.
         if login:
-            return login.lower()
+            return sys.intern(login.lower())
         if self.trusted and request.get("client_address") in self.trusted:
-            return request.get("sender").lower()
+            return sys.intern(request.get("sender").lower())
         return ""
 
     def limit_of(self, account: str, now: float) -> int:
@@ -220,10 +242,18 @@ class OutboundQuota:
         self.store.exemptions().addCallbacks(loaded, failed).addBoth(done)
 
     def _note(self, account: str, now: float) -> None:
-        """Remember, about once an hour per account, that it authenticated."""
-        if now - self._noted.get(account, -NOTE_EVERY) < NOTE_EVERY:
+        """Remember, once every one to two hours per account, that it authenticated.
+
+        The accounts noted are kept in two sets, this hour's and the last
+        one's, so memory holds the accounts of two hours at most.
+        """
+        if account in self._noted or account in self._noted_before:
             return
-        self._noted[account] = now
+        if now >= self._noted_until or len(self._noted) >= MAX_NOTED:
+            self._noted_before = self._noted if now < self._noted_until + NOTE_EVERY else set()
+            self._noted = set()
+            self._noted_until = now + NOTE_EVERY
+        self._noted.add(account)
         self.store.note_account(account, now=now).addErrback(
             lambda f: log.error("could not note account %s: %s", account, f.getErrorMessage())
         )
@@ -302,12 +332,14 @@ class OutboundQuota:
         return looked_up.addCallbacks(decided, failed)
 
     def _recipients(self, account: str) -> tuple[str, ...]:
-        """Who hears of a block of ``account``, worked out once per account."""
-        found = self._notify.get(account)
+        """Who hears of a block of ``account``, worked out once per account (once per
+        domain when the user is not told)."""
+        key = account if self.config.notify.notify_user else domain_of(account) or ""
+        found = self._notify.get(key)
         if found is None:
-            if len(self._notify) > 100_000:  # bounded: forget and start again
+            if len(self._notify) >= MAX_CACHED:  # bounded: forget and start again
                 self._notify.clear()
-            found = self._notify[account] = self.config.notify.recipients(account)
+            found = self._notify[key] = self.config.notify.recipients(account)
         return found
 
     def refusal(self, block: Block) -> Action:

@@ -79,8 +79,8 @@ class SQLiteCounts(SQLiteConnection):
                 return Admission(Outcome.BLOCKED, block.count, block), None
             state.block = None  # its row goes when the store is pruned
         sends = state.sends
-        while sends and sends[0] <= start:
-            sends.popleft()
+        if sends and sends[0] <= start:
+            state.expire(start)
         count = len(sends)
         if count < charge.limit:
             client = charge.client
