@@ -173,6 +173,9 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
         raise UsageError("give the mail to learn: --ham PATH and/or --spam PATH")
     config = load_config()
     started = time.monotonic()
+    if (ham, spam) in ((("-",), ()), ((), ("-",))):
+        learn_one(config, click.get_binary_stream("stdin").read(), bool(spam), by, as_json, started)
+        return
     messages = read_mail(ham, spam)
     if not messages:
         raise Refused("nothing to learn: no message found in the PATHs given")
@@ -188,6 +191,36 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
         return new
 
     put_in_use(config, messages, build, "learn", "learned", force, by, as_json, started)
+
+
+def learn_one(config: Config, raw: bytes, spam: bool, by: str | None, as_json: bool, started: float) -> None:
+    """Learn the one message of ``-`` as a user's report: once, however often it is reported.
+
+    A message already learned with this label (its Message-ID, else its
+    body, :func:`policyd.content.feedback.message_key`) is not learned again:
+    moving it into Junk twice counts once.
+
+    :raises Refused: when it was learned with this label before (exit 1).
+    """
+    from policyd.content.feedback import learn_message
+
+    if not raw.strip():
+        raise UsageError("nothing to learn: standard input is empty")
+    label = "spam" if spam else "ham"
+    files = model_files(config)
+    outcome = learn_message(config, raw, spam, files)
+    ids = f"Message-ID {outcome.message_id or '(none)'}"
+    if not outcome.learned:
+        raise Refused(f"already learned as {label} ({ids}): the model in use is unchanged")
+    seconds = time.monotonic() - started
+    reason = f"learned 1 {label}: reported ({ids})"
+    record_change(config, who(by), "model-learn", reason)
+    show(
+        as_json,
+        {"model": str(files.path), "ham": int(not spam), "spam": int(spam), "seconds": round(seconds, 1),
+         "previous": None, "check": None},
+        f"{reason} in {seconds:.1f}s; model {files.path} in use",
+    )
 
 
 @cli.group()

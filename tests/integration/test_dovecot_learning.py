@@ -156,8 +156,14 @@ def test_moving_into_junk_learns_spam_and_out_of_it_learns_ham(
         assert [(m["made"], m["in_use"]) for m in after_spam] == [("learn", True), ("shipped", False)], \
             dovecot.log_tail()
         assert (after_spam[0]["ham"], after_spam[0]["spam"]) == (0, 1)
-        assert audit(policyd_dir) == [(USER, "model-learn", "learned 0 ham and 1 spam")]
+        [(who, action, reason)] = audit(policyd_dir)
+        assert (who, action) == (USER, "model-learn") and reason.startswith("learned 1 spam: reported (Message-ID <")
         assert score(config, spam, policyd_dir) > spam_before
+
+        # The same message reported again (a second copy moved into Junk) counts once; the move happens.
+        ok(client.append("INBOX", "", imaplib.Time2Internaldate(0), spam), "APPEND INBOX", dovecot)
+        move(client, "INBOX", spam, "Junk", dovecot)
+        assert len(models(config)) == 2 and len(audit(policyd_dir)) == 1, dovecot.log_tail()
 
         ok(client.append("Junk", "", imaplib.Time2Internaldate(0), ham), "APPEND Junk", dovecot)
         assert len(models(config)) == 2  # saving into Junk is no report

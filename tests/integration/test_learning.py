@@ -93,7 +93,21 @@ def test_learn_reads_one_message_from_stdin(tmp_path: Path) -> None:
     learned = policyd("learn", "-c", str(config), "--spam", "-", "--json", input=raw.decode())
     assert learned.returncode == 0, learned.stderr
     assert json.loads(learned.stdout)["spam"] == 1
-    assert score(config, probe) > before
+    after = score(config, probe)
+    assert after > before
+
+    again = policyd("learn", "-c", str(config), "--spam", "-", input=raw.decode())
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "already learned as spam" in again.stderr
+    assert score(config, probe) == after
+    corrected = policyd("learn", "-c", str(config), "--ham", "-", input=raw.decode())
+    assert corrected.returncode == 0, corrected.stderr
+    assert score(config, probe) < after
+    assert [reason for action, reason in audit(tmp_path)] == [
+        "learned 1 spam: reported (Message-ID (none))",
+        "learned 1 ham: reported (Message-ID (none))",
+    ]
+    empty = policyd("learn", "-c", str(config), "--ham", "-", input="")
+    assert empty.returncode == 2 and "standard input is empty" in empty.stderr
 
 
 def test_a_clearly_worse_model_is_refused_unless_forced(tmp_path: Path) -> None:
