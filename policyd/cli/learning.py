@@ -12,6 +12,7 @@ counts, and to syslog when ``log.syslog`` is set.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -174,7 +175,7 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
     config = load_config()
     started = time.monotonic()
     if (ham, spam) in ((("-",), ()), ((), ("-",))):
-        learn_one(config, click.get_binary_stream("stdin").read(), bool(spam), by, as_json, started)
+        learn_one(config, sys.stdin.buffer.read(), bool(spam), by, as_json, started)
         return
     messages = read_mail(ham, spam)
     if not messages:
