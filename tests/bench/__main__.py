@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench import auth as bench_auth
 from tests.bench import load as bench_load
 from tests.bench import peers as bench_peers
 from tests.bench import postfix as bench_postfix
@@ -624,6 +625,8 @@ def main() -> None:
             report["notes"].append("`policyd milter` does not exist yet: no milter row")
         if not args.no_postfix and wanted("postfix"):
             report["postfix"] = postfix_part(work, args, milter)
+        if wanted("authentication"):
+            report["authentication"] = bench_auth.measure()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["requirements"] = requirements(report["targets"], report["postfix"], milter)
@@ -631,6 +634,8 @@ def main() -> None:
     print()
     print(table(report))
     print(requirement_lines(report["requirements"]))
+    if report.get("authentication"):
+        print("\n" + bench_auth.table(report["authentication"]))
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nbench took {report['elapsed_seconds']} s; full results in {args.json}")
 
