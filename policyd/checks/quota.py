@@ -297,7 +297,8 @@ class OutboundQuota:
             self.block_for,
             reason,
             instance,
-            request.get("client_address"),
+            # Interned: a window keeps its clients, and few send for many accounts.
+            sys.intern(request.get("client_address")),
             self._recipients(account),
         )
         admitted = self.store.admit(charge)

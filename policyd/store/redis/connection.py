@@ -211,6 +211,8 @@ class RedisConnection:
 
         #: Recipients counted this turn, sent together by _send_admits.
         self._admits: list[PendingAdmit] = []
+        #: Accounts noted this turn (account, time, answer), written together.
+        self._notes: list[tuple[str, float, Deferred[None]]] = []
         #: Where the admissions' own connection goes (None: through the pool).
         pool = self.client.connection_pool
         self._line_options: dict[str, Any] | None = (

@@ -230,12 +230,45 @@ class RedisCounts(RedisConnection):
 
 
     def note_account(self, account: str, *, now: float) -> Deferred[None]:
-        """See :meth:`policyd.store.Store.note_account`."""
+        """See :meth:`policyd.store.Store.note_account`.
 
-        async def work() -> None:
-            await self.client.hset(ACCOUNTS, account, repr(now))
+        The accounts noted in one turn are written together, in one HSET on
+        the admissions' connection (where there is one).
+        """
+        if self._admit_line() is None:
 
-        return self._call(work, "note account")
+            async def work() -> None:
+                await self.client.hset(ACCOUNTS, account, repr(now))
+
+            return self._call(work, "note account")
+        waiting: Deferred[None] = Deferred()
+        self._notes.append((account, now, waiting))
+        if len(self._notes) == 1:
+            asyncio.get_running_loop().call_soon(self._send_notes)
+        return waiting
+
+    def _send_notes(self) -> None:
+        """Write the accounts noted since the last turn, at most :data:`ADMIT_BATCH` in one HSET."""
+        batch, self._notes = self._notes[:ADMIT_BATCH], self._notes[ADMIT_BATCH:]
+        if self._notes:
+            asyncio.get_running_loop().call_soon(self._send_notes)
+        line = self._admit_line()
+        if not batch or line is None:
+            return
+        fields: list[bytes | str] = []
+        for account, now, _ in batch:
+            fields += (_text(account), repr(now))
+        command = cast(bytes, hiredis.pack_command(("HSET", _ACCOUNTS, *fields)))  # type: ignore[arg-type]
+
+        def written(_: object) -> None:
+            for *_, waiting in batch:
+                waiting.callback(None)
+
+        def failed(failure: Any) -> None:
+            for *_, waiting in batch:
+                waiting.errback(failure)
+
+        line.call(command, b"", what="note account").addCallbacks(written, failed)
 
     def account_seen(self, account: str) -> Deferred[bool]:
         """See :meth:`policyd.store.Store.account_seen`."""
@@ -284,6 +317,7 @@ _LOAD_ADMIT = cast(bytes, hiredis.pack_command(("SCRIPT", "LOAD", ADMIT)))  # ty
 #: The shared keys of the admit script, encoded once.
 _SHARED_KEYS = [_text(key) for key in ADMIT_SHARED]
 _MAX_CLIENTS = str(MAX_BLOCK_CLIENTS).encode()
+_ACCOUNTS = _text(ACCOUNTS)
 #: Where the keys of an account's window, block and instances start.
 _WINDOW = _text(window_key(""))
 _BLOCK = _text(block_key(""))

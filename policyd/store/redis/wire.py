@@ -190,8 +190,8 @@ class AdmitLine:
         if self.wire is wire:
             self.wire = None
 
-    def call(self, command: bytes, reload: bytes) -> Deferred[Any]:
-        """The reply to one packed EVALSHA; on NOSCRIPT, ``reload`` (SCRIPT LOAD) and the call again.
+    def call(self, command: bytes, reload: bytes, what: str = "admit") -> Deferred[Any]:
+        """The reply to one packed command; on NOSCRIPT, ``reload`` (SCRIPT LOAD) and the command again.
 
         Fails with a one-line :class:`StoreError` when Redis refuses it, when
         the connection fails, or when no reply came within the deadline (the
@@ -215,16 +215,16 @@ class AdmitLine:
                 if isinstance(value, StoreError):
                     result.errback(value)
                 else:
-                    result.errback(self.error("admit", value if isinstance(value, Exception) else WireError(str(value))))
+                    result.errback(self.error(what, value if isinstance(value, Exception) else WireError(str(value))))
             elif isinstance(reply, Exception):
-                result.errback(self.error("admit", reply))
+                result.errback(self.error(what, reply))
             else:
                 result.callback(reply)
 
         def late() -> None:
             if result.called:
                 return
-            result.errback(StoreError(f"Redis store {self.name}: no answer within {self.deadline:g}s (admit)"))
+            result.errback(StoreError(f"Redis store {self.name}: no answer within {self.deadline:g}s ({what})"))
             current = self.wire
             if current is not None and current.open:
                 current.abort("dropped after a late reply")
@@ -237,7 +237,7 @@ class AdmitLine:
         (answer,) = wire.send(command)
 
         def again(reply: Any) -> Any:
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            if reload and isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
                 if not wire.open:
                     raise WireError("connection closed")
                 _, repeated = wire.send(reload + command, 2)
