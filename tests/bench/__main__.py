@@ -146,6 +146,7 @@ reactor.run()
 FLOOR_NAME = "twisted floor (DUNNO)"
 REPUTATION_NAME = "policyd reputation, dns"
 SQLITE_NAME = "policyd quota, sqlite"
+REDIS_NAME = "policyd quota, redis"
 PRL_NAME = "policyd-rate-limit 1.2.0"
 POSTFWD_NAME = "postfwd 1.35 (postfwd1)"
 
@@ -365,7 +366,7 @@ def targets(work: Path, redis_port: int | None) -> list[Target]:
                payloads=bench_load.inbound_requests()),
     ]
     if redis_port is not None:
-        found.append(Target("policyd quota, redis", policyd(f"redis://127.0.0.1:{redis_port}/0"),
+        found.append(Target(REDIS_NAME, policyd(f"redis://127.0.0.1:{redis_port}/0"),
                             "redis-server on CPU 1"))
     found += [
         Target(PRL_NAME, lambda port: bench_peers.policyd_rate_limit(work / "prl", port),
@@ -399,7 +400,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
-                 milter: bool) -> list[dict[str, Any]]:
+                 milter: bool, memory: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Issue 8's requirements, each with its measured value and whether it holds."""
     by_name = {row["target"]: row for row in rows if "unavailable" not in row}
     sqlite, floor = by_name.get(SQLITE_NAME), by_name.get(FLOOR_NAME)
@@ -433,6 +434,14 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
               sqlite["paced_p99_ms"] <= 2.0, "<= 2 ms")
         bad = sqlite["refused"] + sqlite["lost"] + sqlite["malformed"]
         check("sqlite refused + lost + malformed replies", bad, bad == 0, "0")
+        value = ratio(rps, floor["rps"]) if floor else None
+        check("sqlite req/s vs twisted floor (round two)", value, value is not None and value >= 0.75, ">= 0.75x")
+        if floor:
+            margin = round(sqlite["paced_p99_ms"] - floor["paced_p99_ms"], 3)
+            check("sqlite paced p99 minus the floor's (ms)", margin, margin <= 1.0, "<= 1 ms")
+        redis = by_name.get(REDIS_NAME)
+        value = ratio(redis["rps"], rps) if redis else None
+        check("redis req/s vs sqlite", value, value is not None and value >= 0.8, ">= 0.8x")
     alone = next((p for p in postfix if p["target"] == "postfix alone"), None)
     full = next((p for p in postfix if p["target"] == FULL_ROW), None) if milter else None
     policy_only = next((p for p in postfix if p["target"] == "postfix + policyd policy"), None)
@@ -458,6 +467,14 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
     if inbound_alone and inbound_full and inbound_alone["msg_per_s"]:
         cost = round(100 * (1 - inbound_full["msg_per_s"] / inbound_alone["msg_per_s"]), 1)
         info("port 25 msg/s cost of reputation + milter, as the README configures them (%)", cost)
+    for row in memory:
+        if "unavailable" in row:
+            continue
+        peak = round(max(row["rss_mib"]), 1)
+        check(f"{row['target']}: RSS (MiB)", peak, peak <= MEMORY_BOUND_MIB, f"<= {MEMORY_BOUND_MIB} MiB")
+        growth = row["growth_mib_per_pass"]
+        check(f"{row['target']}: RSS growth per pass after the first (MiB)", growth,
+              growth is not None and growth <= MEMORY_FLAT_MIB, f"<= {MEMORY_FLAT_MIB} MiB")
     return checks
 
 
@@ -505,6 +522,7 @@ def table(report: dict[str, Any]) -> str:
             f"{fmt(round(row['paced_server_steal'] * 100), 4)}% | "
             f"{fmt(row['rss_kb'] / 1024, 7, 1)} "
             f"{fmt(row['refused'], 7)} {fmt(row['lost'], 5)} {fmt(row['malformed'], 4)}")
+    lines += memory_lines(report.get("memory", []))
     postfix = report["postfix"]
     if postfix:
         s = report["postfix_settings"]
@@ -573,14 +591,21 @@ def main() -> None:
     parser.add_argument("--no-postfix", action="store_true", help="skip the Postfix msg/s part")
     parser.add_argument("--json", default="bench-results.json")
     parser.add_argument("--only", action="append", help="run only targets whose name has this")
+    parser.add_argument("--memory-accounts", type=int, default=100_000,
+                        help="accounts of the memory run (one request each per pass)")
+    parser.add_argument("--memory-passes", type=int, default=3,
+                        help="passes over every account in the memory run (0: no memory run)")
     args = parser.parse_args()
     if not 1 <= args.rounds <= 10 or not 0 < args.seconds <= 30:
         parser.error("--rounds must be 1..10 and --seconds 0..30, to keep the bench bounded")
+    if not 0 <= args.memory_passes <= 10 or not 1 <= args.memory_accounts <= 200_000:
+        parser.error("--memory-passes must be 0..10 and --memory-accounts 1..200000, to keep the bench bounded")
     os.sched_setaffinity(0, {GENERATOR_CPU})
     began = time.monotonic()
     report: dict[str, Any] = {"machine": machine(), "settings": {
         k: getattr(args, k) for k in ("seconds", "rounds", "connections", "depth", "rate",
                                       "max_requests")}, "targets": [], "postfix": [],
+        "memory_settings": {"accounts": args.memory_accounts, "passes": args.memory_passes},
         "postfix_settings": {"messages": args.messages, "clients": args.smtp_clients,
                              "per_session": 10, "rounds": args.rounds}, "notes": []}
     print(f"policyd bench: {report['machine']['nproc']} CPUs ({report['machine']['cpu']}), "
@@ -594,7 +619,8 @@ def main() -> None:
             def wanted(name: str) -> bool:
                 return not args.only or any(o in name for o in args.only)
 
-            redis_port = stack.enter_context(redis_server(work)) if wanted("redis") else None
+            redis_port = stack.enter_context(redis_server(work)) \
+                if wanted("redis") or (args.memory_passes and wanted("memory")) else None
             if redis_port is None and wanted("redis"):
                 report["notes"].append("redis-server is not installed: no Redis row "
                                        "(make test-deps installs it)")
@@ -621,6 +647,8 @@ def main() -> None:
                     print(f"  round {number + 1}: {target.name}: {t['rps']} req/s, paced p99 "
                           f"{target.runs['paced'][-1]['p99_ms']} ms", flush=True)
             report["targets"] = [summarise(t) for t in chosen]
+            if args.memory_passes and wanted("memory"):
+                report["memory"] = memory_part(work, args, redis_port)
         if not milter:
             report["notes"].append("`policyd milter` does not exist yet: no milter row")
         if not args.no_postfix and wanted("postfix"):
@@ -629,7 +657,8 @@ def main() -> None:
             report["authentication"] = bench_auth.measure()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report["requirements"] = requirements(report["targets"], report["postfix"], milter)
+    report["requirements"] = requirements(report["targets"], report["postfix"], milter,
+                                          report.get("memory", []))
     report["elapsed_seconds"] = round(time.monotonic() - began, 1)
     print()
     print(table(report))
@@ -638,6 +667,75 @@ def main() -> None:
         print("\n" + bench_auth.table(report["authentication"]))
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nbench took {report['elapsed_seconds']} s; full results in {args.json}")
+
+
+#: The most a policy server may hold with the memory run's accounts in its window.
+MEMORY_BOUND_MIB = 150
+#: The most its memory may grow per pass once every account has been seen.
+MEMORY_FLAT_MIB = 2.0
+
+
+def memory_part(work: Path, args: argparse.Namespace, redis_port: int | None) -> list[dict[str, Any]]:
+    """Resident memory of ``policyd serve`` (SQLite, Redis) over passes of one request per account.
+
+    Every account of ``--memory-accounts`` sends one external recipient per
+    pass, so after the first pass all of them are in the window (and in
+    every per-account structure); the later passes show whether memory stays
+    flat.  Redis uses database 1, apart from the quota run's.
+    """
+    payloads = bench_load.requests(args.memory_accounts)
+    stores = [("sqlite", f"sqlite:///{work}/memory.db")]
+    if redis_port is not None:
+        stores.append(("redis", f"redis://127.0.0.1:{redis_port}/1"))
+    rows: list[dict[str, Any]] = []
+    for name, url in stores:
+        target = f"policyd quota, {name}, {args.memory_accounts // 1000}k accounts"
+        port = free_port()
+        try:
+            with process([POLICYD, "serve", "-c", str(policyd_config(work, port, url))], port,
+                         work / f"policyd-memory-{name}.log") as pid:
+                rss = [rss_kb(pid) / 1024]
+                rates: list[int] = []
+                bad = 0
+                for _ in range(args.memory_passes):
+                    figures = bench_load.throughput(port, args.connections, 1, seconds=600.0,
+                                                    limit=len(payloads), payloads=payloads)
+                    rss.append(rss_kb(pid) / 1024)
+                    rates.append(figures["rps"])
+                    bad += figures["refused"] + figures["lost"] + figures["malformed"]
+        except (AssertionError, OSError) as error:
+            rows.append({"target": target, "unavailable": str(error)[:200]})
+            continue
+        later = rss[1:]
+        growth = round((later[-1] - later[0]) / (len(later) - 1), 2) if len(later) > 1 else None
+        rows.append({"target": target, "rss_mib": [round(r, 1) for r in rss], "rps": rates,
+                     "growth_mib_per_pass": growth, "bad": bad})
+        print(f"  memory: {target}: RSS {', '.join(f'{r:.1f}' for r in rss)} MiB", flush=True)
+    return rows
+
+
+def memory_lines(memory: list[dict[str, Any]]) -> list[str]:
+    """The memory run's rows of the table."""
+    if not memory:
+        return []
+    passes = max((len(row.get("rss_mib", [])) - 1 for row in memory), default=0)
+    header = (f"{'memory: one request per account per pass':40} {'RSS MiB at start':>16} "
+              f"{'after each pass':>{max(16, 7 * passes)}} {'per pass':>8} {'req/s':>7} {'bad':>4}")
+    lines = ["", header, "-" * len(header)]
+    for row in memory:
+        if "unavailable" in row:
+            lines.append(f"{row['target']:40} unavailable: {row['unavailable'][:80]}")
+            continue
+        start, *after = row["rss_mib"]
+        rates = row["rps"]
+        lines.append(f"{row['target']:40} {start:16.1f} "
+                     f"{' '.join(f'{r:6.1f}' for r in after):>{max(16, 7 * passes)}} "
+                     f"{fmt(row['growth_mib_per_pass'], 8, 2)} "
+                     f"{fmt(round(statistics.median(rates[1:] or rates)) if rates else None, 7)} "
+                     f"{row['bad']:4}")
+    lines.append("per pass: RSS growth per pass after the first, when every account is in the window; "
+                 "req/s: median of the passes after the first")
+    return lines
 
 
 def postfix_part(work: Path, args: argparse.Namespace, milter: bool) -> list[dict[str, Any]]:
