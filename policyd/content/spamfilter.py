@@ -313,7 +313,10 @@ class SpamFilter:
         assert self.authenticator is not None
         verdict = await decided
         results = await checked
-        verdict = self.authenticator.stamp(verdict, message, results)
+        try:
+            verdict = self.authenticator.stamp(verdict, message, results)
+        except Exception as error:  # the results are never worth a message
+            log.error("milter %s: no Authentication-Results: %s", message.queue_id or "-", error)
         return verdict if self.sealer is None else await self.sealer(verdict, message, results)
 
     def _counted(self, message: MilterMessage) -> Deferred[Verdict]:

@@ -67,6 +67,18 @@ _HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.
 _AUTHSERV = re.compile(r"^\s*(?:\([^)]*\)\s*)*\"?([^\s;(\"]*)")
 
 
+# What may stand unquoted in a result's property: a value from the sender
+# (MAIL FROM, d=, s=) with anything else is left out, so it can never add a
+# clause of its own ("x@y; dkim=pass") to the header.
+_ADDRESS_VALUE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~@-]{1,254}")
+_NAME_VALUE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
+def _safe(value: str, pattern: re.Pattern[str] = _NAME_VALUE) -> str | None:
+    """``value`` when it is safe to write as a property value, else None (left out)."""
+    return value if value and pattern.fullmatch(value) else None
+
+
 def valid_authserv_id(value: str) -> bool:
     """Whether ``value`` is a host name usable as our authserv-id (letters, digits, hyphens, dots)."""
     return bool(_HOSTNAME.match(value.lower().rstrip(".")))
@@ -117,8 +129,9 @@ class SpfResult:
     def clause(self) -> Any:
         """The RFC 8601 result (authres)."""
         if self.scope == "helo":
-            return authres.SPFAuthenticationResult(result=self.result, smtp_helo=self.identity or None)
-        return authres.SPFAuthenticationResult(result=self.result, smtp_mailfrom=self.identity or None)
+            return authres.SPFAuthenticationResult(result=self.result, smtp_helo=_safe(self.identity))
+        identity = _safe(self.identity, _ADDRESS_VALUE) or _safe(self.domain)
+        return authres.SPFAuthenticationResult(result=self.result, smtp_mailfrom=identity)
 
 
 @attrs.frozen
@@ -137,9 +150,9 @@ class DkimResult:
         return authres.DKIMAuthenticationResult(
             result=self.result,
             result_comment=self.reason or None,
-            header_d=self.domain or None,
-            header_s=self.selector or None,
-            header_a=self.algorithm or None,
+            header_d=_safe(self.domain),
+            header_s=_safe(self.selector),
+            header_a=_safe(self.algorithm),
         )
 
 
@@ -164,7 +177,7 @@ class Results:
         found += [d.clause() for d in self.dkim] or [authres.DKIMAuthenticationResult(result="none")]
         d = self.dmarc
         found.append(DMARCAuthenticationResult(
-            result=d.result, result_comment=d.reason or None, header_from=d.header_from or None,
+            result=d.result, result_comment=d.reason or None, header_from=_safe(d.header_from),
             policy=d.policy or None,
         ))
         return found

@@ -356,3 +356,32 @@ def test_deadline_counts_down() -> None:
     assert deadline.left() == pytest.approx(0.5)
     now[0] += 1.0
     assert deadline.left() == 0.0
+
+
+def test_values_from_the_sender_cannot_add_clauses() -> None:
+    """A d= or MAIL FROM carrying ';' or spaces is left out of the header, never written as it came."""
+    forged = Results(
+        (SpfResult("fail", "mailfrom", 'x@y; dkim=pass header.d=bank.example', "y"),),
+        (DkimResult("fail", "x@y; dkim=pass header.d=bank.example", "s 1", "rsa-sha256"),),
+        Dmarc("none", "example.com"),
+    )
+    value = forged.header_value("mx.example.org")
+    assert value == ("mx.example.org; spf=fail smtp.mailfrom=y; dkim=fail header.a=rsa-sha256; "
+                     "dmarc=none header.from=example.com")
+    assert "bank.example" not in value
+
+
+def test_checks_are_on_with_arc_by_default_and_the_authserv_id_is_checked(tmp_path: Path) -> None:
+    """Unset, forwarding.authenticate follows forwarding.arc; true or false decide; a bad authserv_id is refused."""
+    from policyd.errors import ConfigError
+    from policyd.forwarding.authentication import authentication_on, authserv_id, default_authserv_id
+    from tests.conftest import make_config
+
+    arc = "forwarding:\n  arc: {domain: example.org, selector: arc1, key: /k}\n"
+    assert authentication_on(make_config(arc)) and not authentication_on(make_config(""))
+    assert authentication_on(make_config("forwarding:\n  authenticate: true\n"))
+    assert not authentication_on(make_config(arc + "  authenticate: false\n"))
+    assert authserv_id(make_config("forwarding:\n  authserv_id: MX.Example.org.\n")) == "mx.example.org"
+    assert authserv_id(make_config("")) == default_authserv_id() and valid_authserv_id(default_authserv_id())
+    with pytest.raises(ConfigError, match="forwarding.authserv_id: must be a host name"):
+        make_config("forwarding:\n  authserv_id: 'mx; dkim=pass'\n")
