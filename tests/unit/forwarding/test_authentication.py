@@ -374,7 +374,11 @@ def test_values_from_the_sender_cannot_add_clauses() -> None:
 def test_checks_are_on_with_arc_by_default_and_the_authserv_id_is_checked(tmp_path: Path) -> None:
     """Unset, forwarding.authenticate follows forwarding.arc; true or false decide; a bad authserv_id is refused."""
     from policyd.errors import ConfigError
-    from policyd.forwarding.authentication import authentication_on, authserv_id, default_authserv_id
+    from policyd.forwarding.authentication import (
+        authentication_on,
+        authserv_id,
+        default_authserv_id,
+    )
     from tests.conftest import make_config
 
     arc = "forwarding:\n  arc: {domain: example.org, selector: arc1, key: /k}\n"
