@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -85,16 +86,28 @@ def train(
     put_in_use(config, messages, build, "train", "trained on", force, by, as_json, started)
 
 
-def _messages_to_score(paths: Sequence[str]) -> Any:
-    """(shown path, file) for every message named: a file is one message; a directory holds many."""
+#: Messages that ``policyd score --json`` scores together: numpy hashes their features at once.
+BATCH = 64
 
+
+def _messages_to_score(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(shown path, file) for every message named: a file is one message; a directory holds many."""
     for given in paths:
-        path = Path(given)
-        if path.is_dir():
-            for file in content.message_files(path):
-                yield os.path.join(given, os.path.relpath(file, path)), file
+        if os.path.isdir(given):
+            # Walked from the path as given, so each file's path is shown as the path given, then the file's.
+            yield from ((file, file) for file in content.message_paths(given))
         else:
-            yield given, path
+            yield given, given
+
+
+def _read(shown: str, file: str) -> bytes | None:
+    """A message file's bytes without an mbox ``From`` line; None (the error said) when it cannot be read."""
+    try:
+        with open(file, "rb") as stream:
+            return content.strip_from_line(stream.read())
+    except OSError as error:
+        say(f"policyd: error: {shown}: {error.strerror or error}", err=True)
+        return None
 
 
 @cli.command()
@@ -119,17 +132,32 @@ def score(paths: tuple[str, ...], top: int | None, as_json: bool) -> None:
     scorer = ContentScorer(model, header_secret(config, create=False), config.content.max_body)
     tag_at = config.content.tag_at
     failed = 0
-    for shown, file in _messages_to_score(paths):
-        try:
-            raw = content.strip_from_line(file.read_bytes())
-        except OSError as error:
-            say(f"policyd: error: {shown}: {error.strerror or error}", err=True)
+    if as_json and not explain:
+        # Only scores: read and scored BATCH at a time, one JSON line each, written straight out.
+        write = sys.stdout.write
+        files = _messages_to_score(paths)
+        while batch := list(itertools.islice(files, BATCH)):
+            names, raws = [], []
+            for name, file in batch:
+                raw = _read(name, file)
+                if raw is None:
+                    failed += 1
+                    continue
+                names.append(name)
+                raws.append(raw)
+            for name, result in zip(names, scorer.score_many(raws), strict=True):
+                write(json_line({"path": name, "score": result.points, "spam": result.points >= tag_at,
+                                 "content": result.content, "network": result.network, "reasons": []}) + "\n")
+        sys.stdout.flush()
+    for shown, file in () if as_json and not explain else _messages_to_score(paths):
+        raw = _read(shown, file)
+        if raw is None:
             failed += 1
             continue
         result = scorer.score(raw, explain=explain)
         spam = result.points >= tag_at
         if as_json:
-            # Written directly: a line has no times to add, and thousands are written.
+            # Written directly: a line has no times to add.
             click.echo(json_line({
                 "path": shown,
                 "score": result.points,

@@ -34,6 +34,7 @@ A model file is a compressed ``.npz`` (weights in float16, a few MB).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -47,11 +48,13 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from policyd.content.features import MAX_WORD, MIN_WORD, Features, unaccented
+from policyd.content.features import MAX_WORD, MIN_WORD, WORD_CHARS, Features, unaccented
 
 #: Format of the model file; a newer format is refused with a clear message.
-#: 2: header byte 4-grams and vectorised words (format 1 models are refused: retrain).
-FORMAT = 2
+#: 2: header byte 4-grams and vectorised words; 3: byte budgets (the first 3,000 bytes of
+#: headers, 6,000 characters of text) and every kind keyed and mixed alike.  Models of an
+#: older format are refused (the shipped model is used until policyd train makes a new one).
+FORMAT = 3
 
 #: Hashed feature space: 2**22 weights.  Collisions cost little at this size
 #: for the few million distinct features of tens of thousands of messages.
@@ -76,7 +79,6 @@ Indices = npt.NDArray[np.uint32]
 #: A message's features kept for training (the same type: 4 bytes an index).
 Stored = Indices
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _GOLDEN32 = np.uint32(0x9E3779B1)
 
 # Each kind of feature is hashed with its own key: the same bytes in the
@@ -94,29 +96,17 @@ _WORD_BYTES[[*range(ord("a"), ord("z") + 1), *range(ord("0"), ord("9") + 1), *ra
 # What a byte adds to the hash of the word it is in: nothing outside words.
 _TERMS = (np.arange(1, 257, dtype=np.uint32) * _WORD_BYTES).astype(np.uint32)
 # Text longer than this (in UTF-8) is cut: WORD_CHARS characters of 4 bytes at most.
-_MAX_TEXT_BYTES = 4 * 16_384
+_MAX_TEXT_BYTES = 4 * WORD_CHARS
 # Polynomial word hashing modulo 2**32: powers of an odd multiplier and their inverses.
 _POLY = 0x01000193
-_POWERS = np.empty(_MAX_TEXT_BYTES, dtype=np.uint32)
-_INVERSES = np.empty(_MAX_TEXT_BYTES, dtype=np.uint32)
+_POWERS = np.empty(_MAX_TEXT_BYTES + 2, dtype=np.uint32)
+_INVERSES = np.empty(_MAX_TEXT_BYTES + 2, dtype=np.uint32)
 _POWERS[0] = _INVERSES[0] = 1
 _POWERS[1:] = np.uint32(_POLY)
 _INVERSES[1:] = np.uint32(pow(_POLY, -1, 1 << 32))
 np.multiply.accumulate(_POWERS, out=_POWERS)
 np.multiply.accumulate(_INVERSES, out=_INVERSES)
 _PAIR_MULTIPLIER = np.uint32(0x2545F491)
-
-
-def hash_tokens(tokens: Sequence[str], bits: int = BITS) -> Indices:
-    """Feature indices of tokens (CRC-32, stable across processes and versions)."""
-    try:
-        encoded = list(map(str.encode, tokens))
-    except UnicodeEncodeError:
-        # Header bytes that were not UTF-8 come as surrogate escapes.
-        encoded = [t.encode("utf-8", "surrogatepass") for t in tokens]
-    hashes = np.fromiter(map(zlib.crc32, encoded), dtype=np.uint32, count=len(encoded))
-    hashes &= np.uint32((1 << bits) - 1)
-    return hashes
 
 
 def _mix(values: npt.NDArray[np.uint32], key: np.uint32, bits: int) -> Indices:
@@ -127,36 +117,11 @@ def _mix(values: npt.NDArray[np.uint32], key: np.uint32, bits: int) -> Indices:
     return values
 
 
-def hash_ngrams(text: str | bytes, n: int = NGRAM, bits: int = BITS, key: int = 0) -> Indices:
-    """Feature indices of the byte n-grams of ``text`` (n at most 8), in order.
-
-    Fibonacci hashing: an n-gram read as an integer, times the golden ratio;
-    the top bits of the product mix every byte.  4-grams, the ones used,
-    are read as 32-bit integers and multiplied modulo 2**32, in three
-    operations on the whole text.
-    """
-    data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-    if len(data) < n:
-        return np.zeros(0, dtype=np.uint32)
-    windows = len(data) - n + 1
-    if n == 4:
-        grams: npt.NDArray[np.uint32] = np.ndarray((windows,), dtype="<u4", buffer=data, strides=(1,)) + np.uint32(n)
-        return _mix(grams, np.uint32(key), bits)
-    octets = np.frombuffer(data, dtype=np.uint8)
-    wide = np.zeros(windows, dtype=np.uint64)
-    for i in range(n):
-        wide |= octets[i : i + windows].astype(np.uint64) << np.uint64(8 * i)
-    wide += np.uint64(n) + np.uint64(key)
-    wide *= _GOLDEN
-    wide >>= np.uint64(64 - bits)
-    return wide.astype(np.uint32)
-
-
 @attrs.frozen
 class Words:
     """The words of plain text (as :func:`~policyd.content.features.text_words` finds them), hashed.
 
-    :ivar data: the text in UTF-8.
+    :ivar data: the text in UTF-8, with one space before and after.
     :ivar starts: where each word starts in ``data``.
     :ivar ends: where each word ends in ``data``.
     :ivar hashes: a 32-bit hash of each word (not yet an index).
@@ -168,27 +133,30 @@ class Words:
     hashes: npt.NDArray[np.uint32]
 
     @classmethod
-    def of(cls, text: str) -> Words:
-        """The words of ``text``, found and hashed with a few numpy operations on the whole text."""
-        data = text.encode("utf-8", "surrogatepass")[:_MAX_TEXT_BYTES]
+    def of(cls, text: str | bytes) -> Words:
+        """The words of ``text`` (or of its UTF-8), found and hashed with a few numpy operations on the whole text.
+
+        The spaces around the text make every word start and end inside it:
+        no special case for a word at either end.
+        """
+        encoded = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+        data = b" " + encoded[:_MAX_TEXT_BYTES] + b" "
         octets = np.frombuffer(data, dtype=np.uint8)
-        inside = _WORD_BYTES[octets]
-        edges = np.flatnonzero(inside[1:] != inside[:-1]) + 1
-        if len(octets) and inside[0]:
-            edges = np.concatenate(([0], edges))
-        if len(edges) % 2:
-            edges = np.concatenate((edges, [len(octets)]))
-        if not len(edges):
-            empty = np.zeros(0, dtype=np.intp)
-            return cls(data, empty, empty, np.zeros(0, dtype=np.uint32))
+        # (byte + 1) * P**i for the bytes of words, 0 between them; a word is a run of terms that are not 0.
+        terms = _TERMS.take(octets)
+        inside = terms != 0
+        edges = np.flatnonzero(inside[1:] != inside[:-1])
+        edges += 1
         starts, ends = edges[0::2], edges[1::2]
-        # sum of (byte + 1) * P**i over a word, then times P**-start: the same for the same word anywhere.
-        terms = _TERMS[octets]
         terms *= _POWERS[: len(octets)]
-        hashes = np.add.reduceat(terms, starts, dtype=np.uint32)
-        hashes *= _INVERSES[starts]
+        # The sum over a word (a difference of running sums), times P**-start: the same for the same word anywhere.
+        sums = np.cumsum(terms, dtype=np.uint32)
+        hashes = sums.take(ends - 1)
+        hashes -= sums.take(starts - 1)
+        hashes *= _INVERSES.take(starts)
         lengths = ends - starts
-        kept = (lengths >= MIN_WORD) & (lengths <= MAX_WORD)
+        kept = lengths >= MIN_WORD
+        kept &= lengths <= MAX_WORD
         return cls(data, starts[kept], ends[kept], hashes[kept])
 
     def word(self, number: int) -> str:
@@ -201,54 +169,197 @@ class Words:
 
     def pair_indices(self, bits: int, count: int = PAIRED_WORDS) -> Indices:
         """Feature indices of the pairs of consecutive words among the first ``count + 1``."""
-        first = self.hashes[: count + 1]
-        pairs = first[:-1] * _PAIR_MULTIPLIER
-        pairs += first[1:]
-        return _mix(pairs, _PAIR_KEY, bits)
+        return _mix(_pairs(self.hashes, count), _PAIR_KEY, bits)
+
+
+def _pairs(hashes: npt.NDArray[np.uint32], count: int = PAIRED_WORDS) -> npt.NDArray[np.uint32]:
+    """32-bit hashes of the pairs of consecutive words among the first ``count + 1`` (not yet indices)."""
+    first = hashes[: count + 1]
+    pairs = first[:-1] * _PAIR_MULTIPLIER
+    pairs += first[1:]
+    return pairs
 
 
 @attrs.frozen
 class Vector:
-    """A message's features as indices, by kind (kept to say which weighed most).
+    """A message's features as indices, section after section (kept to say which weighed most).
 
-    :ivar sections: the indices of each kind, in :data:`SECTIONS` order.
+    :ivar indices: every index, repeats included, the kinds in :data:`SECTIONS` order.
+    :ivar sizes: how many indices of each kind.
     :ivar words: the words of the text.
     :ivar bare: the words of the text without accents (None: no accented word).
     """
 
-    sections: tuple[Indices, ...]
+    indices: Indices
+    sizes: tuple[int, ...]
     words: Words
     bare: Words | None
 
     def all(self) -> Indices:
         """Every index, repeats included, section after section."""
-        return np.concatenate(self.sections)
+        return self.indices
 
 
-#: The kinds of features, in the order of :attr:`Vector.sections` (an index
+#: The kinds of features, in the order of :attr:`Vector.indices` (an index
 #: that two kinds share is told as the first).
 SECTIONS = ("token", "word", "bare word", "phrase", "header", "text")
 _HEADER = SECTIONS.index("header")
 _TEXT = SECTIONS.index("text")
+_KEYS = np.array([0, _WORD_KEY, _WORD_KEY, _PAIR_KEY, _HEAD_KEY, _TEXT_KEY], dtype=np.uint32)
 
 
 def message_vector(features: Features, bits: int = BITS) -> Vector:
-    """The features of a message as indices, by kind."""
-    words = Words.of(features.text)
+    """The features of a message as indices, section after section.
+
+    Every kind's 32-bit values go into one array, are keyed by kind and
+    mixed into indices there (:func:`_mix`) at once: the cost of a numpy
+    call, not the work, is most of the time on common mail.
+    """
+    encoded = features.text.encode("utf-8", "surrogatepass")
+    words = Words.of(encoded)
     bare = None
     if not features.text.isascii():
         folded = unaccented(features.text)
         if folded != features.text:
             bare = Words.of(folded)
-    sections = (
-        hash_tokens(features.tokens, bits),
-        words.indices(bits),
-        bare.indices(bits) if bare is not None else np.zeros(0, dtype=np.uint32),
-        words.pair_indices(bits),
-        hash_ngrams(features.head, NGRAM, bits, int(_HEAD_KEY)),
-        hash_ngrams(words.data[:TEXT_BYTES], NGRAM, bits, int(_TEXT_KEY)),
-    )
-    return Vector(sections, words, bare)
+    head = features.head
+    text = encoded[:TEXT_BYTES]
+    tokens = features.tokens
+    try:
+        encoded_tokens = list(map(str.encode, tokens))
+    except UnicodeEncodeError:
+        # Header bytes that were not UTF-8 come as surrogate escapes.
+        encoded_tokens = [t.encode("utf-8", "surrogatepass") for t in tokens]
+    pairs = _pairs(words.hashes)
+    heads = max(len(head) - NGRAM + 1, 0)
+    texts = max(len(text) - NGRAM + 1, 0)
+    sizes = (len(tokens), len(words.hashes), 0 if bare is None else len(bare.hashes), len(pairs), heads, texts)
+    values = np.empty(sum(sizes), dtype=np.uint32)
+    end = sizes[0]
+    values[:end] = np.fromiter(map(zlib.crc32, encoded_tokens), dtype=np.uint32, count=end)
+    values[end : end + sizes[1]] = words.hashes
+    end += sizes[1]
+    if bare is not None:
+        values[end : end + sizes[2]] = bare.hashes
+        end += sizes[2]
+    values[end : end + sizes[3]] = pairs
+    end += sizes[3]
+    # The 4-grams of the header block and of the text's start, read as 32-bit integers.
+    if heads:
+        values[end : end + heads] = np.ndarray((heads,), dtype="<u4", buffer=head, strides=(1,))
+    if texts:
+        values[end + heads :] = np.ndarray((texts,), dtype="<u4", buffer=text, strides=(1,))
+    values ^= np.repeat(_KEYS, sizes)
+    values *= _GOLDEN32
+    values >>= np.uint32(32 - bits)
+    return Vector(values, sizes, words, bare)
+
+
+#: Most text bytes that :func:`batch_indices` hashes in one buffer (the powers it needs are kept).
+_BATCH_BYTES = 1 << 18
+_BATCH_POWERS = np.empty(_BATCH_BYTES, dtype=np.uint32)
+_BATCH_INVERSES = np.empty(_BATCH_BYTES, dtype=np.uint32)
+_BATCH_POWERS[0] = _BATCH_INVERSES[0] = 1
+_BATCH_POWERS[1:] = np.uint32(_POLY)
+_BATCH_INVERSES[1:] = np.uint32(pow(_POLY, -1, 1 << 32))
+np.multiply.accumulate(_BATCH_POWERS, out=_BATCH_POWERS)
+np.multiply.accumulate(_BATCH_INVERSES, out=_BATCH_INVERSES)
+
+
+def _word_hashes(data: bytes, powers: npt.NDArray[np.uint32], inverses: npt.NDArray[np.uint32]) -> tuple[
+        npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
+    """Where the words of ``data`` (text between spaces) start, and their hashes, as :meth:`Words.of` finds them."""
+    octets = np.frombuffer(data, dtype=np.uint8)
+    terms = _TERMS.take(octets)
+    inside = terms != 0
+    edges = np.flatnonzero(inside[1:] != inside[:-1])
+    edges += 1
+    starts, ends = edges[0::2], edges[1::2]
+    terms *= powers[: len(octets)]
+    sums = np.cumsum(terms, dtype=np.uint32)
+    hashes = sums.take(ends - 1)
+    hashes -= sums.take(starts - 1)
+    hashes *= inverses.take(starts)
+    lengths = ends - starts
+    kept = lengths >= MIN_WORD
+    kept &= lengths <= MAX_WORD
+    return starts[kept], hashes[kept]
+
+
+def _batch_grams(pieces: list[bytes], key: np.uint32, bits: int) -> tuple[Indices, list[list[int]]]:
+    """The 4-gram indices of pieces of bytes put end to end, and where each piece's own windows are."""
+    joined = b"".join(pieces)
+    sizes = np.fromiter(map(len, pieces), dtype=np.intp, count=len(pieces))
+    ends = np.cumsum(sizes) - (NGRAM - 1)
+    starts = ends - np.maximum(sizes - (NGRAM - 1), 0)
+    if len(joined) < NGRAM:
+        return np.zeros(0, dtype=np.uint32), [[0, 0]] * len(pieces)
+    grams = np.ndarray((len(joined) - NGRAM + 1,), dtype="<u4", buffer=joined, strides=(1,)) ^ key
+    grams *= _GOLDEN32
+    grams >>= np.uint32(32 - bits)
+    return grams, np.stack((starts, np.maximum(starts, ends)), axis=1).tolist()
+
+
+def batch_indices(batch: Sequence[Features], bits: int = BITS) -> list[Indices]:
+    """The indices of each message, as :func:`message_vector` gives them (in another order).
+
+    The same features, found and hashed by numpy calls on all the messages
+    at once: on common mail the cost of a numpy call, not the work done,
+    is most of the time, and a batch pays it once.
+    """
+    count = len(batch)
+    if not count:
+        return []
+    encoded = [f.text.encode("utf-8", "surrogatepass")[:_MAX_TEXT_BYTES] for f in batch]
+    # Every text between spaces, in one buffer, so a word never runs from one message into the next.
+    data = b" " + b"  ".join(encoded) + b" "
+    if len(data) > _BATCH_BYTES:
+        half = count // 2
+        if not half:
+            return [message_vector(batch[0], bits).indices]
+        return batch_indices(batch[:half], bits) + batch_indices(batch[half:], bits)
+    lengths = np.fromiter(map(len, encoded), dtype=np.intp, count=count)
+    text_ends = np.cumsum(lengths + 2) - 1
+
+    # Words, and pairs of consecutive words of one message among its first PAIRED_WORDS + 1.
+    starts, hashes = _word_hashes(data, _BATCH_POWERS, _BATCH_INVERSES)
+    owner = np.searchsorted(text_ends, starts)
+    word_offsets = np.searchsorted(owner, np.arange(count + 1))
+    rank = np.arange(len(owner)) - word_offsets[owner]
+    paired = (owner[1:] == owner[:-1]) & (rank[1:] <= PAIRED_WORDS)
+    pairs = hashes[:-1] * _PAIR_MULTIPLIER
+    pairs += hashes[1:]
+    pairs = pairs[paired]
+    pair_offsets = np.searchsorted(owner[:-1][paired], np.arange(count + 1))
+    words = _mix(hashes, _WORD_KEY, bits)
+    pairs = _mix(pairs, _PAIR_KEY, bits)
+
+    # The 4-grams of the header blocks, and of the texts' starts, each from one buffer: a message's
+    # windows are those that start and end in its piece (its last three bytes start none).
+    heads, head_offsets = _batch_grams([f.head for f in batch], _HEAD_KEY, bits)
+    texts, text_offsets = _batch_grams([text[:TEXT_BYTES] for text in encoded], _TEXT_KEY, bits)
+
+    # Tokens (CRC-32 of their UTF-8), keyed 0 like message_vector's.
+    flat = [token for f in batch for token in f.tokens]
+    try:
+        encoded_tokens = list(map(str.encode, flat))
+    except UnicodeEncodeError:
+        encoded_tokens = [t.encode("utf-8", "surrogatepass") for t in flat]
+    tokens = np.fromiter(map(zlib.crc32, encoded_tokens), dtype=np.uint32, count=len(flat))
+    tokens = _mix(tokens, np.uint32(0), bits)
+    token_offsets = list(itertools.accumulate((len(f.tokens) for f in batch), initial=0))
+
+    found = []
+    bounds = zip(token_offsets, token_offsets[1:], word_offsets.tolist(), word_offsets[1:].tolist(),
+                 pair_offsets.tolist(), pair_offsets[1:].tolist(), head_offsets, text_offsets, strict=False)
+    for features, (t0, t1, w0, w1, p0, p1, (h0, h1), (x0, x1)) in zip(batch, bounds, strict=True):
+        kinds = [tokens[t0:t1], words[w0:w1], pairs[p0:p1], heads[h0:h1], texts[x0:x1]]
+        if not features.text.isascii():
+            folded = unaccented(features.text)
+            if folded != features.text:
+                kinds.append(Words.of(folded).indices(bits))
+        found.append(np.concatenate(kinds))
+    return found
 
 
 def distinct(indices: Indices) -> Indices:
@@ -342,11 +453,15 @@ class Model:
         """The raw linear score of a vector."""
         if not len(indices):
             return self.bias
-        return float(self.weights[indices].sum()) / math.sqrt(len(indices)) + self.bias
+        return float(self.weights.take(indices).sum()) / math.sqrt(len(indices)) + self.bias
 
     def points(self, features: Features) -> float:
         """Content points of a message: calibrated log2-odds of spam."""
         return self.assess(features, 0)[0]
+
+    def points_many(self, batch: Sequence[Features]) -> list[float]:
+        """Content points of several messages (:meth:`points` of each; the features hashed together)."""
+        return [self.to_points(self.margin(distinct(indices))) for indices in batch_indices(batch, self.bits)]
 
     def to_points(self, margin: float) -> float:
         """Points for a raw margin."""
@@ -386,7 +501,7 @@ class Model:
         count = len(first)
         if not count:
             return []
-        sizes = [len(section) for section in vector.sections]
+        sizes = list(vector.sizes)
         offsets = np.cumsum([0, *sizes[:-1]])
         kind = np.repeat(np.arange(len(sizes), dtype=np.int8), sizes)[first]
         # Every feature is its own reason, but header 4-grams add up by the

@@ -179,6 +179,22 @@ class ContentScorer:
         found, body = content.split_message(raw[: self.max_bytes])
         return self.score_message(found if headers is None else headers, body, client, explain, explain_at)
 
+    def score_many(self, raws: Sequence[bytes]) -> list[Score]:
+        """The scores of several messages as bytes, without reasons (:meth:`score` with ``explain=0`` of each).
+
+        Their features are hashed by numpy together
+        (:meth:`~policyd.content.classifier.Model.points_many`), much faster
+        than one by one for a command that scores many files.
+        """
+        found = [content.split_message(raw[: self.max_bytes]) for raw in raws]
+        features = [content.message_features(headers, body) for headers, body in found]
+        scores = []
+        for (headers, _), message, points in zip(found, features, self.model.points_many(features), strict=True):
+            network, network_reasons = self.network_points(headers)
+            scores.append(Score(round(points + network, 3), round(points, 3), network, network_reasons, (),
+                                message.subject))
+        return scores
+
     def score_message(
         self,
         headers: Sequence[tuple[str, str]],

@@ -15,9 +15,9 @@ For each: (1-ROCA)%, spam caught at 0.1% and 1% ham false positives, ham
 flagged and spam missed at each one's own verdict (policyd: ``content.tag_at``
 5 points; baseline: even odds), and training and scoring speed in messages
 per second of CPU time on one core (policyd scores as ``policyd score
---json`` does: MIME parsing, features, score and its reasons).
+--json`` does: MIME parsing, features and score, messages in batches).
 
-``--save PATH`` then trains on every stream whole and writes the model
+``--save PATH`` first trains on every stream whole and writes the model
 there (that is how ``policyd/models/default.model`` is made).
 """
 
@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from policyd.cli.content import BATCH
 from policyd.content import classifier, training
 from policyd.content import features as content
 from policyd.content.classifier import Model
@@ -55,13 +56,19 @@ def timed(work: Callable[[], T]) -> tuple[T, float]:
     return result, max(time.process_time() - started, 1e-9)
 
 
+def score_as_the_command(scorer: ContentScorer, test: Sequence[corpus.Message]) -> list[float]:
+    """The points of ``test`` as ``policyd score --json`` gives them (no reasons, scored in batches)."""
+    batch = BATCH
+    return [s.points for start in range(0, len(test), batch)
+            for s in scorer.score_many([m.raw for m in test[start : start + batch]])]
+
+
 def policyd_run(train: Sequence[corpus.Message], test: Sequence[corpus.Message]) -> dict[str, object]:
     """Train policyd's classifier on ``train`` as ``policyd train`` does; score ``test`` as ``score --json``."""
     model, train_seconds = timed(
         lambda: classifier.train((content.extract(m.raw), m.spam) for m in train)
     )
-    scorer = ContentScorer(model, None)
-    scores, score_seconds = timed(lambda: [scorer.score(m.raw, explain=8).points for m in test])
+    scores, score_seconds = timed(lambda: score_as_the_command(ContentScorer(model, None), test))
     return {"scores": scores, "threshold": TAG_AT, "train": len(train) / train_seconds,
             "score": len(test) / score_seconds, "model": model}
 
@@ -72,8 +79,7 @@ def learned_run(train: Sequence[corpus.Message], test: Sequence[corpus.Message])
     model, train_seconds = timed(
         lambda: training.learn(shipped, ((content.extract(m.raw), m.spam) for m in train))
     )
-    scorer = ContentScorer(model, None)
-    scores, score_seconds = timed(lambda: [scorer.score(m.raw, explain=8).points for m in test])
+    scores, score_seconds = timed(lambda: score_as_the_command(ContentScorer(model, None), test))
     return {"scores": scores, "threshold": TAG_AT, "train": len(train) / train_seconds,
             "score": len(test) / score_seconds, "model": model}
 
@@ -160,15 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     streams = corpus.streams(options.cache)
-    for stream in streams:
-        evaluate(stream)
     if options.save is not None:
+        # Written first: the feedback protocol's "learn onto the shipped model" row then uses it.
         everything = [m for s in streams for m in s.messages]
         final = classifier.train((content.extract(m.raw), m.spam) for m in everything)
         final.info["corpus"] = "; ".join(f"{s.title} (all of it)" for s in streams)
         final.save(options.save)
-        print(f"\nwrote {options.save} ({options.save.stat().st_size // 1024} KB), "
+        print(f"wrote {options.save} ({options.save.stat().st_size // 1024} KB), "
               f"trained on {len(everything)} messages")
+    for stream in streams:
+        evaluate(stream)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mailbox
 import random
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -121,12 +122,52 @@ def test_training_needs_both_classes() -> None:
 
 
 def test_hashing_is_stable_and_bounded() -> None:
-    """Feature indices do not depend on the process (CRC-32, fixed multiplier) and fit the table."""
-    assert classifier.hash_tokens(["gratuit"], 20).tolist() == [0x64F5A799 & 0xFFFFF]
-    grams = classifier.hash_ngrams("abcdef", 4, 10)
-    assert len(grams) == 3 and grams.min() >= 0 and grams.max() < 1024
-    assert classifier.hash_ngrams("abc", 4, 10).size == 0
-    assert classifier.hash_ngrams("abcdef", 4, 10).tolist() == grams.tolist()
+    """Feature indices do not depend on the process (CRC-32, fixed multipliers) and fit the table."""
+    token = (zlib.crc32(b"gratuit") * 0x9E3779B1 % (1 << 32)) >> (32 - 20)
+    assert classifier.vectorize(content.Features(("gratuit",), ""), 20).tolist() == [token]
+    indices = classifier.vectorize(content.extract(mail(SPAM_WORDS, "GAGNEZ", "promo.example.biz")), 10)
+    assert len(indices) and indices.min() >= 0 and indices.max() < 1024
+    assert classifier.vectorize(content.Features((), ""), 10).size == 0
+
+
+def test_batches_give_each_message_its_own_features() -> None:
+    """Hashed together (policyd score --json), each message gets exactly the indices it gets alone."""
+    raws = [raw for raw, _ in corpus(seed=11, each=5)] + [
+        b"",
+        b"Subject: \xc3\xa9t\xc3\xa9\n\nl'argent \xc3\xa9t\xc3\xa9 facile, gagn\xc3\xa9 ! " + b"caf\xc3\xa9 " * 900,
+        b"X-Odd: \xff\xfe\n\nab",
+        b"Subject: x\n\n" + b"word " * 20_000,
+        b"From: a@b.example\n\n",
+    ]
+    batch = [content.extract(raw) for raw in raws]
+    for features, indices in zip(batch, classifier.batch_indices(batch), strict=True):
+        alone = classifier.message_vector(features).all()
+        assert np.array_equal(np.sort(indices), np.sort(alone))
+    model = classifier.train(((content.extract(raw), spam) for raw, spam in corpus()), bits=16)
+    assert model.points_many(batch) == pytest.approx([model.points(f) for f in batch])
+    assert model.points_many([]) == []
+    # More text than one buffer takes (3-byte characters) is hashed in smaller batches, alike.
+    wide = [content.extract(f"Subject: {n}\n\n{'漢字 ' * 3000}".encode()) for n in range(20)]
+    for features, indices in zip(wide, classifier.batch_indices(wide), strict=True):
+        assert np.array_equal(np.sort(indices), np.sort(classifier.message_vector(features).all()))
+
+
+def test_scoring_many_messages_is_scoring_each() -> None:
+    """ContentScorer.score_many (policyd score --json) gives what score gives each message without reasons."""
+    from policyd.content.scorer import ContentScorer
+
+    model = classifier.train(((content.extract(raw), spam) for raw, spam in corpus()), bits=16)
+    scorer = ContentScorer(model, None)
+    raws = [raw for raw, _ in corpus(seed=12, each=4)] + [b"", b"Subject: x\n\nbody\n"]
+    assert scorer.score_many(raws) == [scorer.score(raw, explain=0) for raw in raws]
+
+
+def test_the_scorer_reads_the_header_secret_the_checks_write() -> None:
+    """policyd score finds the header secret without importing the checks: the same file name."""
+    from policyd.checks import network_header
+    from policyd.content import scorer
+
+    assert scorer.SECRET_NAME == network_header.SECRET_NAME
 
 
 def test_empty_model_is_neutral() -> None:

@@ -174,6 +174,18 @@ def test_read_mail_from_maildir_folder_and_mbox(tmp_path: Path) -> None:
     assert [w for w, _ in content.read_mail(single)] == [str(single)]
 
 
+def test_message_paths_are_the_message_files(tmp_path: Path) -> None:
+    """The strings policyd score walks are the files training reads, in the same order."""
+    for folder in ("a", "a/.hidden", "a/tmp", "b", "box/cur", "box/new", "box/tmp"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    for file in ("a/2", "a/1", "a/.x", "a/tmp/3", "a/.hidden/4", "b/5", "box/cur/7", "box/new/6", "box/tmp/8"):
+        (tmp_path / file).write_bytes(b"Subject: x\n\n")
+    for root in (tmp_path, tmp_path / "box"):
+        assert list(content.message_paths(str(root))) == [str(p) for p in content.message_files(root)]
+    assert [p[len(str(tmp_path)) + 1 :] for p in content.message_paths(str(tmp_path))] == [
+        "a/1", "a/2", "b/5", "box/cur/7", "box/new/6"]
+
+
 def test_html_to_text_keeps_links_and_visible_text() -> None:
     """Comments, scripts and tags go; entities are decoded; links are returned."""
     text, links, tags = content.html_to_text(
