@@ -194,6 +194,8 @@ class OutboundQuota:
         self._reasons: dict[int, str] = {}
         #: Notification addresses by account, worked out once per configuration.
         self._notify: dict[str, tuple[str, ...]] = {}
+        #: Whether recipients' domains (as written) are local, worked out once per configuration.
+        self._local_domains: dict[str, bool] = {}
         self.on_error = ON_ERROR[config.store.on_error]
         self.blocked_word = "REJECT" if outbound.blocked_action == "reject" else "DEFER"
         self.blocked_code = "5.7.1" if outbound.blocked_action == "reject" else "4.7.1"
@@ -273,12 +275,11 @@ class OutboundQuota:
             return Verdict(DUNNO, self.name, account, f"not counted at {state or '?'}")
         if not account:
             return Verdict(DUNNO, self.name, "-", "no account")
-        domain = domain_of(request.get("recipient"))
         now = self.clock.seconds()
         self._refresh(now)
         if login:
             self._note(account, now)
-        if domain is None or domain in self.local_domains:
+        if self._is_local(request.get("recipient")):
             return self._local(account, now)
         instance = request.get("instance")
         if self.give_back:
@@ -315,6 +316,17 @@ class OutboundQuota:
         admitted.addCallbacks(self._admitted, self._store_failed, callbackArgs=(charge,), errbackArgs=(charge,))
         return admitted  # type: ignore[return-value]
 
+    def _is_local(self, recipient: str) -> bool:
+        """Whether a recipient is ours (or has no domain): worked out once per domain as written."""
+        written = recipient.rpartition("@")[2]
+        local = self._local_domains.get(written)
+        if local is None:
+            if len(self._local_domains) >= MAX_CACHED:  # bounded: forget and start again
+                self._local_domains.clear()
+            domain = domain_of(recipient)
+            local = self._local_domains[written] = domain is None or domain in self.local_domains
+        return local
+
     def _local(self, account: str, now: float) -> Deferred[Verdict]:
         """A local recipient never counts, but a blocked account still cannot send."""
         looked_up = self.store.block_of(account, now=now)
@@ -335,7 +347,8 @@ class OutboundQuota:
     def _recipients(self, account: str) -> tuple[str, ...]:
         """Who hears of a block of ``account``, worked out once per account (once per
         domain when the user is not told)."""
-        key = account if self.config.notify.notify_user else domain_of(account) or ""
+        # Accounts with the same text after "@" have the same domain contact.
+        key = account if self.config.notify.notify_user else account.rpartition("@")[2]
         found = self._notify.get(key)
         if found is None:
             if len(self._notify) >= MAX_CACHED:  # bounded: forget and start again

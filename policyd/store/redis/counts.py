@@ -54,8 +54,9 @@ class RedisCounts(RedisConnection):
         own answer.
         """
         waiting: Deferred[Admission] = Deferred()
-        self._admits.append((charge, waiting))
-        if len(self._admits) == 1:
+        admits = self._admits
+        admits.append((charge, waiting))
+        if len(admits) == 1:
             asyncio.get_running_loop().call_soon(self._send_admits)
         return waiting
 
