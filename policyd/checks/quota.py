@@ -249,12 +249,14 @@ class OutboundQuota:
         The accounts noted are kept in two sets, this hour's and the last
         one's, so memory holds the accounts of two hours at most.
         """
-        if account in self._noted or account in self._noted_before:
-            return
-        if now >= self._noted_until or len(self._noted) >= MAX_NOTED:
+        if now >= self._noted_until:
             self._noted_before = self._noted if now < self._noted_until + NOTE_EVERY else set()
             self._noted = set()
             self._noted_until = now + NOTE_EVERY
+        if account in self._noted or account in self._noted_before:
+            return
+        if len(self._noted) >= MAX_NOTED:
+            self._noted_before, self._noted = self._noted, set()
         self._noted.add(account)
         self.store.note_account(account, now=now).addErrback(
             lambda f: log.error("could not note account %s: %s", account, f.getErrorMessage())
