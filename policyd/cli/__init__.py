@@ -20,7 +20,6 @@ import click
 from policyd.cli import common
 from policyd.cli.common import say
 from policyd.errors import PolicydError
-from policyd.logs import under_journald
 
 __all__ = ["cli", "main"]
 
@@ -56,6 +55,8 @@ def __getattr__(name: str) -> Any:
 
 def _error_priority() -> str:
     """``<3>`` when standard error goes to journald, so a daemon's start-up error is filed as an error."""
+    from policyd.logs import under_journald
+
     return "<3>" if under_journald(sys.stderr) else ""
 
 

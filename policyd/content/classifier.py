@@ -459,9 +459,24 @@ class Model:
         """Content points of a message: calibrated log2-odds of spam."""
         return self.assess(features, 0)[0]
 
+    def margin_of(self, indices: Indices) -> float:
+        """:meth:`margin` of the distinct values of ``indices``, without making them.
+
+        The weights of the sorted indices are summed but for repeats (a dot
+        product with where each value is new): a boolean selection of the
+        distinct ones would cost a quarter of the time of a score.
+        """
+        if not len(indices):
+            return self.bias
+        ordered = np.sort(indices)
+        new = ordered[1:] != ordered[:-1]
+        weights = self.weights.take(ordered)
+        total = float(weights[0]) + float(np.dot(weights[1:], new))
+        return total / math.sqrt(int(np.count_nonzero(new)) + 1) + self.bias
+
     def points_many(self, batch: Sequence[Features]) -> list[float]:
         """Content points of several messages (:meth:`points` of each; the features hashed together)."""
-        return [self.to_points(self.margin(distinct(indices))) for indices in batch_indices(batch, self.bits)]
+        return [self.to_points(self.margin_of(indices)) for indices in batch_indices(batch, self.bits)]
 
     def to_points(self, margin: float) -> float:
         """Points for a raw margin."""
@@ -475,9 +490,9 @@ class Model:
         vector = message_vector(features, self.bits)
         every = vector.all()
         if not top:
-            return self.to_points(self.margin(distinct(every))), []
+            return self.to_points(self.margin_of(every)), []
         indices, first = first_of_each(every)
-        points = self.to_points(self.margin(indices))
+        points = self.to_points(self.margin_of(every))  # exactly the points given without reasons
         if explain_at is not None and points < explain_at:
             return points, []
         return points, self._reasons(features, vector, self.weights[indices].astype(np.float64), first, top)
