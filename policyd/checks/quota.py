@@ -278,15 +278,16 @@ class OutboundQuota:
         if not account:
             return Verdict(DUNNO, self.name, "-", "no account")
         now = self.clock.seconds()
-        self._refresh(now)
-        if login:
+        if now >= self._next_refresh:
+            self._refresh(now)
+        if login and (account not in self._noted or now >= self._noted_until):
             self._note(account, now)
         if self._is_local(request.get("recipient")):
             return self._local(account, now)
         instance = request.get("instance")
         if self.give_back:
             self._track(request.session, account, instance, now)
-        limit = self.limit_of(account, now)
+        limit = self.limit_of(account, now) if self.exemptions else self.overrides.get(account, self.limit)
         reason = self._reasons.get(limit)
         if reason is None:
             reason = self._reasons[limit] = self.texts.render(
