@@ -63,7 +63,10 @@ The client is redis-py's ``redis.asyncio`` running on Twisted's asyncio
 reactor.  Each operation is bounded by ``deadline`` with
 :func:`asyncio.wait_for`; a Redis error or a timeout fails the Deferred with
 :class:`~policyd.errors.StoreError`.  After an outage the pool reconnects on
-the next command: nothing needs restarting.
+the next command: nothing needs restarting.  Admissions, the hot path, are
+batched per turn of the event loop into one call of the admit script, sent
+for ``redis://`` and ``unix://`` URLs on a connection of the store's own on
+the reactor (:mod:`policyd.store.redis.wire`), with the same deadline.
 """
 
 from __future__ import annotations
