@@ -146,8 +146,10 @@ def score(paths: tuple[str, ...], top: int | None, as_json: bool) -> None:
                 names.append(name)
                 raws.append(raw)
             for name, result in zip(names, scorer.score_many(raws), strict=True):
-                write(json_line({"path": name, "score": result.points, "spam": result.points >= tag_at,
-                                 "content": result.content, "network": result.network, "reasons": []}) + "\n")
+                # json_line's object, keys in its order, written without building it (floats as repr, as json).
+                spam = "true" if result.points >= tag_at else "false"
+                write(f'{{"content":{result.content!r},"network":{result.network!r},"path":{json_line(name)},'
+                      f'"reasons":[],"score":{result.points!r},"spam":{spam}}}\n')
         sys.stdout.flush()
     for shown, file in () if as_json and not explain else _messages_to_score(paths):
         raw = _read(shown, file)

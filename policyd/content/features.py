@@ -125,9 +125,9 @@ _HIDDEN_END = {
     "script": re.compile(r"</script\s*>", re.IGNORECASE),
     "style": re.compile(r"</style\s*>", re.IGNORECASE),
 }
-# A tag holds no "<": a stray "<" is text, and the search stays linear.
-_TAG = re.compile(r"<[^<>]*+>")
-_TAG_NAME = re.compile(r"<\s*([a-zA-Z][a-zA-Z0-9]*)")
+# A tag holds no "<": a stray "<" is text.  Its name, if it has one, and the rest (its attributes);
+# possessive, so the search stays linear.
+_TAG_PARTS = re.compile(r"<(?:\s*+([a-zA-Z][a-zA-Z0-9]*+)([^<>]*+)|[^<>]*+)>")
 _SPACE = re.compile(r"\s+")
 _PATH = re.compile(r"[/?#\\]")
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
@@ -246,11 +246,10 @@ def html_to_text(markup: str) -> tuple[str, list[str], list[str]]:
     """Reduce HTML to its visible text; also return its links (lower-cased) and its tag names.
 
     Comments, scripts and style sheets are dropped (one left open hides the
-    rest, as in a browser), then tags.  Time is linear in the length of the
-    markup, whatever it holds.
+    rest, as in a browser), then tags, by one regular expression that also
+    gives each tag's name and attributes (where the links are).  Time is
+    linear in the length of the markup, whatever it holds.
     """
-    links = _HREF.findall(markup.lower())
-    tags = [t.lower() for t in _TAG_NAME.findall(markup[:200_000])]
     shown = []
     position = 0
     while (start := _HIDDEN.search(markup, position)) is not None:
@@ -262,8 +261,15 @@ def html_to_text(markup: str) -> tuple[str, list[str], list[str]]:
             break
         position = end.end()
     shown.append(markup[position:])
-    text = _TAG.sub(" ", " ".join(shown))
-    return html.unescape(text), links, tags
+    # Text, tag name, attributes, text, ...: a tag without a name gives None twice.
+    pieces = _TAG_PARTS.split(" ".join(shown))
+    text = " ".join(pieces[0::3])
+    tags = [name.lower() for name in pieces[1::3] if name]
+    links = _HREF.findall(" ".join([a for a in pieces[2::3] if a]).lower())
+    if "&" in text:
+        # The most common entity by str.replace: html.unescape calls Python for each one.
+        text = html.unescape(text.replace("&nbsp;", "\xa0"))
+    return text, links, tags
 
 
 def _payload_text(payload: bytes, charset: str | None) -> str:
