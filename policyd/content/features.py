@@ -115,7 +115,10 @@ _TYPOGRAPHY_PAIRS = (("\u2019", "'"), ("\u2018", "'"), ("\u02bc", "'"), ("\u00b4
 # A word of plain text, as the classifier's byte classes find it: ASCII
 # letters and digits, and any other character.
 _TEXT_WORD = re.compile(r"[a-z0-9\u0080-\U0010ffff]+")
-_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()\[\]{}]+")
+# Links in text: two patterns that each start with a literal, which the search skips to (one
+# with an alternation is tried at every character); a "www." link after "http://" is found twice.
+_URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]+")
+_WWW = re.compile(r"www\.[^\s<>\"'()\[\]{}]+")
 # Applied to lower-cased markup: a case-insensitive search would be several times slower.
 _HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
 # Where hidden markup starts (a comment, a script, a style sheet), and where each ends.
@@ -504,14 +507,14 @@ def message_features(
         if ctype == "text/plain" and not filename:
             kinds.add("plain")
             if length < WORD_CHARS:
-                texts.append(_payload_text(part.payload()[:PART_BYTES], charset))
+                texts.append(_payload_text(part.payload()[:PART_BYTES], charset).rstrip())
                 length += len(texts[-1])
         elif ctype == "text/html" and not filename:
             kinds.add("html")
             if length >= WORD_CHARS:
                 continue
             text, links, tags = html_to_text(_payload_text(part.payload()[:PART_BYTES], charset))
-            texts.append(text)
+            texts.append(text.rstrip())
             length += len(text)
             urls.extend(links)
             tokens.extend(f"html:{tag}" for tag in dict.fromkeys(tags))
@@ -526,6 +529,8 @@ def message_features(
         body_text = body_text[:WORD_CHARS]
     lowered = body_text.lower()
     urls.extend(_URL.findall(lowered))
+    if "www." in lowered:
+        urls.extend(_WWW.findall(lowered))
     # The same link repeated gives the same tokens: each is looked at once.
     tokens.extend(url_tokens(dict.fromkeys(urls[:500])))
     add(f"meta:urls-{_bucket(len(urls))}")
@@ -534,8 +539,11 @@ def message_features(
         add("meta:body-shouting")
 
     unique = tuple(dict.fromkeys(tokens))[:MAX_TOKENS]
-    # Collapsing blanks never lengthens text.
-    text = plain_text(" ".join(f"{subject}\n{lowered}".split())[:WORD_CHARS])
+    # Blanks are kept as they are (words and n-grams need no collapsing), but line ends are LF, as
+    # in a file, whatever the MTA sent, and a part's text ends with its last visible character.
+    if "\r" in lowered:
+        lowered = lowered.replace("\r\n", "\n")
+    text = plain_text(f"{subject}\n{lowered}"[:WORD_CHARS])
     return Features(unique, text, subject, head)
 
 
