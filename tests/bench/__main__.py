@@ -57,6 +57,7 @@ from tests.bench import peers as bench_peers
 from tests.bench import postfix as bench_postfix
 from tests.bench.postfix import (
     FLOOR_MILTER_ROW,
+    FLOOR_PAIR_ROW,
     FLOOR_POLICY_ROW,
     FULL_ROW,
     INBOUND_ALONE_ROW,
@@ -457,6 +458,13 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
             ours = own.get("policyd serve", 0.0) + (own.get("policyd milter", 0.0) if full else 0.0)
             share = round(100 * ours / postfix_ms, 1)
             check("CPU of policy + milter per message vs Postfix's own (%)", share, share < 15, "< 15 %")
+    pair = next((p for p in postfix if p["target"] == FLOOR_PAIR_ROW), None)
+    if full and pair and pair.get("server_cpu_ms_per_msg"):
+        # Round two: Postfix's CPU (all of CPU 0) per message with policyd's policy and milter,
+        # against the raw Twisted policy responder and raw Twisted milter together.
+        value = ratio(full["server_cpu_ms_per_msg"], pair["server_cpu_ms_per_msg"])
+        check("CPU per message of policy + milter vs the twisted floor pair", value,
+              value is not None and value <= 1.25, "<= 1.25x")
     floor_milter = next((p for p in postfix if p["target"] == FLOOR_MILTER_ROW), None)
     if alone and floor_milter and alone["msg_per_s"]:
         # Not a goal: what a milter that does nothing costs, Postfix's own milter handling included.

@@ -37,6 +37,8 @@ PASSWORD = "bench-secret"
 #: Names of the configurations the requirements compare.
 FLOOR_POLICY_ROW = "postfix + twisted floor as policy"
 FLOOR_MILTER_ROW = "postfix + twisted floor as milter"
+#: The raw Twisted policy responder and the raw Twisted milter together: the floor of policy + milter.
+FLOOR_PAIR_ROW = "postfix + twisted floor pair"
 FULL_ROW = "postfix + policyd policy + milter"
 INBOUND_ALONE_ROW = "postfix port 25 alone"
 INBOUND_FULL_ROW = "port 25 + policyd policy + milter"
@@ -246,12 +248,17 @@ def measure(policy_server: Callable[[], AbstractContextManager[int]], *, message
 
         try:
             postfix("postfix alone")
+            floor_port = None
             if floor is not None:
-                postfix(FLOOR_POLICY_ROW, policy_port=stack.enter_context(floor()))
+                floor_port = stack.enter_context(floor())
+                postfix(FLOOR_POLICY_ROW, policy_port=floor_port)
             port = stack.enter_context(policy_server())
             postfix("postfix + policyd policy", policy_port=port)
             if floor_milter is not None:
-                postfix(FLOOR_MILTER_ROW, milters=stack.enter_context(floor_milter()))
+                floor_milters = stack.enter_context(floor_milter())
+                postfix(FLOOR_MILTER_ROW, milters=floor_milters)
+                if floor_port is not None:
+                    postfix(FLOOR_PAIR_ROW, policy_port=floor_port, milters=floor_milters)
             if milter is not None:
                 milters = stack.enter_context(milter())
                 postfix(FULL_ROW, policy_port=port, milters=milters)
