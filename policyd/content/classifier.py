@@ -489,12 +489,10 @@ class Model:
         """
         vector = message_vector(features, self.bits)
         every = vector.all()
-        if not top:
-            return self.to_points(self.margin_of(every)), []
-        indices, first = first_of_each(every)
-        points = self.to_points(self.margin_of(every))  # exactly the points given without reasons
-        if explain_at is not None and points < explain_at:
+        points = self.to_points(self.margin_of(every))
+        if not top or (explain_at is not None and points < explain_at):
             return points, []
+        indices, first = first_of_each(every)
         return points, self._reasons(features, vector, self.weights[indices].astype(np.float64), first, top)
 
     def explain(self, features: Features, top: int = 10) -> list[Reason]:
