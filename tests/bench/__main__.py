@@ -481,7 +481,7 @@ def requirements(rows: list[dict[str, Any]], postfix: list[dict[str, Any]],
         peak = round(max(row["rss_mib"]), 1)
         check(f"{row['target']}: RSS (MiB)", peak, peak <= MEMORY_BOUND_MIB, f"<= {MEMORY_BOUND_MIB} MiB")
         growth = row["growth_mib_per_pass"]
-        check(f"{row['target']}: RSS growth per pass after the first (MiB)", growth,
+        check(f"{row['target']}: RSS growth per pass after the second (MiB)", growth,
               growth is not None and growth <= MEMORY_FLAT_MIB, f"<= {MEMORY_FLAT_MIB} MiB")
     return checks
 
@@ -679,7 +679,8 @@ def main() -> None:
 
 #: The most a policy server may hold with the memory run's accounts in its window.
 MEMORY_BOUND_MIB = 150
-#: The most its memory may grow per pass once every account has been seen.
+#: The most its memory may grow per pass once every account has been seen twice
+#: (the window keeps 8 bytes per recipient: 0.8 MB per pass of 100,000).
 MEMORY_FLAT_MIB = 2.0
 
 
@@ -714,7 +715,8 @@ def memory_part(work: Path, args: argparse.Namespace, redis_port: int | None) ->
         except (AssertionError, OSError) as error:
             rows.append({"target": target, "unavailable": str(error)[:200]})
             continue
-        later = rss[1:]
+        # From the second pass on: every account has been seen and has sent twice.
+        later = rss[2:]
         growth = round((later[-1] - later[0]) / (len(later) - 1), 2) if len(later) > 1 else None
         rows.append({"target": target, "rss_mib": [round(r, 1) for r in rss], "rps": rates,
                      "growth_mib_per_pass": growth, "bad": bad})
@@ -741,8 +743,8 @@ def memory_lines(memory: list[dict[str, Any]]) -> list[str]:
                      f"{fmt(row['growth_mib_per_pass'], 8, 2)} "
                      f"{fmt(round(statistics.median(rates[1:] or rates)) if rates else None, 7)} "
                      f"{row['bad']:4}")
-    lines.append("per pass: RSS growth per pass after the first, when every account is in the window; "
-                 "req/s: median of the passes after the first")
+    lines.append("per pass: RSS growth per pass from the end of the second pass on (every account in the "
+                 "window, every structure made); req/s: median of the passes after the first")
     return lines
 
 
