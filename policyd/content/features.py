@@ -145,7 +145,7 @@ _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _HEAD_END = re.compile(rb"\n\r?\n")
 _FIELDS_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
 # Each match starts where the last ended, at the start of a line: no "^" to try at every byte.
-_FIELD_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*: ?([^\n]*(?:\n[ \t][^\n]*)*)\n")
+_FIELD_TEXT = re.compile(r"([\x21-\x39\x3b-\x7e]+)[ \t]*: ?([^\n]*(?:\n[ \t][^\n]*)*)\n")
 #: Second-level labels under which registrations happen (co.uk, com.fr, ...).
 _SECOND_LEVEL = frozenset({"co", "com", "net", "org", "gov", "ac", "edu", "gouv", "asso", "ne", "or"})
 # Bytes that are not ASCII letters, and not upper-case ones, deleted to count the rest.
@@ -205,10 +205,9 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     if b"\r" in block:
         block = block.replace(b"\r\n", b"\n")
     if _FIELDS_BLOCK.fullmatch(block):
-        return (
-            [(name.decode("ascii"), value.decode("utf-8", "surrogateescape")) for name, value in _FIELD_LINE.findall(block)],
-            raw[end.end() :] if end else b"",
-        )
+        # Decoded once, whole: names and line ends are ASCII, so no character spans two values.
+        fields = _FIELD_TEXT.findall(block.decode("utf-8", "surrogateescape"))
+        return fields, raw[end.end() :] if end else b""
     return _split_slowly(raw)
 
 
