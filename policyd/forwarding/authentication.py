@@ -39,7 +39,15 @@ from twisted.internet.interfaces import IReactorTime
 
 from policyd.forwarding import dmarc as dmarc_
 from policyd.forwarding.arc import chain_status, message_bytes
-from policyd.forwarding.lookups import Answer, Deadline, DnsTempError, Lookup, txt_lookup
+from policyd.forwarding.lookups import (
+    Answer,
+    Deadline,
+    DnsTempError,
+    Known,
+    Lookup,
+    txt_lookup,
+    with_known,
+)
 from policyd.protocols.milter import ACCEPT, REJECT, Verdict, change_header, insert_header
 from policyd.protocols.milter_message import MilterMessage
 from policyd.reactor import RunBlocking
@@ -396,6 +404,26 @@ def authenticate(arrival: Arrival, lookup: Lookup, receiver: str = "unknown") ->
     return Results(spf_results, dkim_results, found, arc)
 
 
+def names_to_ask(arrival: Arrival) -> list[tuple[str, str]]:
+    """The (name, kind) look-ups every check of this message starts with: the SPF records of MAIL FROM
+    and HELO, the DMARC record of the From domain, the key of each DKIM signature."""
+    names = []
+    helo = arrival.helo.strip().rstrip(".").lower()
+    if arrival.client_address:
+        for domain in (_domain(arrival.sender), helo if "." in helo else ""):
+            if _safe(domain):
+                names.append((domain, "TXT"))
+    domain = from_domain(arrival.headers)
+    if _safe(domain):
+        names.append((f"_dmarc.{domain}", "TXT"))
+    for value in [v for n, v in arrival.headers if n.lower() == "dkim-signature"][:MAX_SIGNATURES]:
+        tags = _tags(value)
+        d, s = tags.get("d", "").lower(), tags.get("s", "")
+        if _safe(d) and _safe(s):
+            names.append((f"{s}._domainkey.{d}", "TXT"))
+    return list(dict.fromkeys(names))
+
+
 def unchecked(arrival: Arrival) -> Results:
     """The results of a message whose checks did not finish in time: every one ``temperror``."""
     spf_results = [SpfResult("temperror", "mailfrom", arrival.sender, _domain(arrival.sender))]
@@ -422,6 +450,9 @@ class Authenticator:
     :param run_blocking: where the checks run (the thread pool in the milter).
     :param clock: for the deadline.
     :param deadline: seconds the checks of one message may take (``dns.deadline``).
+    :param prefetch: asks the names every message needs at once before the checks
+        start (:meth:`policyd.forwarding.lookups.BlockingDns.prefetch`); None: the
+        checks ask for each in turn.
     """
 
     def __init__(
@@ -431,7 +462,9 @@ class Authenticator:
         run_blocking: RunBlocking,
         clock: IReactorTime,
         deadline: float,
+        prefetch: Callable[[Sequence[tuple[str, str]], Deadline], Deferred[Known]] | None = None,
     ) -> None:
+        self.prefetch = prefetch
         self.authserv_id = authserv_id.lower().rstrip(".")
         self.lookups = lookups
         self.run_blocking = run_blocking
@@ -443,8 +476,15 @@ class Authenticator:
         arrival = Arrival.of(message)
         # The look-ups stop a little before the deadline, so what was found in time is reported.
         margin = min(0.5, self.deadline / 4)
-        lookup = self.lookups(Deadline(self.deadline - margin))
-        done: Deferred[Results] = self.run_blocking(authenticate, arrival, lookup, self.authserv_id)
+        deadline = Deadline(self.deadline - margin)
+        lookup = self.lookups(deadline)
+        done: Deferred[Results]
+        if self.prefetch is None:
+            done = self.run_blocking(authenticate, arrival, lookup, self.authserv_id)
+        else:
+            done = self.prefetch(names_to_ask(arrival), deadline).addCallback(
+                lambda known: self.run_blocking(authenticate, arrival, with_known(lookup, known), self.authserv_id)
+            )
         done.addTimeout(self.deadline, self.clock)
 
         def late(failure: Any) -> Results:
@@ -499,7 +539,9 @@ def authenticator(config: Any, reactor: Any, run_blocking: RunBlocking) -> Authe
     resolver = make_resolver(dns.nameservers, reactor, float(dns.timeout))
     cache = DnsCache(resolver, reactor, dns.cache_size, float(dns.cache_ttl))
     blocking = BlockingDns(cache, reactor, float(dns.timeout))
-    return Authenticator(authserv_id(config), blocking.bound, run_blocking, reactor, float(dns.deadline))
+    return Authenticator(
+        authserv_id(config), blocking.bound, run_blocking, reactor, float(dns.deadline), prefetch=blocking.prefetch
+    )
 
 
 def authentication_on(config: Any) -> bool:

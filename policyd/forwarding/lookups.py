@@ -24,10 +24,10 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.names import dns, error
 from twisted.python.failure import Failure
@@ -64,6 +64,9 @@ class Deadline:
         """Seconds left (0 once passed)."""
         return max(self.end - self._now(), 0.0)
 
+
+#: Answers (or failures) already asked for one message, by (name, kind).
+Known = dict[tuple[str, str], "Answer | DnsTempError"]
 
 #: What the checks call, from their thread: ``lookup(name, kind)``; [] when
 #: the name or the record does not exist; :class:`DnsTempError` when no answer came.
@@ -187,6 +190,48 @@ class BlockingDns:
             return answer
 
         return lookup
+
+
+    def prefetch(self, names: Sequence[tuple[str, str]], deadline: Deadline) -> Deferred[Known]:
+        """Ask for every (name, kind) at once, on the reactor thread, within ``deadline``.
+
+        Fires (never fails) with each answer, or its :class:`DnsTempError`,
+        so the checks in the thread find them without a wait: the names every
+        message needs (SPF records, the DKIM keys, the DMARC record) are asked
+        in parallel instead of one after the other.
+        """
+        found: Known = {}
+        waiting = []
+        for name, kind in names:
+            key = (name.lower().rstrip("."), kind)
+            left = min(self.timeout, deadline.left())
+            if left <= 0:
+                found[key] = DnsTempError(f"{kind} {key[0]}: deadline passed")
+                continue
+            asked = self.cache.lookup(key[0], kind, left)
+            asked.addCallbacks(lambda value, key=key: found.__setitem__(key, value),
+                               lambda failure, key=key: found.__setitem__(key, _temporary(failure)))
+            waiting.append(asked)
+        return DeferredList(waiting, consumeErrors=True).addCallback(lambda _: found)
+
+
+def _temporary(failure: Failure) -> DnsTempError:
+    error = failure.value
+    return error if isinstance(error, DnsTempError) else DnsTempError(str(error))
+
+
+def with_known(lookup: Lookup, known: Known) -> Lookup:
+    """A :data:`Lookup` that answers from ``known`` (prefetched answers and failures) before asking ``lookup``."""
+
+    def ask(name: str, kind: str) -> Answer:
+        value = known.get((name.lower().rstrip("."), kind))
+        if value is None:
+            return lookup(name, kind)
+        if isinstance(value, DnsTempError):
+            raise value
+        return list(value)
+
+    return ask
 
 
 def txt_lookup(lookup: Lookup) -> Callable[..., bytes | None]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import dkim  # type: ignore[import-untyped]
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from policyd.config.sections import Arc
@@ -389,3 +389,35 @@ def test_checks_are_on_with_arc_by_default_and_the_authserv_id_is_checked(tmp_pa
     assert authserv_id(make_config("")) == default_authserv_id() and valid_authserv_id(default_authserv_id())
     with pytest.raises(ConfigError, match="forwarding.authserv_id: must be a host name"):
         make_config("forwarding:\n  authserv_id: 'mx; dkim=pass'\n")
+
+
+def test_names_asked_first_and_checks_with_them() -> None:
+    """The SPF, DMARC and DKIM key names of a message are asked first; the checks find their answers there."""
+    from policyd.forwarding.authentication import names_to_ask
+    from policyd.forwarding.lookups import Known
+
+    headers = signed(HEADERS, HAMMY)
+    assert names_to_ask(arrival(headers)) == [
+        ("example.com", "TXT"), ("mail.example.com", "TXT"), ("_dmarc.example.com", "TXT"),
+        ("sel._domainkey.example.com", "TXT")]
+    assert names_to_ask(arrival(HEADERS, client="")) == [("_dmarc.example.com", "TXT")]
+    asked: list[list[tuple[str, str]]] = []
+    answers = zone()
+
+    def prefetch(names: Any, deadline: Deadline) -> Deferred[Known]:
+        asked.append(list(names))
+        return succeed({name: answers(*name) for name in names})
+
+    clock = Clock()
+    checks = Authenticator("mx.example.org", lambda deadline: zone(), inline, clock, 5.0, prefetch=prefetch)
+    site = Site()
+    mta = site.mta()
+    mta.command(b"H", b"mail.example.com\0")
+    mta.mail("ann@example.com")
+    message = mta.protocol.message  # type: ignore[attr-defined]
+    for name, value in headers:
+        message.add_header(name, value)
+    message.add_body(HAMMY)
+    results: list[Results] = []
+    checks.check(message).addCallback(results.append)
+    assert asked and results[0].dmarc.result == "pass" and results[0].dkim[0].result == "pass"

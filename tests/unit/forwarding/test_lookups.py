@@ -90,3 +90,31 @@ def test_the_cache_is_bounded(zone: TestZone) -> None:
     assert zone.asked("a.example.com", dns.TXT) == 1
     answer(cache, "b.example.com")
     assert zone.asked("b.example.com", dns.TXT) == 2
+
+
+def test_prefetch_asks_every_name_at_once_and_keeps_failures(zone: TestZone) -> None:
+    """Names asked together; answers and temporary failures kept for the checks, which then ask nothing again."""
+    from policyd.forwarding.lookups import BlockingDns, Deadline, with_known
+
+    clock = Clock()
+    zone.hold("example.com")
+    zone.servfail("broken.example.com")
+    blocking = BlockingDns(DnsCache(zone, clock), reactor=None, timeout=2.0)
+    found: list[Any] = []
+    blocking.prefetch([("example.com", "TXT"), ("broken.example.com", "TXT"), ("missing.example.com", "TXT")],
+                      Deadline(5.0)).addCallback(found.append)
+    assert found == [] and zone.asked("missing.example.com", dns.TXT) == 1  # asked while example.com waits
+    zone.release("example.com")
+    (known,) = found
+    assert known[("example.com", "TXT")] == [(b"v=spf1 ", b"-all")] and known[("missing.example.com", "TXT")] == []
+    assert isinstance(known[("broken.example.com", "TXT")], DnsTempError)
+
+    def never(name: str, kind: str) -> list[Any]:
+        raise AssertionError(f"{name} asked again")
+
+    lookup = with_known(never, known)
+    assert lookup("Example.com.", "TXT") == [(b"v=spf1 ", b"-all")]
+    with pytest.raises(DnsTempError):
+        lookup("broken.example.com", "TXT")
+    with pytest.raises(AssertionError):
+        lookup("other.example.com", "TXT")
