@@ -369,7 +369,10 @@ class OutboundQuota:
         if self.unwritten and not self._writing_back:
             self._write_back()
         if admission.outcome is Outcome.ALLOWED:
-            self.fallback.note(account, charge.now)
+            # A store with its own count in memory (SQLite) tells the fallback
+            # limiter what it counted when it fails: no second copy here.
+            if getattr(self.store, "recent", None) is None:
+                self.fallback.note(account, charge.now)
             return Verdict(DUNNO, self.name, account, f"{admission.count}/{limit}")
         assert admission.block is not None
         if admission.outcome is Outcome.NEWLY_BLOCKED:
@@ -405,7 +408,9 @@ class OutboundQuota:
         """
         account, limit = charge.account, charge.limit
         self._store_error(failure)
-        if self.fallback.allows(account, charge.now, self.window, limit):
+        recent = getattr(self.store, "recent", None)
+        counted = recent(account, charge.now - self.window) if recent is not None else 0
+        if self.fallback.allows(account, charge.now, self.window, limit - counted):
             if self.on_error.word != "DEFER_IF_PERMIT":
                 self.unwritten.append(charge)
             return Verdict(self.on_error, self.name, account, "store error: fallback limiter allows")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import sqlite3
@@ -50,6 +51,19 @@ class SQLiteCounts(SQLiteConnection):
             block = admission.block
             return self._grouped(lambda db: self._save_block(db, block, charge.notify, admission))
         return succeed(admission)
+
+    def recent(self, account: str, start: float) -> int:
+        """Recipients of ``account`` after ``start`` in this server's copy in memory (0 without one).
+
+        The quota's fallback limiter starts from this when an admission
+        fails, rather than keeping every recipient's time a second time.
+        """
+        windows = self._windows
+        state = None if windows is None else windows.get(account)
+        if state is None:
+            return 0
+        sends = state.sends
+        return len(sends) - bisect.bisect_right(sends, start)
 
     def _admit_now(self, db: sqlite3.Connection, charge: Charge) -> Admission:
         admission, row = self._count(db, charge)

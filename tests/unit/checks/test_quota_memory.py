@@ -96,3 +96,33 @@ def test_account_window_expires_up_to_and_including_the_start() -> None:
     assert list(window.sends) == [4.0, 5.0]
     window.expire(9.0)
     assert len(window.sends) == 0
+
+
+def test_a_failing_sqlite_store_hands_its_count_to_the_fallback_limiter(tmp_path: Any) -> None:
+    """With SQLite, the fallback limiter keeps no second copy of the counts: when an
+    admission fails, it starts from what the server's copy in memory counted, so the
+    limit still holds."""
+    import sqlite3
+
+    from twisted.internet.task import Clock
+
+    from policyd.policy import PolicyService
+    from policyd.store.sqlite import SQLiteStore
+    from tests.conftest import make_config
+    from tests.unit.checks.test_quota import BASE
+
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    store = SQLiteStore(str(tmp_path / "state.db"), reactor=clock)
+    svc = PolicyService(make_config(BASE), store, clock)
+    assert [decide(svc, sasl_username="alice", recipient="x@gmail.com").word for _ in range(3)] == ["DUNNO"] * 3
+    assert "alice" not in svc.quota.fallback._sends
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store._keep_up = broken  # type: ignore[method-assign]
+    words = [decide(svc, sasl_username="alice", recipient="x@gmail.com").word for _ in range(4)]
+    assert words == ["DUNNO", "DUNNO", "DEFER", "DEFER"]
+    clock.advance(0.1)
+    store.close()
