@@ -172,6 +172,28 @@ class Words:
         return _mix(_pairs(self.hashes, count), _PAIR_KEY, bits)
 
 
+def _bare_words(data: bytes, starts: npt.NDArray[np.intp], ends: npt.NDArray[np.intp]) -> Words | None:
+    """The words among ``data[starts:ends]`` that have accents, without them (None: no such word).
+
+    Only words with non-ASCII bytes are folded: the others would give
+    indices the words give already (the same key), which count once.
+    """
+    if not len(starts):
+        return None
+    octets = np.frombuffer(data, dtype=np.uint8)
+    # The largest byte of each word: reduced from each start to its end (the next segment is a gap).
+    bounds = np.empty(2 * len(starts), dtype=np.intp)
+    bounds[0::2] = starts
+    bounds[1::2] = ends
+    peaks = np.maximum.reduceat(octets, bounds)[0::2]
+    chosen = np.flatnonzero(peaks >= 0x80).tolist()
+    if not chosen:
+        return None
+    accented = b" ".join([data[starts[n] : ends[n]] for n in chosen]).decode("utf-8", "surrogatepass")
+    folded = unaccented(accented)
+    return None if folded == accented else Words.of(folded)
+
+
 def _pairs(hashes: npt.NDArray[np.uint32], count: int = PAIRED_WORDS) -> npt.NDArray[np.uint32]:
     """32-bit hashes of the pairs of consecutive words among the first ``count + 1`` (not yet indices)."""
     first = hashes[: count + 1]
@@ -217,11 +239,7 @@ def message_vector(features: Features, bits: int = BITS) -> Vector:
     """
     encoded = features.text.encode("utf-8", "surrogatepass")
     words = Words.of(encoded)
-    bare = None
-    if not features.text.isascii():
-        folded = unaccented(features.text)
-        if folded != features.text:
-            bare = Words.of(folded)
+    bare = None if features.text.isascii() else _bare_words(words.data, words.starts, words.ends)
     head = features.head
     text = encoded[:TEXT_BYTES]
     tokens = features.tokens
@@ -267,8 +285,8 @@ np.multiply.accumulate(_BATCH_INVERSES, out=_BATCH_INVERSES)
 
 
 def _word_hashes(data: bytes, powers: npt.NDArray[np.uint32], inverses: npt.NDArray[np.uint32]) -> tuple[
-        npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
-    """Where the words of ``data`` (text between spaces) start, and their hashes, as :meth:`Words.of` finds them."""
+        npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
+    """Where the words of ``data`` (text between spaces) start and end, and their hashes, as :meth:`Words.of` finds them."""
     octets = np.frombuffer(data, dtype=np.uint8)
     terms = _TERMS.take(octets)
     inside = terms != 0
@@ -283,7 +301,7 @@ def _word_hashes(data: bytes, powers: npt.NDArray[np.uint32], inverses: npt.NDAr
     lengths = ends - starts
     kept = lengths >= MIN_WORD
     kept &= lengths <= MAX_WORD
-    return starts[kept], hashes[kept]
+    return starts[kept], ends[kept], hashes[kept]
 
 
 def _batch_grams(pieces: list[bytes], key: np.uint32, bits: int) -> tuple[Indices, list[list[int]]]:
@@ -322,7 +340,8 @@ def batch_indices(batch: Sequence[Features], bits: int = BITS) -> list[Indices]:
     text_ends = np.cumsum(lengths + 2) - 1
 
     # Words, and pairs of consecutive words of one message among its first PAIRED_WORDS + 1.
-    starts, hashes = _word_hashes(data, _BATCH_POWERS, _BATCH_INVERSES)
+    starts, all_ends, hashes = _word_hashes(data, _BATCH_POWERS, _BATCH_INVERSES)
+    all_starts = starts
     owner = np.searchsorted(text_ends, starts)
     word_offsets = np.searchsorted(owner, np.arange(count + 1))
     rank = np.arange(len(owner)) - word_offsets[owner]
@@ -355,9 +374,9 @@ def batch_indices(batch: Sequence[Features], bits: int = BITS) -> list[Indices]:
     for features, (t0, t1, w0, w1, p0, p1, (h0, h1), (x0, x1)) in zip(batch, bounds, strict=True):
         kinds = [tokens[t0:t1], words[w0:w1], pairs[p0:p1], heads[h0:h1], texts[x0:x1]]
         if not features.text.isascii():
-            folded = unaccented(features.text)
-            if folded != features.text:
-                kinds.append(Words.of(folded).indices(bits))
+            bare = _bare_words(data, all_starts[w0:w1], all_ends[w0:w1])
+            if bare is not None:
+                kinds.append(bare.indices(bits))
         found.append(np.concatenate(kinds))
     return found
 
