@@ -133,7 +133,8 @@ _HIDDEN_END = {
 # possessive, so the search stays linear.
 _TAG_PARTS = re.compile(r"<(?:\s*+([a-zA-Z][a-zA-Z0-9]*+)([^<>]*+)|[^<>]*+)>")
 _SPACE = re.compile(r"\s+")
-_PATH = re.compile(r"[/?#\\]")
+# A URL's host: after the first "://" (if any) and the last "@" before the path, up to a port or the path.
+_URL_HOST = re.compile(r"(?:.*?://)?(?:[^/?#\\]*@)?([^/?#\\:]*)", re.DOTALL)
 _IP_HOST = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 # The domain of an address.  Starting with the "@" (the local part is only
 # looked behind) lets the search jump from one "@" to the next.
@@ -271,7 +272,8 @@ def html_to_text(markup: str) -> tuple[str, list[str], list[str]]:
     links = _HREF.findall(" ".join([a for a in pieces[2::3] if a]).lower())
     if "&" in text:
         # The most common entity by str.replace: html.unescape calls Python for each one.
-        text = html.unescape(text.replace("&nbsp;", "\xa0"))
+        # (a space: plain text makes a no-break space one, and ASCII text stays ASCII).
+        text = html.unescape(text.replace("&nbsp;", " "))
     return text, links, tags
 
 
@@ -330,10 +332,8 @@ def unaccented(text: str) -> str:
 
 def domain_of(url: str) -> str:
     """The host of a URL (``https://a.b.example/x`` -> ``a.b.example``), lower-cased."""
-    rest = url.split("://", 1)[-1]
-    host = _PATH.split(rest, maxsplit=1)[0]
-    host = host.rsplit("@", 1)[-1].split(":", 1)[0]
-    return host.strip(".").lower()
+    found = _URL_HOST.match(url)
+    return found.group(1).strip(".").lower() if found else ""
 
 
 def registered_domain(host: str) -> str:
@@ -353,7 +353,7 @@ def url_tokens(urls: Iterable[str]) -> Iterator[str]:
 @functools.lru_cache(maxsize=4096)
 def _link_tokens(url: str) -> tuple[str, ...]:
     """The tokens of one link (remembered: the same links come again and again, in footers and lists)."""
-    host = domain_of(html.unescape(url))
+    host = domain_of(html.unescape(url) if "&" in url else url)
     if not host or "." not in host:
         return ()
     if _IP_HOST.match(host):
