@@ -64,7 +64,7 @@ eval: $(BIN)/policyd
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
 	$(BIN)/python -m tests.eval --cache $(STATE_DIR)/eval-cache
 
-# Regenerate the shipped model from the whole corpus (after the evaluation).
+# Regenerate the shipped model from the whole corpus (written first, then the evaluation).
 model: $(BIN)/policyd
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm >/dev/null; }
 	$(BIN)/python -m tests.eval --cache $(STATE_DIR)/eval-cache --save policyd/models/default.model
