@@ -147,9 +147,9 @@ def score(paths: tuple[str, ...], top: int | None, as_json: bool) -> None:
                 raws.append(raw)
             for name, result in zip(names, scorer.score_many(raws), strict=True):
                 # json_line's object, keys in its order, written without building it (floats as repr, as json).
-                spam = "true" if result.points >= tag_at else "false"
+                verdict = "true" if result.points >= tag_at else "false"
                 write(f'{{"content":{result.content!r},"network":{result.network!r},"path":{json_line(name)},'
-                      f'"reasons":[],"score":{result.points!r},"spam":{spam}}}\n')
+                      f'"reasons":[],"score":{result.points!r},"spam":{verdict}}}\n')
         sys.stdout.flush()
     for shown, file in () if as_json and not explain else _messages_to_score(paths):
         raw = _read(shown, file)
