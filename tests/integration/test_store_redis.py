@@ -435,3 +435,25 @@ async def test_admissions_connection_comes_back_after_redis_drops_it(
         assert killed >= 1
     await deferLater(reactor, 0.2, lambda: None)
     assert (await admit(store)).count == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_never_answers_the_greeting_fails_at_the_deadline() -> None:
+    """A listener that takes connections but never answers (not Redis, or hung) fails the
+    admission at the deadline with a one-line StoreError, and nothing is sent later."""
+    import socket as sockets
+
+    listener = sockets.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    silent = RedisStore(f"redis://127.0.0.1:{port}/0", deadline=0.3)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError) as raised:
+            await admit(silent)
+        assert 0.2 <= time.monotonic() - started < 0.3 + MARGIN
+        assert f"127.0.0.1:{port}" in one_line_error(raised.value)
+    finally:
+        await silent.close()
+        listener.close()

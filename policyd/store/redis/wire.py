@@ -227,7 +227,10 @@ class AdmitLine:
         if wire is not None and wire.open:
             answer = self._send(wire, command, reload)
         else:
-            answer = self._ready().addCallback(self._send, command, reload)
+            # A batch answered already (its deadline passed while connecting) is not sent.
+            answer = self._ready().addCallback(
+                lambda ready: None if result.called else self._send(ready, command, reload)
+            )
 
         def settled(reply: Any) -> None:
             if timer.active():
@@ -264,7 +267,8 @@ class AdmitLine:
             if reload and isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
                 if not wire.open:
                     raise WireError("connection closed")
-                _, repeated = wire.send(reload + command, 2)
+                loaded, repeated = wire.send(reload + command, 2)
+                loaded.addErrback(lambda _: None)  # the repeated call says what went wrong
                 return repeated
             return reply
 
