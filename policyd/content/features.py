@@ -57,8 +57,8 @@ import attrs
 
 from policyd.content import mime
 
-#: Bytes of the header block kept: enough for the headers of nearly all
-#: mail; the topmost (the last hops and the sender's own) come first.
+#: Bytes of the header block kept, a budget: the topmost fields (the last hops and
+#: the sender's own) come first, and most mail's whole header block fits.
 HEAD_BYTES = 3000
 
 #: Characters of Subject and body text kept for words and n-grams: the start
