@@ -97,10 +97,12 @@ _WORD_BYTES[[*range(ord("a"), ord("z") + 1), *range(ord("0"), ord("9") + 1), *ra
 _TERMS = (np.arange(1, 257, dtype=np.uint32) * _WORD_BYTES).astype(np.uint32)
 # Text longer than this (in UTF-8) is cut: WORD_CHARS characters of 4 bytes at most.
 _MAX_TEXT_BYTES = 4 * WORD_CHARS
+#: Most text bytes hashed in one buffer (:func:`batch_indices` hashes several messages' text at once).
+_BATCH_BYTES = 1 << 18
 # Polynomial word hashing modulo 2**32: powers of an odd multiplier and their inverses.
 _POLY = 0x01000193
-_POWERS = np.empty(_MAX_TEXT_BYTES + 2, dtype=np.uint32)
-_INVERSES = np.empty(_MAX_TEXT_BYTES + 2, dtype=np.uint32)
+_POWERS = np.empty(_BATCH_BYTES, dtype=np.uint32)
+_INVERSES = np.empty(_BATCH_BYTES, dtype=np.uint32)
 _POWERS[0] = _INVERSES[0] = 1
 _POWERS[1:] = np.uint32(_POLY)
 _INVERSES[1:] = np.uint32(pow(_POLY, -1, 1 << 32))
@@ -141,23 +143,7 @@ class Words:
         """
         encoded = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
         data = b" " + encoded[:_MAX_TEXT_BYTES] + b" "
-        octets = np.frombuffer(data, dtype=np.uint8)
-        # (byte + 1) * P**i for the bytes of words, 0 between them; a word is a run of terms that are not 0.
-        terms = _TERMS.take(octets)
-        inside = terms != 0
-        edges = np.flatnonzero(inside[1:] != inside[:-1])
-        edges += 1
-        starts, ends = edges[0::2], edges[1::2]
-        terms *= _POWERS[: len(octets)]
-        # The sum over a word (a difference of running sums), times P**-start: the same for the same word anywhere.
-        sums = np.cumsum(terms, dtype=np.uint32)
-        hashes = sums.take(ends - 1)
-        hashes -= sums.take(starts - 1)
-        hashes *= _INVERSES.take(starts)
-        lengths = ends - starts
-        kept = lengths >= MIN_WORD
-        kept &= lengths <= MAX_WORD
-        return cls(data, starts[kept], ends[kept], hashes[kept])
+        return cls(data, *_word_hashes(data))
 
     def word(self, number: int) -> str:
         """Word ``number`` as text."""
@@ -273,31 +259,24 @@ def message_vector(features: Features, bits: int = BITS) -> Vector:
     return Vector(values, sizes, words, bare)
 
 
-#: Most text bytes that :func:`batch_indices` hashes in one buffer (the powers it needs are kept).
-_BATCH_BYTES = 1 << 18
-_BATCH_POWERS = np.empty(_BATCH_BYTES, dtype=np.uint32)
-_BATCH_INVERSES = np.empty(_BATCH_BYTES, dtype=np.uint32)
-_BATCH_POWERS[0] = _BATCH_INVERSES[0] = 1
-_BATCH_POWERS[1:] = np.uint32(_POLY)
-_BATCH_INVERSES[1:] = np.uint32(pow(_POLY, -1, 1 << 32))
-np.multiply.accumulate(_BATCH_POWERS, out=_BATCH_POWERS)
-np.multiply.accumulate(_BATCH_INVERSES, out=_BATCH_INVERSES)
+def _word_hashes(data: bytes) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
+    """Where the words of ``data`` (text between spaces) start and end, and their hashes (:meth:`Words.of`).
 
-
-def _word_hashes(data: bytes, powers: npt.NDArray[np.uint32], inverses: npt.NDArray[np.uint32]) -> tuple[
-        npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.uint32]]:
-    """Where the words of ``data`` (text between spaces) start and end, and their hashes, as :meth:`Words.of` finds them."""
+    ``data`` is at most :data:`_BATCH_BYTES` long.
+    """
     octets = np.frombuffer(data, dtype=np.uint8)
+    # (byte + 1) * P**i for the bytes of words, 0 between them; a word is a run of terms that are not 0.
     terms = _TERMS.take(octets)
     inside = terms != 0
     edges = np.flatnonzero(inside[1:] != inside[:-1])
     edges += 1
     starts, ends = edges[0::2], edges[1::2]
-    terms *= powers[: len(octets)]
+    terms *= _POWERS[: len(octets)]
+    # The sum over a word (a difference of running sums), times P**-start: the same for the same word anywhere.
     sums = np.cumsum(terms, dtype=np.uint32)
     hashes = sums.take(ends - 1)
     hashes -= sums.take(starts - 1)
-    hashes *= inverses.take(starts)
+    hashes *= _INVERSES.take(starts)
     lengths = ends - starts
     kept = lengths >= MIN_WORD
     kept &= lengths <= MAX_WORD
@@ -340,7 +319,7 @@ def batch_indices(batch: Sequence[Features], bits: int = BITS) -> list[Indices]:
     text_ends = np.cumsum(lengths + 2) - 1
 
     # Words, and pairs of consecutive words of one message among its first PAIRED_WORDS + 1.
-    starts, all_ends, hashes = _word_hashes(data, _BATCH_POWERS, _BATCH_INVERSES)
+    starts, all_ends, hashes = _word_hashes(data)
     all_starts = starts
     owner = np.searchsorted(text_ends, starts)
     word_offsets = np.searchsorted(owner, np.arange(count + 1))
