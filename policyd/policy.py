@@ -81,11 +81,11 @@ class PolicyService:
         """
         started = perf_counter()
         context = request.get("policy_context")
+        login = request.get("sasl_username")
         if context == "submission" or (
-            not context
-            and (request.get("sasl_username") or (self.trusted and request.get("client_address") in self.trusted))
+            not context and (login or (self.trusted and request.get("client_address") in self.trusted))
         ):
-            verdict = self.quota.check(request)
+            verdict = self.quota.check(request, login)
         elif context == "inbound" or not context:
             verdict = self.reputation.check(request)
         else:

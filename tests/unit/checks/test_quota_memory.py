@@ -118,11 +118,16 @@ def test_a_failing_sqlite_store_hands_its_count_to_the_fallback_limiter(tmp_path
     assert [decide(svc, sasl_username="alice", recipient="x@gmail.com").word for _ in range(3)] == ["DUNNO"] * 3
     assert "alice" not in svc.quota.fallback._sends
 
-    def broken() -> None:
+    def broken(*_: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    store._keep_up = broken  # type: ignore[method-assign]
-    words = [decide(svc, sasl_username="alice", recipient="x@gmail.com").word for _ in range(4)]
+    # The file fails when the server next looks for other connections' writes
+    # (every WRITE_EVERY seconds): each request below comes that much later.
+    store._follow = broken  # type: ignore[method-assign,assignment]
+    words = []
+    for _ in range(4):
+        clock.advance(0.02)
+        words.append(decide(svc, sasl_username="alice", recipient="x@gmail.com").word)
     assert words == ["DUNNO", "DUNNO", "DEFER", "DEFER"]
     clock.advance(0.1)
     store.close()
