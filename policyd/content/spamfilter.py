@@ -291,6 +291,9 @@ class SpamFilter:
         self.inline_bytes = inline_bytes
         self.preferences = preferences or Preferences(config, store, clock, run_cpu)
         self.metrics = metrics
+        # The per-message counters, looked up by label once (a labels() call takes a lock and a
+        # dictionary look-up for every message).
+        self._outcomes = None if metrics is None else (metrics.messages.labels("ham"), metrics.messages.labels("spam"))
         # Mail to content.report_spam / report_ham is learned, never delivered.
         self.reports = Reports(Feedback(store, run_cpu, clock), run_cpu)
         self.aliases = aliases
@@ -427,9 +430,9 @@ class SpamFilter:
         # info() checks the level too, but only after the line is made: its
         # parts (the queue id reads the macros) cost more than the check.
         seconds = time.monotonic() - started
-        if self.metrics is not None:
+        if self.metrics is not None and self._outcomes is not None:
             metrics = self.metrics
-            metrics.messages.labels("spam" if spam else "ham").inc()
+            self._outcomes[spam].inc()
             metrics.scoring.observe(seconds)
             if held:
                 metrics.held.inc(len(held))

@@ -11,7 +11,6 @@ from policyd.protocols.milter import (
     MAX_HEADER_COUNT,
     MAX_HEADERS,
     MAX_RECIPIENTS,
-    nul_strings,
     text,
     wire,
 )
@@ -98,11 +97,15 @@ class MilterMessage:
     def macros(self) -> dict[str, str]:
         """Every macro received (names without braces: ``i``, ``auth_authen``); the latest value wins."""
         if self._macros is None:
-            self._macros = {}
+            macros: dict[str, str] = {}
             for data in self._macro_packets.values():
-                values = nul_strings(data[1:])
-                for name, value in zip(values[::2], values[1::2], strict=False):
-                    self._macros[text(name).strip("{}")] = text(value)
+                # Decoded whole, then split: a NUL is never inside a UTF-8 sequence, so the strings
+                # are those :func:`~policyd.protocols.milter.nul_strings` gives, decoded by one call instead of two per macro.
+                strings = data[1:-1] if data.endswith(b"\0") else data[1:]
+                if strings:
+                    values = text(strings).split("\0")
+                    macros.update(zip([name.strip("{}") for name in values[::2]], values[1::2], strict=False))
+            self._macros = macros
         return self._macros
 
     @property
