@@ -53,6 +53,8 @@ class PolicyService:
         self.on_block = on_block
         #: Prometheus metrics, when the server keeps them.
         self.metrics = metrics
+        #: Counts one decision in the metrics (None without them).
+        self._decided = None if metrics is None else metrics.decisions.decided
         self.quota = OutboundQuota(config, store, clock, on_block=self._blocked, metrics=metrics)
         self.reputation = NetworkReputation(config, clock, metrics=metrics)
         self.configure(config)
@@ -91,30 +93,40 @@ class PolicyService:
         else:
             verdict = Verdict(DUNNO, "none", "-", f"unknown policy_context {context!r}")
         if isinstance(verdict, Verdict):
-            return self._logged(verdict, request, started)
+            # _logged, written out: most requests are decided at once.
+            seconds = perf_counter() - started
+            if self._decided is not None:
+                self._decided(verdict.check, verdict.action.word, seconds)
+            if decisions.enabled:
+                self._log(verdict, request, seconds)
+            return verdict.action
         return verdict.addCallbacks(self._logged, self._failed, callbackArgs=(request, started))
 
     def _logged(self, verdict: Verdict, request: Request, started: float) -> Action:
         seconds = perf_counter() - started
-        if self.metrics is not None:
-            self.metrics.decided(verdict.check, verdict.action.word, seconds)
+        if self._decided is not None:
+            self._decided(verdict.check, verdict.action.word, seconds)
         if decisions.enabled:
-            decisions.write(
-                verdict.check,
-                verdict.subject,
-                request.get("client_address"),
-                request.get("protocol_state"),
-                str(verdict.action),
-                verdict.reason,
-                seconds * 1000,
-                (
-                    request.get("queue_id", None),
-                    request.get("sasl_username", None),
-                    request.get("sender", None),
-                    request.get("recipient", None),
-                ),
-            )
+            self._log(verdict, request, seconds)
         return verdict.action
+
+    def _log(self, verdict: Verdict, request: Request, seconds: float) -> None:
+        """The decision's line (``log.decisions``)."""
+        decisions.write(
+            verdict.check,
+            verdict.subject,
+            request.get("client_address"),
+            request.get("protocol_state"),
+            str(verdict.action),
+            verdict.reason,
+            seconds * 1000,
+            (
+                request.get("queue_id", None),
+                request.get("sasl_username", None),
+                request.get("sender", None),
+                request.get("recipient", None),
+            ),
+        )
 
     def _failed(self, failure: Failure) -> Action:
         errors.error("policy decision failed: %s", failure.getErrorMessage())

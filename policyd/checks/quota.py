@@ -301,7 +301,11 @@ class OutboundQuota:
             self._refresh(now)
         if login and (account not in self._noted or now >= self._noted_until):
             self._note(account, now)
-        if self._is_local(request.get("recipient")):
+        recipient = request.get("recipient")
+        local = self._local_domains.get(recipient.rpartition("@")[2])
+        if local is None:
+            local = self._is_local(recipient)
+        if local:
             return self._local(account, now)
         instance = request.get("instance")
         if self.give_back:

@@ -43,6 +43,10 @@ _ATTRIBUTE = rb"[A-Za-z0-9_.\-]++=[^\x00-\x08\x0a-\x1f\x7f]*+"
 _REQUEST = re.compile(_ATTRIBUTE + rb"(?:\n" + _ATTRIBUTE + rb")*+")
 
 
+#: "\nname=" for each attribute name the code asks for (a few dozen).
+_NEEDLES: dict[str, str] = {}
+
+
 class Request:
     """One policy request: Postfix's attributes, and where it came from.
 
@@ -68,8 +72,9 @@ class Request:
         """A request from its validated ``name=value`` lines (no final empty line)."""
         request = cls.__new__(cls)
         request._attributes = None
-        # A newline in front makes every attribute start with "\n" + name + "=".
-        request._text = "\n" + text
+        # A newline in front makes every attribute start with "\n" + name + "=",
+        # and one behind makes every value end with a newline.
+        request._text = f"\n{text}\n"
         request.peer = peer
         request.session = session
         return request
@@ -79,7 +84,7 @@ class Request:
         """Every attribute as sent (unknown ones kept); a repeated name keeps its last value."""
         attributes = self._attributes
         if attributes is None:
-            attributes = self._attributes = dict(line.split("=", 1) for line in self._text[1:].split("\n"))
+            attributes = self._attributes = dict(line.split("=", 1) for line in self._text[1:-1].split("\n"))
         return attributes
 
     @overload
@@ -96,12 +101,14 @@ class Request:
         # Names are [A-Za-z0-9_.-] and values hold no newline (the parser
         # checked), so "\nname=" can only be the start of that attribute; the
         # last one wins, as in :attr:`attributes`.
-        start = text.rfind(f"\n{name}=")
+        needle = _NEEDLES.get(name)
+        if needle is None:
+            needle = _NEEDLES[name] = f"\n{name}="
+        start = text.rfind(needle)
         if start < 0:
             return default
-        start += len(name) + 2
-        end = text.find("\n", start)
-        return text[start:] if end < 0 else text[start:end]
+        start += len(needle)
+        return text[start : text.find("\n", start)]
 
     def __repr__(self) -> str:
         return f"Request({self.attributes!r}, peer={self.peer!r})"
