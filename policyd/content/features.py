@@ -113,15 +113,12 @@ _NOT_IN_WORDS = re.compile(r"[^\w\x00-\x7f]")
 # Typographic apostrophes, quotes and dashes as their ASCII forms.
 _TYPOGRAPHY_PAIRS = (("\u2019", "'"), ("\u2018", "'"), ("\u02bc", "'"), ("\u00b4", "'"), ("\u201c", '"'),
                      ("\u201d", '"'), ("\u00ab", '"'), ("\u00bb", '"'), ("\u2013", "-"), ("\u2014", "-"))
-# A word of plain text, as the classifier's byte classes find it: ASCII
-# letters and digits, and any other character.
-_TEXT_WORD = re.compile(r"[a-z0-9\u0080-\U0010ffff]+")
 # Links in text: two patterns that each start with a literal, which the search skips to (one
 # with an alternation is tried at every character); a "www." link after "http://" is found twice.
 _URL = re.compile(r"https?://[^\s<>\"'()\[\]{}]+")
 _WWW = re.compile(r"www\.[^\s<>\"'()\[\]{}]+")
 # Applied to lower-cased markup: a case-insensitive search would be several times slower.
-_HREF = re.compile(r"""(?:href|src|action)\s*=\s*["']?([^"'\s>]+)""")
+_HREF = re.compile(r"""(?:href|src|action)\s*+=\s*+["']?+([^"'\s>]++)""")
 # Where hidden markup starts (a comment, a script, a style sheet), and where each ends.
 _HIDDEN = re.compile(r"<!--|<(script|style)\b", re.IGNORECASE)
 _HIDDEN_END = {
@@ -145,9 +142,10 @@ _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 # The end of the header block (an empty line), a block made only of fields
 # (some folded), and each field's name and value (one space after the colon dropped).
 _HEAD_END = re.compile(rb"\n\r?\n")
-_FIELDS_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\n]*\n(?:[ \t][^\n]*\n)*)*")
+# Possessive quantifiers: nothing is ever given back, and sre keeps no state to give it back.
+_FIELDS_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]++[ \t]*+:[^\n]*+\n(?:[ \t][^\n]*+\n)*+)*+")
 # Each match starts where the last ended, at the start of a line: no "^" to try at every byte.
-_FIELD_TEXT = re.compile(r"([\x21-\x39\x3b-\x7e]+)[ \t]*: ?([^\n]*(?:\n[ \t][^\n]*)*)\n")
+_FIELD_TEXT = re.compile(r"([\x21-\x39\x3b-\x7e]++)[ \t]*+: ?+([^\n]*+(?:\n[ \t][^\n]*+)*+)\n")
 #: Second-level labels under which registrations happen (co.uk, com.fr, ...).
 _SECOND_LEVEL = frozenset({"co", "com", "net", "org", "gov", "ac", "edu", "gouv", "asso", "ne", "or"})
 # Bytes that are not ASCII letters, and not upper-case ones, deleted to count the rest.
@@ -313,6 +311,13 @@ def plain_text(text: str) -> str:
     return _NOT_IN_WORDS.sub(" ", normal).lower()
 
 
+@functools.cache
+def _text_word() -> re.Pattern[str]:
+    """A word of plain text, as the classifier's byte classes find it: ASCII letters and digits, and
+    any other character (compiled when first used: scoring never uses it, and it takes 2 ms)."""
+    return re.compile(r"[a-z0-9\u0080-\U0010ffff]+")
+
+
 def text_words(text: str) -> list[str]:
     """The words the classifier takes from plain text (:func:`plain_text`), in order.
 
@@ -320,7 +325,7 @@ def text_words(text: str) -> list[str]:
     (plain text has no non-ASCII character outside words), of
     :data:`MIN_WORD` to :data:`MAX_WORD` bytes in UTF-8.
     """
-    found = _TEXT_WORD.findall(text)
+    found = _text_word().findall(text)
     return [w for w in found if MIN_WORD <= len(w.encode("utf-8", "surrogatepass")) <= MAX_WORD]
 
 
