@@ -42,6 +42,32 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _ATTRIBUTE = rb"[A-Za-z0-9_.\-]++=[^\x00-\x08\x0a-\x1f\x7f]*+"
 _REQUEST = re.compile(_ATTRIBUTE + rb"(?:\n" + _ATTRIBUTE + rb")*+")
 
+#: The bytes of attribute names.
+_NAME_BYTES = bytes(c for c in range(128) if chr(c).isalnum() or chr(c) in "_.-")
+#: Every control byte but TAB made a newline, the rest kept (see _well_formed).
+_SHAPE = bytes(0x0A if c < 0x20 and c != 0x09 or c == 0x7F else c for c in range(256))
+_EMPTY_NAME = re.compile(rb"\n=")
+
+
+def _well_formed(block: bytes, newlines: int) -> bool:
+    """Whether ``block`` (no empty line in it, none at its end) matches :data:`_REQUEST`.
+
+    The same answer in C passes over the bytes rather than the regular
+    expression's, about twice as fast: with the name bytes deleted and
+    control bytes made newlines, a well-formed request is ``=`` and a value
+    per line, so each of its ``newlines`` newlines (counted by the caller)
+    is followed by ``=`` and no control byte added one; the names deleted
+    must not have been empty.
+    """
+    shape = block.translate(_SHAPE, _NAME_BYTES)
+    return (
+        shape.startswith(b"=")
+        and shape.count(b"\n") == newlines
+        and shape.count(b"\n=") == newlines
+        and not block.startswith(b"=")
+        and _EMPTY_NAME.search(block) is None
+    )
+
 
 #: "\nname=" for each attribute name the code asks for (a few dozen).
 _NEEDLES: dict[str, str] = {}
@@ -213,8 +239,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         """Split input into requests, enforcing every bound.
 
-        A complete request is checked with one regular expression and split
-        in C; only bad input takes the slow path that finds what is wrong.
+        A complete request is checked in C (:func:`_well_formed`); only bad
+        input takes the slow path that finds what is wrong.
         """
         if self._closing:
             return
@@ -235,11 +261,12 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                     block = block.lstrip(b"\n")
                     if not block:
                         continue
+                newlines = block.count(b"\n")
                 if (
                     len(block) > limits.max_line
                     or len(block) > limits.max_request
-                    or block.count(b"\n") >= limits.max_attributes
-                    or not _REQUEST.fullmatch(block)
+                    or newlines >= limits.max_attributes
+                    or not _well_formed(block, newlines)
                 ):
                     self._diagnose(block + b"\n")
                 self._dispatch(block)

@@ -363,3 +363,25 @@ def test_the_request_pattern_accepts_what_a_line_by_line_check_accepts() -> None
     for _ in range(20_000):
         block = b"".join(pick.choice(pieces) for _ in range(pick.randint(1, 12)))
         assert bool(protocol._REQUEST.fullmatch(block)) == plain(block), block
+
+
+def test_the_request_check_in_c_agrees_with_the_regular_expression() -> None:
+    """_well_formed answers as _REQUEST.fullmatch for every request shape: Postfix's own,
+    every byte in a name and in a value, and random runs of the bytes that matter."""
+
+    def agree(block: bytes) -> None:
+        expected = protocol._REQUEST.fullmatch(block) is not None
+        assert protocol._well_formed(block, block.count(b"\n")) is expected, block
+
+    agree(encode(rcpt(sasl_username="alice", recipient="bob@example.net"))[:-2])
+    for byte in range(256):
+        one = bytes([byte])
+        for block in (one + b"=v", b"n=" + one, b"a=b\n" + one + b"=v", b"a=b\nn=" + one, b"a" + one + b"b=c"):
+            if not block.endswith(b"\n") and b"\n\n" not in block:
+                agree(block)
+    rng = random.Random(8)
+    alphabet = b"aZ9_.-=\n\t\x00\x08\x0b\x1f\x7f\r :@\xc3\xa9"
+    for _ in range(20_000):
+        block = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 10)))
+        if block.strip(b"\n") == block and b"\n\n" not in block:
+            agree(block)
