@@ -297,8 +297,15 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             if self._ready:
                 self._flush()  # requests before the bad one still get their replies
             self._reject(str(error))
-        if self._ready:
-            self._flush()
+        ready = self._ready
+        if ready:
+            if self._replies or self._read_paused or self._closing:
+                self._flush()
+            else:
+                # _flush, written out for the usual case: every reply decided at once.
+                self._ready = []
+                self._send(ready[0] if len(ready) == 1 else b"".join(ready))
+                self.factory.idle()
 
     def _diagnose(self, lines: bytes, partial: bytes = b"") -> None:
         """Find the first broken bound in ``lines`` and raise it as BadRequest."""
