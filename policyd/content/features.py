@@ -141,6 +141,8 @@ _EMAIL = re.compile(r"@(?<=[\w.+\-]@)([\w\-]+(?:\.[\w\-]+)+)")
 # A header field's name (printable ASCII but the colon), then its colon;
 # like Postfix, blanks before the colon are allowed.
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+# A header name longer than the 40 characters its token keeps.
+_LONG_NAME = re.compile(r"[^\n]{41}")
 # The end of the header block (an empty line), a block made only of fields
 # (some folded), and each field's name and value (one space after the colon dropped).
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -361,17 +363,24 @@ def url_tokens(urls: Iterable[str]) -> Iterator[str]:
 @functools.lru_cache(maxsize=4096)
 def _link_tokens(url: str) -> tuple[str, ...]:
     """The tokens of one link (remembered: the same links come again and again, in footers and lists)."""
-    host = domain_of(html.unescape(url) if "&" in url else url)
+    found = _host_tokens(domain_of(html.unescape(url) if "&" in url else url))
+    if len(found) < 2:
+        return found
+    if url.lower().startswith("https"):
+        found += ("url:https",)
+    if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+        found += ("url:userinfo",)
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_tokens(host: str) -> tuple[str, ...]:
+    """The tokens of a link's host (remembered too: most links are new, but their hosts are not)."""
     if not host or "." not in host:
         return ()
     if _IP_HOST.match(host):
         return ("url:ip-address",)
-    found = [f"url:{host}", f"url-domain:{registered_domain(host)}"]
-    if url.lower().startswith("https"):
-        found.append("url:https")
-    if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
-        found.append("url:userinfo")
-    return tuple(found)
+    return (f"url:{host}", f"url-domain:{registered_domain(host)}")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -472,7 +481,12 @@ def message_features(
     field_names = names.split("\n") if selected else []
     if len(field_names) != len(selected):  # a name with a line end in it (never from an MTA)
         field_names = [name.lower() for name, _ in selected]
-    tokens.extend(["hdr:" + name[:40] for name in dict.fromkeys(field_names)])
+        tokens.extend(["hdr:" + name[:40] for name in dict.fromkeys(field_names)])
+    elif selected and _LONG_NAME.search(names) is None:
+        # Every name prefixed at once, by replacing the line ends between them.
+        tokens.extend(dict.fromkeys(f"hdr:{names}".replace("\n", "\nhdr:").split("\n")))
+    else:
+        tokens.extend(["hdr:" + name[:40] for name in dict.fromkeys(field_names)])
     # The first field of each name: the later ones are overwritten by the earlier.
     fields = dict(zip(reversed(field_names), [value for _, value in reversed(selected)], strict=True))
     subject = ""

@@ -351,3 +351,30 @@ def test_headers_without_an_empty_line_after_them() -> None:
     assert content.split_message(b"Subject: x\n\tfolded\nbody line\n\nmore\n") == (
         [("Subject", "x\n\tfolded")], b"body line\n\nmore\n")
     assert content.split_message(b"\tblank first\n\nbody\n") == ([], b"\tblank first\n\nbody\n")
+
+
+def test_header_name_tokens_once_each_in_order_long_names_cut() -> None:
+    """hdr: tokens: lower-cased, each name once in the order of first appearance, cut to 40 characters."""
+    long = "X-" + "Long" * 15
+    headers = [("Received", "a"), ("X-Mailer", "m"), ("received", "b"), ("Subject", "s")]
+    found = [t for t in content.message_features(headers, b"hi").tokens if t.startswith("hdr:")]
+    assert found == ["hdr:received", "hdr:x-mailer", "hdr:subject"]
+    found = [t for t in content.message_features([*headers, (long, "v"), (long, "w")], b"hi").tokens
+             if t.startswith("hdr:")]
+    assert found == ["hdr:received", "hdr:x-mailer", "hdr:subject", "hdr:" + long.lower()[:40]]
+    # A name with a line end in it (never from an MTA) is still one name.
+    found = [t for t in content.message_features([("X-A\nB", "v"), ("Subject", "s")], b"hi").tokens
+             if t.startswith("hdr:")]
+    assert found == ["hdr:x-a\nb", "hdr:subject"]
+    assert not [t for t in content.message_features([], b"hi").tokens if t.startswith("hdr:")]
+
+
+def test_link_tokens_of_a_host_and_of_each_link() -> None:
+    """A host's tokens are the same from every link to it; https and user info are told link by link."""
+    body = (b"see http://a.example.co.uk/x and https://a.example.co.uk/y and http://user@b.example.com/ "
+            b"and http://192.0.2.1/z and http://localhost/\n")
+    tokens = content.message_features([("Subject", "s")], body).tokens
+    assert [t for t in tokens if t.startswith("url")] == [
+        "url:a.example.co.uk", "url-domain:example.co.uk", "url:https", "url:b.example.com",
+        "url-domain:example.com", "url:userinfo", "url:ip-address",
+    ]
