@@ -530,13 +530,13 @@ def message_features(
         if ctype == "text/plain" and not filename:
             kinds.add("plain")
             if length < WORD_CHARS:
-                texts.append(_payload_text(part.payload()[:PART_BYTES], charset).rstrip())
+                texts.append(_payload_text(part.payload(PART_BYTES)[:PART_BYTES], charset).rstrip())
                 length += len(texts[-1])
         elif ctype == "text/html" and not filename:
             kinds.add("html")
             if length >= WORD_CHARS:
                 continue
-            text, links, tags = html_to_text(_payload_text(part.payload()[:PART_BYTES], charset))
+            text, links, tags = html_to_text(_payload_text(part.payload(PART_BYTES)[:PART_BYTES], charset))
             texts.append(text.rstrip())
             length += len(text)
             urls.extend(links)

@@ -378,3 +378,50 @@ def test_link_tokens_of_a_host_and_of_each_link() -> None:
         "url:a.example.co.uk", "url-domain:example.co.uk", "url:https", "url:b.example.com",
         "url-domain:example.com", "url:userinfo", "url:ip-address",
     ]
+
+
+def test_a_large_encoded_text_part_is_decoded_from_its_start_alike() -> None:
+    """A text part far beyond PART_BYTES, quoted-printable or base64 (CRLF or LF lines, HTML or plain):
+    decoding only its start gives the features decoding it all gives (the email parser's)."""
+    import binascii
+
+    from policyd.content import mime
+
+    pick = random.Random(20261203)
+    words = ["été", "offre", "=", "gratuit", "€", "<b>x</b>", "http://a.example/p?q=1", "\t", "ÀÉÎ", "."]
+    text = " ".join(pick.choice(words) for _ in range(40_000)).encode()
+    for ctype in ("text/plain; charset=utf-8", "text/html; charset=utf-8"):
+        for encoding, data in (("quoted-printable", binascii.b2a_qp(text)), ("base64", base64.encodebytes(text))):
+            for body in (data, data.replace(b"\n", b"\r\n")):
+                assert len(body) > 4 * content.PART_BYTES
+                headers = [("Subject", "x"), ("Content-Type", ctype), ("Content-Transfer-Encoding", encoding)]
+                fast = content.message_features(headers, body)
+                assert fast == content.message_features(headers, body, mime_parser=True), (ctype, encoding)
+                part = mime.Part(dict((n.lower(), v) for n, v in headers), body)
+                for limit in (1, 100, 1000, content.PART_BYTES):
+                    assert part.payload(limit)[:limit] == part.payload()[:limit]
+
+
+def test_damaged_or_short_encodings_are_decoded_as_a_whole_would_be() -> None:
+    """Quoted-printable that packs many encoded bytes a byte, base64 with junk or padding inside,
+    and bodies too short to cut: the start decoded is the start of the whole."""
+    from policyd.content import mime
+
+    cases = [
+        ("quoted-printable", b"=C3=A9=\n" * 20_000),  # 8 encoded bytes a byte: the start is not enough
+        ("quoted-printable", b"short=3D\n"),
+        ("base64", base64.encodebytes(b"x" * 50_000).replace(b"\n", b"!!\n")),  # junk in every line
+        ("base64", (base64.encodebytes(b"ab") * 30_000)),  # padding at the end of every line
+        ("base64", b"QUJD\n" * 20_000 + b"Q\n"),  # one character too many at the end
+        ("base64", b"QUJD"),
+    ]
+    for encoding, body in cases:
+        part = mime.Part({"content-transfer-encoding": encoding}, body)
+        whole = part.payload()
+        for limit in (10, 1000, content.PART_BYTES):
+            start = part.payload(limit)
+            if encoding == "base64" and body.endswith(b"Q\n"):
+                # The whole cannot be decoded (kept as it is); its start can.
+                assert start[:limit] == b"ABC" * (limit // 3) + b"ABC"[: limit % 3] or start == whole
+                continue
+            assert start[:limit] == whole[:limit], (encoding, body[:20], limit)
