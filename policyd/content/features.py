@@ -473,10 +473,13 @@ def message_features(
     # --- headers ---
     # Joined, lower-cased and looked up by C code (str.join, dict), not field by field in Python.
     selected = headers[:MAX_HEADER_FIELDS]
-    names = "\n".join([name for name, _ in selected]).lower()
+    # Names and values apart in one pass (zip of the pairs).
+    given, values = zip(*selected, strict=True) if selected else ((), ())
+    names = "\n".join(given).lower()
     if _IGNORED_NAME.search("\n" + names):
         selected = [field for field in selected if not field[0].lower().startswith(IGNORED_HEADERS)]
-        names = "\n".join([name for name, _ in selected]).lower()
+        given, values = zip(*selected, strict=True) if selected else ((), ())
+        names = "\n".join(given).lower()
     head = "\n".join(map(": ".join, selected)).encode("utf-8", "surrogateescape")[:HEAD_BYTES]
     field_names = names.split("\n") if selected else []
     if len(field_names) != len(selected):  # a name with a line end in it (never from an MTA)
@@ -488,7 +491,7 @@ def message_features(
     else:
         tokens.extend(["hdr:" + name[:40] for name in dict.fromkeys(field_names)])
     # The first field of each name: the later ones are overwritten by the earlier.
-    fields = dict(zip(reversed(field_names), [value for _, value in reversed(selected)], strict=True))
+    fields = dict(zip(reversed(field_names), reversed(values), strict=True))
     subject = ""
     if "subject" in fields:
         subject = decode_header(fields["subject"])[:2000]
