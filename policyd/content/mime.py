@@ -15,11 +15,13 @@ missing, or never found, is left to the :mod:`email` package
 from __future__ import annotations
 
 import binascii
-import email.message
 import importlib
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import email.message
 
 #: Header lines of a part read (a forwarded message's fields come as a part's too); the rest is body.
 MAX_PART_LINES = 1000
@@ -128,6 +130,8 @@ class Part:
     def _email(self) -> email.message.Message:
         """This part as an email message, for what only the email package reads."""
         if self.message is None:
+            import email.message  # rarely needed: not imported with policyd score
+
             message = email.message.Message()
             for name, value in self.fields.items():
                 message[name] = value
