@@ -45,3 +45,35 @@ def in_thread(reactor: Any) -> RunBlocking:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args, **kwargs)
 
     return run
+
+
+def writes_directly(transport: Any) -> bool:
+    """Whether ``transport`` is a plain TCP or unix socket of Twisted's that :func:`write_now` can write to."""
+    from twisted.internet.abstract import FileDescriptor
+
+    return isinstance(transport, FileDescriptor) and all(
+        hasattr(transport, name) for name in ("socket", "dataBuffer", "_tempDataBuffer")
+    )
+
+
+def write_now(transport: Any, data: bytes, direct: bool) -> None:
+    """Write ``data``, straight to the socket when ``direct`` and nothing waits before it.
+
+    ``transport.write`` queues the bytes and writes them on the event loop's
+    next turn, registering the socket for writing and removing it again: for
+    one short message that round trip costs more than making it, and the
+    peer starts on it a turn later.  Bytes that do not fit in the socket, or
+    any bytes while earlier ones still wait, go through the transport as
+    usual, which also finds out about a broken connection and reports it.
+
+    :param direct: what :func:`writes_directly` said of ``transport``.
+    """
+    if direct and not transport.dataBuffer and not transport._tempDataBuffer:
+        try:
+            sent = transport.socket.send(data)
+        except OSError:
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from typing import Any, overload
 
 from twisted.internet import interfaces
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
@@ -29,6 +28,7 @@ from policyd.addresses import sanitise
 from policyd.config import Limits
 from policyd.netlists import NetworkSet
 from policyd.protocols.connections import ConnectionTracking, describe_peer
+from policyd.reactor import write_now, writes_directly
 
 log = logging.getLogger("policyd.protocol")
 
@@ -219,10 +219,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         """Start the idle timer and watch the client's reading."""
         transport = self.transport
         self.peer = describe_peer(transport.getPeer())
-        # A plain TCP or unix socket of Twisted's can take replies directly (see _send).
-        self._direct = isinstance(transport, FileDescriptor) and all(
-            hasattr(transport, name) for name in ("socket", "dataBuffer", "_tempDataBuffer")
-        )
+        # A plain TCP or unix socket of Twisted's can take replies directly (write_now).
+        self._direct = writes_directly(transport)
         transport.registerProducer(self, True)
         self.setTimeout(self.limits.idle_timeout)
 
@@ -304,7 +302,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             else:
                 # _flush, written out for the usual case: every reply decided at once.
                 self._ready = []
-                self._send(ready[0] if len(ready) == 1 else b"".join(ready))
+                write_now(self.transport, ready[0] if len(ready) == 1 else b"".join(ready), self._direct)
                 self.factory.idle()
 
     def _diagnose(self, lines: bytes, partial: bytes = b"") -> None:
@@ -375,32 +373,12 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             replies.popleft()
             out.append(reply)
         if out and not self._closing:
-            self._send(out[0] if len(out) == 1 else b"".join(out))
+            write_now(self.transport, out[0] if len(out) == 1 else b"".join(out), self._direct)
         if self._read_paused and len(replies) < self.limits.max_pending and not self._write_paused:
             self._read_paused = False
             self.transport.resumeProducing()
         if not replies:
             self.factory.idle()
-
-    def _send(self, data: bytes) -> None:
-        """Write replies, straight to the socket when nothing waits before them.
-
-        ``transport.write`` queues the bytes and writes them on the event
-        loop's next turn, registering the socket for writing and removing it
-        again: for one short reply that round trip cost more than deciding
-        it.  A reply that does not fit in the socket, or any reply while
-        earlier bytes still wait, goes through the transport as usual.
-        """
-        transport = self.transport
-        if self._direct and not transport.dataBuffer and not transport._tempDataBuffer:
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # full, or broken: the transport finds out and reports it
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
 
     @property
     def busy(self) -> bool:

@@ -19,7 +19,6 @@ from typing import Any
 
 import hiredis
 from twisted.internet import error as net_errors
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +26,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from policyd.errors import StoreError
+from policyd.reactor import write_now, writes_directly
 
 #: redis-py's connection classes whose address this connection can reach.
 PLAIN_CONNECTIONS = ("Connection", "UnixDomainSocketConnection")
@@ -54,10 +54,8 @@ class RedisWire(Protocol):
         transport = self.transport
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
-        # A plain TCP or unix socket of Twisted's can take a command directly (see _write).
-        self._direct = isinstance(transport, FileDescriptor) and all(
-            hasattr(transport, name) for name in ("socket", "dataBuffer", "_tempDataBuffer")
-        )
+        # A plain TCP or unix socket of Twisted's can take a command directly (write_now).
+        self._direct = writes_directly(transport)
 
     def send(self, command: bytes, replies: int = 1) -> list[Deferred[Any]]:
         """Write a packed command (or several); one Deferred per reply, a Redis error as its value."""
@@ -65,25 +63,8 @@ class RedisWire(Protocol):
             raise WireError("connection closed")
         answers: list[Deferred[Any]] = [Deferred() for _ in range(replies)]
         self.waiting.extend(answers)
-        self._write(command)
+        write_now(self.transport, command, self._direct)
         return answers
-
-    def _write(self, data: bytes) -> None:
-        """Write straight to the socket when nothing waits before it.
-
-        ``transport.write`` would send it on the event loop's next turn:
-        Redis would start on the batch a turn later.
-        """
-        transport = self.transport
-        if self._direct and not transport.dataBuffer and not transport._tempDataBuffer:
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0  # full, or broken: the transport finds out and reports it
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
 
     def dataReceived(self, data: bytes) -> None:
         reader = self.reader
