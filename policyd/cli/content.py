@@ -100,6 +100,13 @@ def _messages_to_score(paths: Sequence[str]) -> Iterator[tuple[str, str]]:
             yield given, given
 
 
+def _json_path(path: str) -> str:
+    """A path as a JSON string, as :func:`json_line` writes it; a plain ASCII one without the json module."""
+    if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
+        return f'"{path}"'
+    return json_line(path)
+
+
 #: Bytes of a message file read by one system call; a larger file is read on to its end.
 READ_FIRST = 1 << 16
 
@@ -163,7 +170,7 @@ def score(paths: tuple[str, ...], top: int | None, as_json: bool) -> None:
             for name, result in zip(names, scorer.score_many(raws), strict=True):
                 # json_line's object, keys in its order, written without building it (floats as repr, as json).
                 verdict = "true" if result.points >= tag_at else "false"
-                write(f'{{"content":{result.content!r},"network":{result.network!r},"path":{json_line(name)},'
+                write(f'{{"content":{result.content!r},"network":{result.network!r},"path":{_json_path(name)},'
                       f'"reasons":[],"score":{result.points!r},"spam":{verdict}}}\n')
         sys.stdout.flush()
     for shown, file in () if as_json and not explain else _messages_to_score(paths):

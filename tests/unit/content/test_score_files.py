@@ -36,3 +36,15 @@ def test_an_unreadable_path_is_one_line_and_none(tmp_path: Path, capsys: pytest.
     assert len(lines) == 2
     assert lines[0].startswith("policyd: error: ghost.eml: ") and "No such file" in lines[0]
     assert lines[1].startswith("policyd: error: folder: ") and "directory" in lines[1]
+
+
+@pytest.mark.parametrize("path", ["/srv/mail/cur/1.eml", "a b/c:2,S", 'say "hi".eml', "back\\slash", "tab\there",
+                                  "del\x7f", "été.eml", "bidi\u202e.eml", "nul\x00", "", "/"])
+def test_a_path_is_written_as_json_line_writes_it(path: str) -> None:
+    """The JSON string of a path written by policyd score --json is json_line's, quotes and controls escaped."""
+    import json
+
+    from policyd.cli.common import json_line
+
+    assert score_command._json_path(path) == json_line(path)
+    assert json.loads(score_command._json_path(path)) == path
