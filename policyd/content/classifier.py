@@ -6,8 +6,8 @@ binary feature space, trained online.
 
 - **Features.**  Byte 4-grams of the raw header block (the TREC lesson:
   the headers' bytes carry much of the signal), words of the Subject and
-  body text with their unaccented forms, pairs of consecutive words, byte
-  4-grams of the start of the text, and the named tokens of
+  body text with their unaccented forms, byte 4-grams of the start of the
+  text, and the named tokens of
   :class:`~policyd.content.features.Features` (header names, sender and URL
   domains, structure facts), each kind keyed apart, are hashed into one of
   ``2**bits`` weights (the "hashing trick": no vocabulary to keep, new
@@ -53,9 +53,11 @@ from policyd.content.features import MAX_WORD, MIN_WORD, WORD_CHARS, Features, u
 
 #: Format of the model file; a newer format is refused with a clear message.
 #: 2: header byte 4-grams and vectorised words; 3: byte budgets (the first 3,000 bytes of
-#: headers, 6,000 characters of text) and every kind keyed and mixed alike.  Models of an
-#: older format are refused (the shipped model is used until policyd train makes a new one).
-FORMAT = 3
+#: headers, 6,000 characters of text) and every kind keyed and mixed alike; 4: smaller budgets
+#: (1,000 bytes of headers, 3,000 characters of text, 1,500 bytes of text 4-grams) and no word
+#: pairs.  Models of an older format are refused (the shipped model is used until policyd
+#: train makes a new one).
+FORMAT = 4
 
 #: Hashed feature space: 2**22 weights.  Collisions cost little at this size
 #: for the few million distinct features of tens of thousands of messages.
@@ -65,11 +67,9 @@ BITS = 22
 #: results (3 is too common, 5 too rare).
 NGRAM = 4
 
-#: Bytes of plain text (Subject, then body) whose 4-grams are features.
-TEXT_BYTES = 3000
-
-#: Words of the text that also give word pairs ("click here", "cliquez ici").
-PAIRED_WORDS = 500
+#: Bytes of plain text (Subject, then body) whose 4-grams are features: past
+#: the start, they cost scoring time and added nothing in the evaluation.
+TEXT_BYTES = 1500
 
 #: Passes over the training mail, in its order, and the learning rate.
 PASSES = 8
@@ -87,7 +87,6 @@ _GOLDEN32 = np.uint32(0x9E3779B1)
 _HEAD_KEY = np.uint32(0x68656164)
 _TEXT_KEY = np.uint32(0x74657874)
 _WORD_KEY = np.uint32(0x776F7264)
-_PAIR_KEY = np.uint32(0x70616972)
 
 # Bytes that make words in plain text: ASCII letters and digits, and every
 # byte of a non-ASCII character (plain text has no non-ASCII character
@@ -109,7 +108,6 @@ _POWERS[1:] = np.uint32(_POLY)
 _INVERSES[1:] = np.uint32(pow(_POLY, -1, 1 << 32))
 np.multiply.accumulate(_POWERS, out=_POWERS)
 np.multiply.accumulate(_INVERSES, out=_INVERSES)
-_PAIR_MULTIPLIER = np.uint32(0x2545F491)
 
 
 def _mix(values: npt.NDArray[np.uint32], key: np.uint32, bits: int) -> Indices:
@@ -154,10 +152,6 @@ class Words:
         """Feature indices of the words."""
         return _mix(self.hashes.copy(), _WORD_KEY, bits)
 
-    def pair_indices(self, bits: int, count: int = PAIRED_WORDS) -> Indices:
-        """Feature indices of the pairs of consecutive words among the first ``count + 1``."""
-        return _mix(_pairs(self.hashes, count), _PAIR_KEY, bits)
-
 
 def _bare_words(data: bytes, starts: npt.NDArray[np.intp], ends: npt.NDArray[np.intp]) -> Words | None:
     """The words among ``data[starts:ends]`` that have accents, without them (None: no such word).
@@ -179,14 +173,6 @@ def _bare_words(data: bytes, starts: npt.NDArray[np.intp], ends: npt.NDArray[np.
     accented = b" ".join([data[starts[n] : ends[n]] for n in chosen]).decode("utf-8", "surrogatepass")
     folded = unaccented(accented)
     return None if folded == accented else Words.of(folded)
-
-
-def _pairs(hashes: npt.NDArray[np.uint32], count: int = PAIRED_WORDS) -> npt.NDArray[np.uint32]:
-    """32-bit hashes of the pairs of consecutive words among the first ``count + 1`` (not yet indices)."""
-    first = hashes[: count + 1]
-    pairs = first[:-1] * _PAIR_MULTIPLIER
-    pairs += first[1:]
-    return pairs
 
 
 @attrs.frozen
@@ -211,10 +197,10 @@ class Vector:
 
 #: The kinds of features, in the order of :attr:`Vector.indices` (an index
 #: that two kinds share is told as the first).
-SECTIONS = ("token", "word", "bare word", "phrase", "header", "text")
+SECTIONS = ("token", "word", "bare word", "header", "text")
 _HEADER = SECTIONS.index("header")
 _TEXT = SECTIONS.index("text")
-_KEYS = np.array([0, _WORD_KEY, _WORD_KEY, _PAIR_KEY, _HEAD_KEY, _TEXT_KEY], dtype=np.uint32)
+_KEYS = np.array([0, _WORD_KEY, _WORD_KEY, _HEAD_KEY, _TEXT_KEY], dtype=np.uint32)
 
 
 def message_vector(features: Features, bits: int = BITS) -> Vector:
@@ -235,10 +221,9 @@ def message_vector(features: Features, bits: int = BITS) -> Vector:
     except UnicodeEncodeError:
         # Header bytes that were not UTF-8 come as surrogate escapes.
         encoded_tokens = [t.encode("utf-8", "surrogatepass") for t in tokens]
-    pairs = _pairs(words.hashes)
     heads = max(len(head) - NGRAM + 1, 0)
     texts = max(len(text) - NGRAM + 1, 0)
-    sizes = (len(tokens), len(words.hashes), 0 if bare is None else len(bare.hashes), len(pairs), heads, texts)
+    sizes = (len(tokens), len(words.hashes), 0 if bare is None else len(bare.hashes), heads, texts)
     values = np.empty(sum(sizes), dtype=np.uint32)
     end = sizes[0]
     values[:end] = np.fromiter(map(zlib.crc32, encoded_tokens), dtype=np.uint32, count=end)
@@ -247,8 +232,6 @@ def message_vector(features: Features, bits: int = BITS) -> Vector:
     if bare is not None:
         values[end : end + sizes[2]] = bare.hashes
         end += sizes[2]
-    values[end : end + sizes[3]] = pairs
-    end += sizes[3]
     # The 4-grams of the header block and of the text's start, read as 32-bit integers.
     if heads:
         values[end : end + heads] = np.ndarray((heads,), dtype="<u4", buffer=head, strides=(1,))
@@ -319,19 +302,10 @@ def batch_indices(batch: Sequence[Features], bits: int = BITS) -> list[Indices]:
     lengths = np.fromiter(map(len, encoded), dtype=np.intp, count=count)
     text_ends = np.cumsum(lengths + 2) - 1
 
-    # Words, and pairs of consecutive words of one message among its first PAIRED_WORDS + 1.
-    starts, all_ends, hashes = _word_hashes(data)
-    all_starts = starts
-    owner = np.searchsorted(text_ends, starts)
-    word_offsets = np.searchsorted(owner, np.arange(count + 1))
-    rank = np.arange(len(owner)) - word_offsets[owner]
-    paired = (owner[1:] == owner[:-1]) & (rank[1:] <= PAIRED_WORDS)
-    pairs = hashes[:-1] * _PAIR_MULTIPLIER
-    pairs += hashes[1:]
-    pairs = pairs[paired]
-    pair_offsets = np.searchsorted(owner[:-1][paired], np.arange(count + 1))
+    # Words, and where each message's start (the texts' ends are sorted, so are their words).
+    all_starts, all_ends, hashes = _word_hashes(data)
+    word_offsets = np.searchsorted(all_starts, np.concatenate(([0], text_ends)))
     words = _mix(hashes, _WORD_KEY, bits)
-    pairs = _mix(pairs, _PAIR_KEY, bits)
 
     # The 4-grams of the header blocks, and of the texts' starts, each from one buffer: a message's
     # windows are those that start and end in its piece (its last three bytes start none).
@@ -350,9 +324,9 @@ def batch_indices(batch: Sequence[Features], bits: int = BITS) -> list[Indices]:
 
     found = []
     bounds = zip(token_offsets, token_offsets[1:], word_offsets.tolist(), word_offsets[1:].tolist(),
-                 pair_offsets.tolist(), pair_offsets[1:].tolist(), head_offsets, text_offsets, strict=False)
-    for features, (t0, t1, w0, w1, p0, p1, (h0, h1), (x0, x1)) in zip(batch, bounds, strict=True):
-        kinds = [tokens[t0:t1], words[w0:w1], pairs[p0:p1], heads[h0:h1], texts[x0:x1]]
+                 head_offsets, text_offsets, strict=False)
+    for features, (t0, t1, w0, w1, (h0, h1), (x0, x1)) in zip(batch, bounds, strict=True):
+        kinds = [tokens[t0:t1], words[w0:w1], heads[h0:h1], texts[x0:x1]]
         if not features.text.isascii():
             bare = _bare_words(data, all_starts[w0:w1], all_ends[w0:w1])
             if bare is not None:
@@ -523,8 +497,8 @@ class Model:
     def explain(self, features: Features, top: int = 10) -> list[Reason]:
         """What weighs most in this message's score, strongest first, in words a person can check.
 
-        Tokens (``url:example.biz``, ``hdr:x-mailer``), words and phrases of
-        the text each count as themselves; the byte 4-grams of a header field
+        Tokens (``url:example.biz``, ``hdr:x-mailer``) and words of the text
+        each count as themselves; the byte 4-grams of a header field
         add up to that field (``header X-Mailer: ...``), and those of the
         text to one reason, ``text n-grams``: single n-grams mean nothing to
         people.  An index that several features share counts once, for one
@@ -584,16 +558,14 @@ class Model:
 
     @staticmethod
     def _name(features: Features, vector: Vector, kind: int, place: int) -> str:
-        """The readable name of one token, word or phrase."""
+        """The readable name of one token or word."""
         section = SECTIONS[kind]
         if section == "token":
             return features.tokens[place]
         if section == "word":
             return vector.words.word(place)
-        if section == "bare word":
-            assert vector.bare is not None
-            return vector.bare.word(place)
-        return f"{vector.words.word(place)} {vector.words.word(place + 1)}"
+        assert vector.bare is not None
+        return vector.bare.word(place)
 
     # --- files --------------------------------------------------------------
 
