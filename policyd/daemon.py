@@ -20,7 +20,7 @@ from collections.abc import Callable, MutableMapping
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -35,6 +35,10 @@ from policyd.errors import PolicydError
 #: longer for a reply (100 s for a policy, 300 s for a milter), but a stop must
 #: not hang.
 DRAIN_BOUND = 10.0
+
+#: Longest wait, after the drain, for replies to leave before connections are
+#: cut, and for the store to close (a hung Redis must not hold the exit).
+CLOSE_BOUND = 2.0
 
 
 class ServiceManager:
@@ -206,6 +210,12 @@ class BaseServer:
             return
         for component in self.config.log.components.keys() - new.log.components.keys():
             logging.getLogger(f"policyd.{component}").setLevel(logging.NOTSET)
+
+    def close_store(self, store: Any) -> Deferred[Any]:
+        """Close ``store``, waiting at most :data:`CLOSE_BOUND` seconds for it."""
+        closing = store.close()
+        closing.addTimeout(CLOSE_BOUND, self.reactor)
+        return DeferredList([closing], consumeErrors=True)
 
     @inlineCallbacks
     def drain(self, factory: Drainable, what: str) -> Any:

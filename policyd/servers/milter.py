@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort
 
 from policyd import logs
@@ -165,7 +165,7 @@ class MilterServer(BaseServer):
         yield self.drain(self.factory, "messages being scored")
         for connection in list(self.factory.connections):
             connection.transport.loseConnection()
-        yield DeferredList([self.store.close()], consumeErrors=True)
+        yield self.close_store(self.store)
         log.info("policyd milter stopped")
         logs.flush()
 

@@ -12,7 +12,7 @@ from policyd import config as configuration
 from policyd import logs
 from policyd.admin import Admin
 from policyd.config import Config
-from policyd.daemon import DRAIN_BOUND, BaseServer, run_daemon
+from policyd.daemon import CLOSE_BOUND, DRAIN_BOUND, BaseServer, run_daemon
 from policyd.errors import PolicydError
 from policyd.metrics import Metrics
 from policyd.netlists import NetworkSet
@@ -25,9 +25,6 @@ from policyd.web.admin import AdminSite
 from policyd.web.selfservice import SelfService
 
 log = logging.getLogger("policyd.server")
-
-#: Longest wait, after the drain, for replies to leave before connections are cut.
-CLOSE_BOUND = 2.0
 
 #: How often old counts are pruned from the store: often, so each time is short.
 PRUNE_EVERY = 10.0
@@ -145,7 +142,10 @@ class PolicyServer(BaseServer):
             yield self.http_port.stopListening()
         if self.port is not None:
             yield self.port.stopListening()
+        # The notices' bound runs beside the drain's: whatever hangs, the
+        # whole stop takes at most DRAIN_BOUND + 2 * CLOSE_BOUND.
         stopping = self.notifier.stop()
+        stopping.addTimeout(DRAIN_BOUND, self.reactor)
         yield self.drain(self.factory, "requests")
         # Let the replies already written reach their clients before the
         # reactor goes: wait (bounded) until every connection has closed.
@@ -156,9 +156,8 @@ class PolicyServer(BaseServer):
         yield DeferredList([closed], consumeErrors=True)
         for connection in list(self.factory.connections):
             connection.transport.abortConnection()
-        stopping.addTimeout(DRAIN_BOUND, self.reactor)
         yield DeferredList([stopping], consumeErrors=True)
-        yield DeferredList([self.store.close()], consumeErrors=True)
+        yield self.close_store(self.store)
         log.info("policyd stopped")
         logs.flush()
 
