@@ -39,6 +39,7 @@ import itertools
 import json
 import math
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -382,6 +383,24 @@ class Reason:
         return {"feature": self.feature, "points": round(self.points, 3)}
 
 
+#: Words of text whose 4-grams add up to one reason (a phrase) in explanations.
+PHRASE_WORDS = 3
+
+_WORD_RUN = re.compile(rb"\S+")
+
+
+def _phrases(text: bytes) -> list[tuple[int, int]]:
+    """Where the phrases of ``text`` start and end: runs of :data:`PHRASE_WORDS` words (one span for no word)."""
+    words = [match.span() for match in _WORD_RUN.finditer(text)]
+    if not words:
+        return [(0, len(text))]
+    spans = []
+    for first in range(0, len(words), PHRASE_WORDS):
+        last = words[min(first + PHRASE_WORDS, len(words)) - 1]
+        spans.append((0 if first == 0 else words[first][0], last[1]))
+    return spans
+
+
 class ModelError(Exception):
     """A model file that cannot be used."""
 
@@ -500,7 +519,8 @@ class Model:
         Tokens (``url:example.biz``, ``hdr:x-mailer``) and words of the text
         each count as themselves; the byte 4-grams of a header field
         add up to that field (``header X-Mailer: ...``), and those of the
-        text to one reason, ``text n-grams``: single n-grams mean nothing to
+        text to the phrase (:data:`PHRASE_WORDS` words) they start in
+        (``phrase "cheap viagra online"``): single n-grams mean nothing to
         people.  An index that several features share counts once, for one
         of them; so all the reasons add up to the margin.
         """
@@ -517,7 +537,7 @@ class Model:
         offsets = np.cumsum([0, *sizes[:-1]])
         kind = np.repeat(np.arange(len(sizes), dtype=np.int8), sizes)[first]
         # Every feature is its own reason, but header 4-grams add up by the
-        # header field they start in, and text 4-grams into one reason.
+        # header field they start in, and text 4-grams by the phrase they start in.
         group = np.arange(count)
         head = np.flatnonzero(kind == _HEADER)
         octets = np.frombuffer(features.head, dtype=np.uint8)
@@ -527,8 +547,14 @@ class Model:
         field_of = np.cumsum(starts_field)
         fields = int(field_of[-1]) + 1 if len(octets) else 0
         group[head] = count + field_of[first[head] - offsets[_HEADER]]
-        group[kind == _TEXT] = count + fields
-        sums = np.bincount(group, weights=weights, minlength=count + fields + 1).astype(np.float64)
+        text = features.text.encode("utf-8", "surrogatepass")[:TEXT_BYTES]
+        phrases = _phrases(text)
+        grams = np.flatnonzero(kind == _TEXT)
+        if len(grams):
+            starts = np.array([start for start, _ in phrases], dtype=np.intp)
+            where = np.searchsorted(starts, first[grams] - offsets[_TEXT], side="right") - 1
+            group[grams] = count + fields + np.maximum(where, 0)
+        sums = np.bincount(group, weights=weights, minlength=count + fields + len(phrases)).astype(np.float64)
         strengths = sums * (self.scale / math.sqrt(count))
         magnitude = np.abs(strengths)
         if len(strengths) > top:
@@ -552,7 +578,8 @@ class Model:
                 shown = features.head[field_starts[field] : field_starts[field + 1]].decode("utf-8", "replace")
                 name = "header " + " ".join(shown.split())[:70]
             else:
-                name = "text n-grams"
+                start, end = phrases[number - count - fields]
+                name = "phrase \"" + " ".join(text[start:end].decode("utf-8", "replace").split())[:70] + "\""
             reasons.append(Reason(name, value))
         return reasons
 

@@ -182,13 +182,38 @@ def header_changes(
     status = (
         f"Yes, score={score.points:.1f} tag_at={config.content.tag_at:g} "
         f"content={score.content:.1f} network={score.network:g}"
-    )
+    ) + status_reasons(score)
     changes += [
         add_header("X-Spam-Flag", "YES"),
         add_header("X-Spam-Score", f"{score.points:.1f}"),
         add_header("X-Spam-Status", status),
     ]
     return changes
+
+
+#: Reasons named in X-Spam-Status, and the characters each may take there.
+STATUS_REASONS = 5
+STATUS_REASON_CHARS = 60
+
+
+def status_reasons(score: Score) -> str:
+    """What weighed most for spam, for X-Spam-Status: `` reasons=+1.5 phrase "cheap pills now"; +0.8 url:x.biz``.
+
+    Each reason is the message's own text (a word, a phrase, a header
+    field): on one line, in ASCII (others as ``\\u`` escapes), without the
+    ``;`` that separates reasons, and cut to :data:`STATUS_REASON_CHARS`.
+    """
+    shown = []
+    for reason in score.reasons:
+        if reason.points <= 0:
+            continue
+        text = " ".join(reason.feature.split()).replace(";", ",")
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+        text = "".join(c if c.isprintable() else "?" for c in text)[:STATUS_REASON_CHARS]
+        shown.append(f"{reason.points:+.1f} {text}")
+        if len(shown) == STATUS_REASONS:
+            break
+    return " reasons=" + "; ".join(shown) if shown else ""
 
 
 def _edits(changes: Sequence[Modification]) -> int:

@@ -212,3 +212,30 @@ def test_the_held_copy_is_edited_as_postfix_edits_the_delivered_one() -> None:
                       else r for r in replies]
         )
         assert apply_changes(headers, changes) == expected, (headers, changes)
+
+
+def test_x_spam_status_names_what_weighed_most_in_the_messages_own_words() -> None:
+    """X-Spam-Status of tagged mail names up to five reasons for spam, each text found in the message, on one
+    ASCII line."""
+    headers = [("Subject", "Buy now"), ("From", "promo@example.biz")]
+    replies = Site("quarantine:\n  default: inbox\n").send(["bob@example.org"], headers)
+    status = added(replies)["X-Spam-Status"]
+    assert status.startswith("Yes, score=") and " reasons=+" in status, status
+    shown = status.split(" reasons=", 1)[1].split("; ")
+    assert 1 <= len(shown) <= 5
+    for reason in shown:
+        points, text = reason.split(" ", 1)
+        assert float(points) > 0 and text
+    assert status.isascii() and status.isprintable()
+
+
+def test_status_reasons_are_one_ascii_line_without_separators() -> None:
+    """A reason with a line end, a ';', non-ASCII letters or a control character cannot break the header."""
+    from policyd.content.classifier import Reason
+    from policyd.content.scorer import Score
+    from policyd.content.spamfilter import status_reasons
+
+    score = Score(9.0, 9.0, 0.0, "", reasons=(Reason('phrase "gratuit; offre\r\nX-Evil: 1"', 2.0),
+                                      Reason("caf\u00e9\x07", 1.0), Reason("ham-ish", -3.0)))
+    text = status_reasons(score)
+    assert text == ' reasons=+2.0 phrase "gratuit, offre X-Evil: 1"; +1.0 caf\\xe9?'
