@@ -93,13 +93,7 @@ class PolicyService:
         else:
             verdict = Verdict(DUNNO, "none", "-", f"unknown policy_context {context!r}")
         if isinstance(verdict, Verdict):
-            # _logged, written out: most requests are decided at once.
-            seconds = perf_counter() - started
-            if self._decided is not None:
-                self._decided(verdict.check, verdict.action.word, seconds)
-            if decisions.enabled:
-                self._log(verdict, request, seconds)
-            return verdict.action
+            return self._logged(verdict, request, started)
         return verdict.addCallbacks(self._logged, self._failed, callbackArgs=(request, started))
 
     def _logged(self, verdict: Verdict, request: Request, started: float) -> Action:
