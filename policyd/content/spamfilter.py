@@ -121,7 +121,7 @@ def envelope_text(message: MilterMessage) -> str:
     MAIL FROM), left out when the client did not authenticate.
     """
     text = f"client={message.client_address or '-'}"
-    sasl = message.macros.get("auth_authen")
+    sasl = message.macro("auth_authen")
     if sasl:
         text += f" sasl_username={sasl}"
     text += f" from=<{_bare(message.sender)}> to="

@@ -108,10 +108,26 @@ class MilterMessage:
             self._macros = macros
         return self._macros
 
+    def macro(self, name: str) -> str:
+        """One macro's latest value (name without braces), empty when none came: :attr:`macros`' value,
+        read from the newest packets first, without decoding the others."""
+        if self._macros is not None:
+            return self._macros.get(name, "")
+        for data in reversed(self._macro_packets.values()):
+            strings = data[1:-1] if data.endswith(b"\0") else data[1:]
+            if not strings:
+                continue
+            parts = strings.split(b"\0")
+            # The last of a name in a packet wins, as in :attr:`macros`; a name without a value is dropped.
+            for index in range(len(parts) - 2 - len(parts) % 2, -1, -2):
+                if text(parts[index]).strip("{}") == name:
+                    return text(parts[index + 1])
+        return ""
+
     @property
     def queue_id(self) -> str:
         """Postfix's queue id (macro ``i``), once known."""
-        return self.macros.get("i", "")
+        return self.macro("i")
 
     def add_recipient(self, recipient: str) -> None:
         """Count an envelope recipient; keep it within :data:`MAX_RECIPIENTS`."""
@@ -133,6 +149,17 @@ class MilterMessage:
         one it must change.
         """
         size = len(name) + len(value) + 4
+        if (
+            not self._header_unread
+            and self.header_size + size <= MAX_HEADERS
+            and self.header_count < MAX_HEADER_COUNT
+        ):
+            # Within the bounds, as nearly every header is: counted and kept without more checks.
+            self.header_count += 1
+            self.header_size += size
+            self.header_bytes += size
+            self.headers.append((name, value))
+            return
         self.note_header(size)
         if self.headers_complete:
             self.header_bytes += size

@@ -262,7 +262,9 @@ class MilterProtocol(Protocol):
             if not data or data == b"\0":
                 raise ProtocolError("header packet without a name")
             name, _, rest = data.partition(b"\0")
-            self.message.add_header(text(name), text(rest.partition(b"\0")[0]))
+            self.message.add_header(
+                name.decode("utf-8", "surrogateescape"), rest.partition(b"\0")[0].decode("utf-8", "surrogateescape")
+            )
             self._reply(SMFIP_NR_HDR)
         elif command == BODY and self.version:
             wants_more = self.message.add_body(data)
@@ -351,6 +353,11 @@ class MilterProtocol(Protocol):
     def _end_of_message(self) -> None:
         self._busy = True
         decided = maybeDeferred(self.filter, self.message)
+        if decided.called and not decided.paused and isinstance(decided.result, Verdict):
+            # Most mail is decided at once: the verdict is taken as it is,
+            # without a callback chain run for it.
+            self._decided(decided.result)
+            return
         if not decided.called:
             decided.addTimeout(self.filter_timeout, self.clock)
         decided.addCallbacks(self._decided, self._failed)

@@ -403,6 +403,46 @@ def test_macros_the_latest_value_wins() -> None:
     assert "auth_authen" not in message.macros  # the MAIL stage's macros are this message's now
 
 
+@pytest.mark.parametrize(
+    "packets",
+    [
+        [b"C{j}\0mx\0i\0c1\0", b"Mi\0m1\0{auth_authen}\0lou\0i\0m2\0"],
+        [b"Mi\0m1\0{i}\0m3\0odd", b"E{{i}}\0e\xff\xc3\0auth_authen\0"],
+        [b"Ei\0", b"M", b"R\0\0i\0\0", b"Tauth_authen\0\xe2\x82\0x"],
+        [b"Ci\0a\0", b"Mj\0b\0", b"Ci\0c\0"],
+    ],
+)
+def test_one_macro_is_what_every_macro_says(packets: list[bytes]) -> None:
+    """macro(name), read from the newest packet back, gives what the whole macros dictionary gives."""
+    message = MilterMessage(1024, 4096)
+    for data in packets:
+        message.add_macros(data)
+    every = dict(message.macros)
+    message._macros = None
+    for name in ("i", "j", "auth_authen", "x", ""):
+        assert message.macro(name) == every.get(name, "")
+    assert message.queue_id == every.get("i", "")
+    assert message.macros == every
+    assert message.macro("i") == every.get("i", "")
+
+
+def test_a_verdict_fired_at_once_and_one_fired_later_get_the_same_reply() -> None:
+    """The verdict of a filter that answered at once is sent as the one of a filter that waited."""
+    verdict = Verdict((add_header("X-Spam-Flag", "YES"), delete_recipient("<b@example.org>")), milter.ACCEPT)
+    at_once = started(Recorder(verdict))
+    waiting_filter = Recorder(verdict)
+    waiting_filter.hold = True
+    waiting = started(waiting_filter)
+    first = at_once.message("a@example.net", ["b@example.org"], HEADERS, b"x")
+    assert waiting.message("a@example.net", ["b@example.org"], HEADERS, b"x") == []
+    waiting_filter.pending.pop().callback(verdict)
+    later = waiting.replies()
+    assert [(r.command, r.data) for r in first] == [(r.command, r.data) for r in later]
+    assert [r.command for r in first] == [b"h", b"-", b"a"]
+    # And the next message on the connection goes on as before.
+    assert [r.command for r in at_once.message("a@example.net", ["c@example.org"], HEADERS, b"y")] == [b"h", b"-", b"a"]
+
+
 def test_quit_closes_and_quit_nc_keeps_the_socket() -> None:
     """SMFIC_QUIT_NC starts a fresh SMTP session on the same socket; SMFIC_QUIT closes it."""
     filter = Recorder()
