@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from policyd import logs
 from policyd.config import Config
@@ -356,6 +357,8 @@ class SpamFilter:
         except Exception:
             self.metrics.errors.labels("filter").inc()
             raise
+        if decided.called and not decided.paused and not isinstance(decided.result, Failure):
+            return decided  # decided at once: nothing left to count
         return decided.addErrback(self._failed)
 
     def _failed(self, failure: Any) -> Any:

@@ -113,10 +113,12 @@ class MilterMessage:
         read from the newest packets first, without decoding the others."""
         if self._macros is not None:
             return self._macros.get(name, "")
+        wanted = wire(name)
         for data in reversed(self._macro_packets.values()):
-            strings = data[1:-1] if data.endswith(b"\0") else data[1:]
-            if not strings:
+            if wanted not in data:
+                # Not named in this packet: not split, not decoded.
                 continue
+            strings = data[1:-1] if data.endswith(b"\0") else data[1:]
             parts = strings.split(b"\0")
             # The last of a name in a packet wins, as in :attr:`macros`; a name without a value is dropped.
             for index in range(len(parts) - 2 - len(parts) % 2, -1, -2):

@@ -113,3 +113,30 @@ def test_a_failing_filter_is_counted() -> None:
     site.filter.scorer.score_message = broken  # type: ignore[method-assign]
     site.send(["bob@example.org"])
     assert samples(metrics)[("policyd_milter_errors_total", (("kind", "filter"),))] == 1
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_a_filter_failing_off_the_event_loop_is_counted(at_once: bool) -> None:
+    """Scoring that fails in the thread pool, at once or later, is a filter error; a verdict given
+    at once counts none."""
+    from twisted.internet.defer import Deferred, fail
+
+    site, metrics = metered()
+    pending: list[Deferred[object]] = []
+
+    def run_cpu(*_: object) -> Deferred[object]:
+        if at_once:
+            return fail(RuntimeError("model gone"))
+        pending.append(Deferred())
+        return pending[-1]
+
+    site.filter.run_cpu = run_cpu
+    site.filter.inline_bytes = 0
+    replies = site.send(["bob@example.org"])
+    if not at_once:
+        assert replies == []
+        pending.pop().errback(RuntimeError("model gone"))
+    assert samples(metrics)[("policyd_milter_errors_total", (("kind", "filter"),))] == 1
+    site.filter.inline_bytes = 1 << 20
+    assert [r.command for r in site.send(["bob@example.org"], body=b"hello")][-1] == b"a"
+    assert samples(metrics)[("policyd_milter_errors_total", (("kind", "filter"),))] == 1
