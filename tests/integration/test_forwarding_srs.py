@@ -10,7 +10,6 @@ loopback that publishes ``v=spf1 ip4:127.0.0.1 -all`` for example.org.
 
 from __future__ import annotations
 
-import json
 import re
 import smtplib
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,12 +29,10 @@ from twisted.names import dns as names_dns
 from tests.harness.dns_zone import DnsZoneServer, TestZone
 from tests.harness.postfix import PostfixInstance, SmtpSink
 from tests.harness.postsrsd import Postsrsd, postsrsd  # noqa: F401  (fixture)
-from tests.integration.test_forwarding import ForwardingMilter
+from tests.integration.test_forwarding import ForwardingMilter, spam_is_held_for_the_alias
 from tests.integration.test_postfix_milter import (
     HAM_BODY,
     HAM_SUBJECT,
-    SPAM_BODY,
-    SPAM_SUBJECT,
     arrived,
     headers,
 )
@@ -185,16 +182,7 @@ def test_held_spam_is_never_forwarded_with_srs(site: Site) -> None:
     """With forwarding.spam: hold, level-1 spam for the alias never leaves (held under the alias) while the
     local recipient gets it tagged; ham for the alias leaves with an SRS sender."""
     milter, mta, sink, _srs = site
-    sent = mta.send(mta.inbound_port, "spammer@example.net", ["fwd@example.org", "bob@example.org"],
-                    subject=SPAM_SUBJECT, body=SPAM_BODY)
-    assert sent.accepted == ["fwd@example.org", "bob@example.org"], mta.log_tail()
-    (bob,) = arrived(sink, "bob@example.org")
-    mta.wait_queue_empty()
-    assert bob.recipients == ("bob@example.org",)
-    assert headers(bob, "Subject") == [f"*{{spam}}* {SPAM_SUBJECT}"]
-    assert not [d for d in sink.snapshot() if "outside@example.net" in d.recipients]
-    (held,) = [json.loads(line) for line in milter.cli("quarantine", "list", "--json").splitlines()]
-    assert held["recipient"] == "fwd@example.org" and held["subject"] == SPAM_SUBJECT
+    spam_is_held_for_the_alias(milter, mta, sink)
 
     sent = mta.send(mta.inbound_port, "friend@example.net", ["fwd@example.org"], subject=HAM_SUBJECT, body=HAM_BODY)
     assert sent.accepted == ["fwd@example.org"], mta.log_tail()
