@@ -53,6 +53,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.debian import apt_install, stop_services
 from tests.harness.postfix import free_ports
 from tests.harness.servers import POLICYD
 
@@ -98,20 +99,8 @@ def ensure_dovecot() -> None:
             raise DovecotError(
                 f"missing {', '.join(_missing())}; install {' '.join(DEBIAN_PACKAGES)} (make test-deps)"
             )
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *DEBIAN_PACKAGES]
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=900)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if _missing():
-            raise DovecotError(
-                f"could not install {' '.join(DEBIAN_PACKAGES)} (still missing {', '.join(_missing())}): "
-                f"{result.stderr.strip()[-2000:]}"
-            )
-        if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
-            subprocess.run(["systemctl", "disable", "--now", "dovecot.socket", "dovecot.service"],
-                           capture_output=True, timeout=60)
+        apt_install(DEBIAN_PACKAGES, _missing, DovecotError)
+        stop_services("dovecot.socket", "dovecot.service")
 
 
 def learn_script(policyd: str, config: Path) -> str:

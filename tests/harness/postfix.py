@@ -96,6 +96,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.debian import apt_install
 from tests.harness.smtp_sink import SmtpSink
 
 POSTFIX = "/usr/sbin/postfix"
@@ -148,7 +149,6 @@ def ensure_postfix() -> None:
                 f"missing {', '.join(_missing())}; install the Debian packages "
                 f"{' '.join(DEBIAN_PACKAGES)} (make test-deps)"
             )
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(
             ["debconf-set-selections"],
             input="postfix postfix/main_mailer_type select No configuration\n",
@@ -156,16 +156,7 @@ def ensure_postfix() -> None:
             check=False,
             timeout=60,
         )
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *DEBIAN_PACKAGES]
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=900)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if _missing():
-            raise PostfixError(
-                f"could not install {' '.join(DEBIAN_PACKAGES)} (still missing "
-                f"{', '.join(_missing())}): {result.stderr.strip()[-2000:]}"
-            )
+        apt_install(DEBIAN_PACKAGES, _missing, PostfixError)
 
 
 @functools.cache

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness.debian import apt_install, stop_services
 from tests.harness.postfix import free_ports
 
 POSTSRSD = "/usr/sbin/postsrsd"
@@ -63,27 +64,23 @@ class PostsrsdError(AssertionError):
     """postsrsd could not be installed, started or asked."""
 
 
+def _missing() -> list[str]:
+    return [] if os.access(POSTSRSD, os.X_OK) else [POSTSRSD]
+
+
 def ensure_postsrsd() -> None:
     """Install postsrsd when missing (as root) and stop the system service that brings; else fail loudly.
 
     :raises PostsrsdError: when it is missing and cannot be installed.
     """
     with _install_lock:
-        if os.access(POSTSRSD, os.X_OK):
+        if not _missing():
             return
         if os.geteuid() != 0:
             raise PostsrsdError(f"{POSTSRSD} is missing; install the Debian package {DEBIAN_PACKAGE} (make test-deps)")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", DEBIAN_PACKAGE]
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=900)
-            result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-        if not os.access(POSTSRSD, os.X_OK):
-            raise PostsrsdError(f"could not install {DEBIAN_PACKAGE}: {result.stderr.strip()[-2000:]}")
-        if Path("/run/systemd/system").is_dir() and shutil.which("systemctl"):
-            # The package starts its own on 10001/10002: not ours to keep running.
-            subprocess.run(["systemctl", "disable", "--now", "postsrsd"], capture_output=True, timeout=60)
+        apt_install([DEBIAN_PACKAGE], _missing, PostsrsdError)
+        # The package starts its own on 10001/10002: not ours to keep running.
+        stop_services("postsrsd")
 
 
 def lookup(port: int, address: str, timeout: float = LOOKUP_TIMEOUT) -> tuple[int, str]:
