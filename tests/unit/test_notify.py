@@ -179,9 +179,9 @@ def subjects(outgoing: Outgoing) -> dict[str, str]:
     return found
 
 
-def test_notice_sent_after_an_unblock_says_blocked_then_unblocked() -> None:
-    """A notice that waited in the outbox while the account was unblocked says so in Subject and text, never "is blocked"."""
-    service, notifier, store, clock, outgoing = setup("  notify_user: true\n")
+def notices_after_an_unblock(extra: str) -> Outgoing:
+    """The relay refuses while alice is blocked and then unblocked; the mail it then takes."""
+    service, notifier, store, clock, outgoing = setup(extra)
     outgoing.failing = True
     attempt(service, times=4)
     clock.advance(0)
@@ -189,6 +189,12 @@ def test_notice_sent_after_an_unblock_says_blocked_then_unblocked() -> None:
     outgoing.failing = False
     clock.advance(retry_delay(1))
     notifier.drain()
+    return outgoing
+
+
+def test_notice_sent_after_an_unblock_says_blocked_then_unblocked() -> None:
+    """A notice that waited in the outbox while the account was unblocked says so in Subject and text, never "is blocked"."""
+    outgoing = notices_after_an_unblock("  notify_user: true\n")
     assert subjects(outgoing) == {
         "helpdesk@example.org": "[policyd] account alice@example.org blocked, then unblocked",
         "it@example.org": "[policyd] account alice@example.org blocked, then unblocked",
@@ -224,14 +230,7 @@ def test_notice_of_a_block_still_in_force_is_unchanged_and_of_an_expired_one_say
 
 def test_french_notice_after_an_unblock() -> None:
     """language: fr: the late notice of a lifted block says "bloqué, puis débloqué"."""
-    service, notifier, store, clock, outgoing = setup("language: fr\n")
-    outgoing.failing = True
-    attempt(service, times=4)
-    clock.advance(0)
-    store.unblock("alice@example.org", now=clock.seconds())
-    outgoing.failing = False
-    clock.advance(retry_delay(1))
-    notifier.drain()
+    outgoing = notices_after_an_unblock("language: fr\n")
     assert set(subjects(outgoing).values()) == {"[policyd] compte alice@example.org bloqué, puis débloqué"}
 
 
