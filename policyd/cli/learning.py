@@ -219,8 +219,8 @@ def learn_one(config: Config, raw: bytes, spam: bool, by: str | None, as_json: b
     show(
         as_json,
         {"model": str(files.path), "ham": int(not spam), "spam": int(spam), "seconds": round(seconds, 1),
-         "previous": None, "check": None},
-        f"{reason} in {seconds:.1f}s; model {files.path} in use",
+         "previous": str(outcome.previous), "check": None},
+        f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {outcome.previous})",
     )
 
 

@@ -130,12 +130,14 @@ class Outcome:
     :ivar spam: its label.
     :ivar key: its key (:func:`message_key`).
     :ivar message_id: its Message-ID, for the audit log ("" without one).
+    :ivar previous: where the model it replaced is kept (None when nothing was learned).
     """
 
     learned: bool
     spam: bool
     key: str
     message_id: str
+    previous: Path | None = None
 
 
 def learn_message(config: Config, raw: bytes, spam: bool, files: ModelFiles | None = None) -> Outcome:
@@ -161,11 +163,11 @@ def learn_message(config: Config, raw: bytes, spam: bool, files: ModelFiles | No
         model, source = files.current()
         new = training.learn(model, [(features, spam)], threshold=config.content.tag_at)
         new.info["learned_onto"] = str(source)
-        files.swap(new, "learn")
+        kept = files.swap(new, "learn")
         learned.pop(key, None)
         learned[key] = label
         memory.write(learned)
-    return Outcome(True, spam, key, found_id)
+    return Outcome(True, spam, key, found_id, kept)
 
 
 class Feedback:

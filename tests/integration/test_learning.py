@@ -92,7 +92,8 @@ def test_learn_reads_one_message_from_stdin(tmp_path: Path) -> None:
     before = score(config, probe)
     learned = policyd("learn", "-c", str(config), "--spam", "-", "--json", input=raw.decode())
     assert learned.returncode == 0, learned.stderr
-    assert json.loads(learned.stdout)["spam"] == 1
+    result = json.loads(learned.stdout)
+    assert result["spam"] == 1 and Path(result["previous"]).is_file()  # the shipped model, kept
     after = score(config, probe)
     assert after > before
 
