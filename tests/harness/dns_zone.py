@@ -150,14 +150,17 @@ class DnsZoneServer:
         """Listen; UDP first on ``port`` (0: a free one), then TCP on the same number."""
         factory = _ServerFactory(authorities=[self.zone])
         for _ in range(1 if port else 50):
+            # Each attempt asks for the port requested: a UDP port given back by
+            # stopListening is closed a turn later, so asking for it again at
+            # once would fail (and Twisted leaves the socket of a failed bind open).
             udp = self.reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-            port = udp.getHost().port
+            bound = udp.getHost().port
             try:
-                tcp = self.reactor.listenTCP(port, factory, interface="127.0.0.1")
+                tcp = self.reactor.listenTCP(bound, factory, interface="127.0.0.1")
             except CannotListenError:
                 udp.stopListening()
                 continue
-            self.port = port
+            self.port = bound
             self._listening = [udp, tcp]
             return self
         raise RuntimeError("no loopback port free for both UDP and TCP")
