@@ -64,6 +64,7 @@ from policyd.protocols.milter import (
     text,
 )
 from policyd.protocols.milter_message import MilterMessage
+from policyd.reactor import write_now, writes_directly
 
 log = logging.getLogger("policyd.milter")
 
@@ -114,6 +115,7 @@ class MilterProtocol(Protocol):
         self._closing = False
         self._processing = False
         self._heard = 0.0
+        self._direct = False
         self._idle_timer: IDelayedCall | None = None
 
     # --- connection -----------------------------------------------------------
@@ -121,6 +123,8 @@ class MilterProtocol(Protocol):
     def connectionMade(self) -> None:
         """Start the idle timer."""
         self.peer = describe_peer(self.transport.getPeer())
+        # A plain TCP or unix socket of Twisted's can take replies directly (write_now).
+        self._direct = writes_directly(self.transport)
         self._heard = self.clock.seconds()
         self._idle_timer = self.clock.callLater(self.idle_timeout, self._check_idle)
 
@@ -249,7 +253,7 @@ class MilterProtocol(Protocol):
 
     def _send(self, data: bytes) -> None:
         if not self._closing:
-            self.transport.write(data)
+            write_now(self.transport, data, self._direct)
 
     def _reply(self, flag: int, reply: bytes = CONTINUE) -> None:
         """Answer a step unless the MTA agreed not to wait for it."""
