@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 from collections.abc import Callable, MutableMapping
@@ -39,6 +40,42 @@ DRAIN_BOUND = 10.0
 #: Longest wait, after the drain, for replies to leave before connections are
 #: cut, and for the store to close (a hung Redis must not hold the exit).
 CLOSE_BOUND = 2.0
+
+#: Descriptors a server needs beside its client connections: the store, the
+#: log, DNS, the web and metrics listeners and their clients, threads.
+SPARE_DESCRIPTORS = 256
+
+
+def open_files_for(connections: int, log: logging.Logger) -> int:
+    """Make room for ``connections`` clients in ``RLIMIT_NOFILE``; the soft limit now.
+
+    A server started from a shell inherits its soft limit (often 1,024),
+    while ``limits.max_connections`` allows 1,000 clients on top of what the
+    server itself opens: past the limit, ``accept`` fails and Postfix sees
+    refused connections.  The soft limit is raised toward the hard one
+    (which any process may do); when even that is too low, one warning says
+    so at start-up rather than refusals under load.
+    """
+    needed = connections + SPARE_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.debug("cannot raise the open-file limit to %d: %s", target, error)
+    if soft < needed:
+        log.warning(
+            "limits.max_connections is %d but this process may open only %d files (hard limit %s): "
+            "clients past about %d connections will be refused; raise LimitNOFILE (ulimit -n) "
+            "or lower limits.max_connections",
+            connections, soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
+            max(soft - SPARE_DESCRIPTORS, 0),
+        )
+    return soft
 
 
 class ServiceManager:
@@ -197,6 +234,8 @@ class BaseServer:
             return False
         if new.log != self.config.log:
             self._relog(new)
+        if new.limits.max_connections > self.config.limits.max_connections:
+            open_files_for(new.limits.max_connections, self.log)
         self.config = new
         self.log.info("configuration reloaded from %s", self.path)
         return True
@@ -245,6 +284,7 @@ def run_daemon(path: str | None, build: Callable[[Any, Config, str], Daemon], th
     reactor = install_reactor()
     config = configuration.load(path)
     logs.setup(config.log)
+    open_files_for(config.limits.max_connections, logging.getLogger("policyd.daemon"))
     server = build(reactor, config, configuration.config_path(path))
     manager = ServiceManager.from_environment(os.environ, logging.getLogger("policyd.daemon"))
     failure: list[BaseException] = []

@@ -47,23 +47,42 @@ class PolicydServer:
     :param config: path of the configuration file.
     :param port: the TCP port that configuration listens on.
     :param command: ``serve`` or ``milter``.
+    :param nofile: the soft and hard ``RLIMIT_NOFILE`` to start it with (None: this process's).
     """
 
-    def __init__(self, config: Path, port: int, command: str = "serve") -> None:
+    def __init__(self, config: Path, port: int, command: str = "serve", nofile: tuple[int, int] | None = None) -> None:
         self.config = config
         self.port = port
         self.command = command
+        self.nofile = nofile
         self.log = config.with_suffix(".log") if command == "serve" else config.with_name(f"{command}.log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> PolicydServer:
         """Start and wait until it listens."""
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [POLICYD, self.command, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+        command = [POLICYD, self.command, "-c", str(self.config)]
+        if self.nofile is not None:
+            # setrlimit then exec in the child itself: no preexec_fn in a threaded test process.
+            launcher = (
+                "import os, resource, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, {self.nofile!r}); "
+                "os.execv(sys.argv[1], sys.argv[1:])"
             )
+            command = [sys.executable, "-c", launcher, *command]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.port, timeout=10.0, process=self.process)
         return self
+
+    def open_files(self) -> tuple[int, int]:
+        """The running server's soft and hard limit of open files."""
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/limits", encoding="ascii") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    soft, hard = line.split()[3:5]
+                    return int(soft), int(hard)
+        raise AssertionError("no open-file limit in /proc")
 
     def signal(self, number: int) -> None:
         """Send a signal to the server."""

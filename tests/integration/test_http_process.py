@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from policyd.testing import rcpt
-from tests.harness.servers import POLICYD, PolicydServer, ask, free_port, wait_for_port
+from tests.harness.servers import PolicydServer, ask, free_port, wait_for_port
 
 #: Descriptor limit of the attacked server: low, so that an attack reaches it fast.
 NOFILE = 128
@@ -35,25 +34,12 @@ class LimitedServer(PolicydServer):
     """``policyd serve`` started with a soft and hard descriptor limit of :data:`NOFILE`."""
 
     def __init__(self, config: Path, port: int, http_port: int) -> None:
-        super().__init__(config, port)
+        super().__init__(config, port, nofile=(NOFILE, NOFILE))
         self.http_port = http_port
 
     def start(self) -> LimitedServer:
         """Start under the limit and wait until both listeners accept."""
-        import subprocess
-
-        # setrlimit then exec in the child itself: no preexec_fn in a threaded test process.
-        launcher = (
-            "import os, resource, sys; "
-            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({NOFILE}, {NOFILE})); "
-            "os.execv(sys.argv[1], sys.argv[1:])"
-        )
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", launcher, POLICYD, "serve", "-c", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        wait_for_port(self.port, timeout=10.0, process=self.process)
+        super().start()
         wait_for_port(self.http_port, timeout=10.0, process=self.process)
         return self
 
@@ -85,8 +71,7 @@ def attacked(tmp_path: Path) -> Iterator[LimitedServer]:
         encoding="utf-8",
     )
     server = LimitedServer(config, port, http_port).start()
-    with open(f"/proc/{server.process.pid}/limits", encoding="ascii") as limits:  # type: ignore[union-attr]
-        assert any(line.startswith("Max open files") and f" {NOFILE} " in line for line in limits)
+    assert server.open_files() == (NOFILE, NOFILE)
     yield server
     assert server.stop() == 0, server.output()
 
