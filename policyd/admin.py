@@ -244,7 +244,7 @@ class Admin:
     async def _pending(self, exemption_id: int) -> Exemption:
         found = await self.store.exemption(exemption_id)
         if found is None:
-            raise NoSuchObject(f"no exemption #{exemption_id}")
+            raise NoSuchObject(f"no exemption #{exemption_id}", "refusal.unknown", id=exemption_id)
         return found
 
     async def approve(self, exemption_id: int, by: str, reason: str = "") -> Exemption:
@@ -256,12 +256,16 @@ class Admin:
         """
         exemption = await self._pending(exemption_id)
         now = self.clock.seconds()
+        state = exemption.state(now)
         if exemption.status == "approved":
-            raise NothingToDo(f"exemption #{exemption_id} is {exemption.state(now)} already")
+            raise NothingToDo(f"exemption #{exemption_id} is {state} already", "refusal.already",
+                              id=exemption_id, state=state)
         if exemption.status != "pending":
-            raise UsageError(f"exemption #{exemption_id} is {exemption.state(now)}, not pending")
+            raise UsageError(f"exemption #{exemption_id} is {state}, not pending", "refusal.not",
+                             id=exemption_id, state=state, wanted="pending")
         if exemption.end <= now:
-            raise UsageError(f"exemption #{exemption_id} asked for a window that has already ended")
+            raise UsageError(f"exemption #{exemption_id} asked for a window that has already ended", "refusal.ended",
+                             id=exemption_id)
         for other in await self.store.exemptions():
             if (
                 other.account == exemption.account
@@ -270,7 +274,8 @@ class Admin:
                 and exemption.start < other.end
             ):
                 raise UsageError(
-                    f"{exemption.account} already has approved exemption #{other.id} in that window"
+                    f"{exemption.account} already has approved exemption #{other.id} in that window",
+                    "refusal.overlap", account=exemption.account, other=other.id,
                 )
         approved = attrs.evolve(exemption, status="approved", decided_by=by, decided_at=now,
                                 decision=" ".join(reason.split()))
@@ -292,10 +297,14 @@ class Admin:
         exemption = await self._pending(exemption_id)
         now = self.clock.seconds()
         reason = _reason(reason)
-        if exemption.state(now) == status or (status == "revoked" and exemption.state(now) == "expired"):
-            raise NothingToDo(f"exemption #{exemption_id} is {exemption.state(now)} already")
-        if exemption.state(now) not in allowed:
-            raise UsageError(f"exemption #{exemption_id} is {exemption.state(now)}, not {' or '.join(allowed)}")
+        state = exemption.state(now)
+        if state == status or (status == "revoked" and state == "expired"):
+            raise NothingToDo(f"exemption #{exemption_id} is {state} already", "refusal.already",
+                              id=exemption_id, state=state)
+        if state not in allowed:
+            # One state is allowed for each decision (pending for a denial, approved for a revocation).
+            raise UsageError(f"exemption #{exemption_id} is {state}, not {' or '.join(allowed)}", "refusal.not",
+                             id=exemption_id, state=state, wanted=allowed[0])
         decided = attrs.evolve(exemption, status=status, decided_by=by, decided_at=now, decision=reason)
         await self.store.save_exemption(decided)
         action = "exemption-deny" if status == "denied" else "exemption-revoke"

@@ -2,10 +2,21 @@
 
 
 class PolicydError(Exception):
-    """A failure to report as one line and a non-zero exit, never a traceback."""
+    """A failure to report as one line and a non-zero exit, never a traceback.
+
+    :param message: the line, in English (the command line and the log).
+    :param key: the web pages' text for it (a key of their catalogues, filled
+        in with ``values``), so a page in another language says it in that
+        language; "" when the pages have none.
+    """
 
     #: Process exit status used by the command line.
     exit_code = 1
+
+    def __init__(self, message: str = "", key: str = "", **values: object) -> None:
+        super().__init__(message)
+        self.key = key
+        self.values = values
 
 
 class ConfigError(PolicydError):

@@ -259,13 +259,23 @@ class _AdminPage(Resource):
             else:
                 done = await admin.deny(ident, acting.who, values.get("reason", "") or "denied")
         except PolicydError as error:
-            return await self._list(request, language, t("admin.failed", reason=str(error)), failed=True)
-        shown = t(f"status.{done.status}") if f"status.{done.status}" in _STATUSES else done.status
-        return await self._list(request, language, t("admin.done", id=done.id, account=done.account, status=shown))
+            return await self._list(request, language, t("admin.failed", reason=_refusal(t, error)), failed=True)
+        return await self._list(request, language, t("admin.done", id=done.id, account=done.account,
+                                                     status=_state(t, done.status)))
 
 
-#: Exemption states the page catalogues name.
-_STATUSES = frozenset({"status.approved", "status.denied", "status.revoked", "status.pending"})
+def _state(t: Texts, state: str) -> str:
+    """An exemption's state in the page's language."""
+    return t(f"status.{state}") if f"status.{state}" in t else state
+
+
+def _refusal(t: Texts, error: PolicydError) -> str:
+    """Why a decision was refused, in the page's language (the English line when the pages have no text for it)."""
+    if error.key not in t:
+        return str(error)
+    values = {name: _state(t, str(value)) if name in ("state", "wanted") else value
+              for name, value in error.values.items()}
+    return t(error.key, **values)
 
 
 class _Api(Resource):

@@ -80,6 +80,9 @@ class Texts:
     def __call__(self, key: str, **values: Any) -> str:
         return self._texts[key].format(**values) if values else self._texts[key]
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._texts
+
     def when(self, timestamp: float, zone: bool = True) -> str:
         """A time in the server's time zone, written the language's way, the zone named."""
         shown = show_time(timestamp, self.language)

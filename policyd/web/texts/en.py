@@ -79,6 +79,12 @@ TEXTS: dict[str, str] = {
     "status.denied": "denied",
     "status.revoked": "revoked",
     "status.pending": "pending",
+    "status.expired": "expired",
+    "refusal.unknown": "there is no request #{id}.",
+    "refusal.already": "request #{id} is {state} already.",
+    "refusal.not": "request #{id} is {state}, not {wanted}.",
+    "refusal.ended": "request #{id} asked for a window that has already ended.",
+    "refusal.overlap": "{account} already has approved request #{other} in that window.",
     # --- self-service: release
     "release.title": "A message held for you",
     "release.intro": "This message to {recipient} was recognised as spam (score {score}) and kept "

@@ -84,6 +84,12 @@ TEXTS: dict[str, str] = {
     "status.denied": "refusée",
     "status.revoked": "révoquée",
     "status.pending": "en attente",
+    "status.expired": "expirée",
+    "refusal.unknown": "il n'y a pas de demande n° {id}.",
+    "refusal.already": "la demande n° {id} est déjà {state}.",
+    "refusal.not": "la demande n° {id} est {state}, et non {wanted}.",
+    "refusal.ended": "la période de la demande n° {id} est déjà passée.",
+    "refusal.overlap": "{account} a déjà une dérogation acceptée sur cette période (demande n° {other}).",
     # --- self-service: release
     "release.title": "Un message retenu pour vous",
     "release.intro": "Ce message adressé à {recipient} a été reconnu comme spam (score {score}) "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import select
@@ -404,8 +405,8 @@ def alice_form(csrf: str, account: str = "alice@example.org") -> bytes:
     }).encode()
 
 
-async def request_alice(server: PolicyServer, csrf: str) -> str:
-    status, _, _ = await get(f"{base(server)}/exemption", data=alice_form(csrf))
+async def request_alice(server: PolicyServer, csrf: str, account: str = "alice@example.org") -> str:
+    status, _, _ = await get(f"{base(server)}/exemption", data=alice_form(csrf, account))
     assert status == 201
     _, listed = await api(server, "GET", "exemptions")
     return str(listed[-1]["id"])
@@ -546,3 +547,34 @@ def test_the_form_counts_the_address_a_local_proxy_saw() -> None:
     assert client_address(request_with(forwarded, IPv4Address("TCP", "192.0.2.1", 1))) == "192.0.2.1"
     assert client_address(request_with({b"x-forwarded-for": b"junk"}, IPv4Address("TCP", "127.0.0.1", 1))) == "127.0.0.1"
     assert client_address(request_with({}, IPv4Address("TCP", "127.0.0.1", 1))) == "127.0.0.1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_decision_is_said_in_the_page_language(server: PolicyServer) -> None:
+    """Deciding twice, deciding on a request that does not exist, or on one another admin decided: each
+    refusal is one sentence in the page's language, and nothing changes."""
+    _, _, page = await get(f"{base(server)}/exemption")
+    ident = await request_alice(server, form_fields(page.decode())["csrf"])
+    status, _ = await api(server, "POST", f"exemptions/{ident}/approve", {"reason": "ok"})
+    assert status == 200
+    # One request stays pending, so the admin page has its form (and a form token).
+    _, _, page = await get(f"{base(server)}/exemption")
+    await request_alice(server, form_fields(page.decode())["csrf"], "bob@example.org")
+    auth = basic("jane", token(server))
+    french = {**auth, "Accept-Language": "fr-FR,fr;q=0.9"}
+    cases = [
+        ("approve", ident, "la demande n° {id} est déjà acceptée.", "request #{id} is approved already."),
+        ("deny", ident, "la demande n° {id} est acceptée, et non en attente.", "request #{id} is approved, not pending."),
+        ("approve", "999", "il n'y a pas de demande n° 999.", "there is no request #999."),
+    ]
+    for action, number, in_french, in_english in cases:
+        for headers, prefix, said in ((french, "Rien n'a été modifié : ", in_french),
+                                      (auth, "Nothing was changed: ", in_english)):
+            _, _, page = await get(f"{base(server)}/admin", headers=headers)
+            csrf = form_fields(page.decode())["csrf"]
+            decision = urllib.parse.urlencode({"id": number, "action": action, "reason": "x", "csrf": csrf}).encode()
+            status, _, page = await get(f"{base(server)}/admin", data=decision, headers=headers)
+            shown = html.unescape(page.decode())
+            assert status == 200 and prefix + said.format(id=ident) in shown, (action, number, shown[-1500:])
+    _, listed = await api(server, "GET", "exemptions")
+    assert [(e["status"], e["decided_by"]) for e in listed] == [("approved", "api:admin"), ("pending", "")]
