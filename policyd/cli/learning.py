@@ -125,36 +125,55 @@ def put_in_use(
     by: str | None,
     as_json: bool,
     started: float,
+    skip_learned: bool = False,
 ) -> None:
     """Make a model from ``messages`` and put it in use: what ``train`` and ``learn`` share.
 
     With the model lock held, ``build(current model, its file, the messages'
     features, the held-back check)`` makes the new model, which then replaces
     the current one (kept); the change is logged, audited (``model-MADE``) and shown.
+    The messages the new model learned are remembered beside it
+    (:class:`~policyd.content.feedback.NewMessages`).
 
+    :param skip_learned: leave out the messages the model in use learned
+        before with the same label (``learn``; ``train`` starts afresh).
     :raises PolicydError: when a message cannot be read (nothing is changed then).
+    :raises Refused: when every message was learned before (``skip_learned``).
     """
+    from policyd.content.feedback import NewMessages, learned_of
+
     files = model_files(config)
     checks: list[Check] = []
     unreadable: list[str] = []
     with files.locked():
+        memory = learned_of(files)
+        seen = NewMessages(memory.read() if skip_learned else {}, skip=skip_learned)
         current, source = files.current()
-        new = build(current, source, corpus.features_of(messages, config.content.max_body, unreadable),
-                    checker(force, checks))
+        try:
+            new = build(current, source, corpus.features_of(messages, config.content.max_body, unreadable, seen),
+                        checker(force, checks))
+        except Refused:
+            if seen.skipped and not seen.fresh and not unreadable:
+                raise Refused(f"nothing new to learn: the {seen.skipped} messages given were learned before "
+                              "with the same labels; the model in use is unchanged") from None
+            raise
         if unreadable:
             raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
         kept = files.swap(new, made)
+        memory.write(seen.remembered())
     seconds = time.monotonic() - started
     ham_count, spam_count = int(new.info["ham"]), int(new.info["spam"])
     check = checks[0] if checks else None
     reason = f"{verb} {ham_count} ham and {spam_count} spam"
+    if seen.skipped:
+        reason += f" ({seen.skipped} learned before, left out)"
     if check is not None:
         reason += f"; {check.summary()}" + ("; forced" if force and check.worse() else "")
     record_change(config, who(by), f"model-{made}", reason)
     show(
         as_json,
-        {"model": str(files.path), "ham": ham_count, "spam": spam_count, "seconds": round(seconds, 1),
-         "previous": str(kept), "check": check.as_dict() if check else None},
+        {"model": str(files.path), "ham": ham_count, "spam": spam_count, "skipped": seen.skipped,
+         "seconds": round(seconds, 1), "previous": str(kept), "check": check.as_dict() if check else None},
         f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {kept})",
     )
 
@@ -191,7 +210,7 @@ def learn(ham: tuple[str, ...], spam: tuple[str, ...], force: bool, by: str | No
         new.info["learned_onto"] = str(source)
         return new
 
-    put_in_use(config, messages, build, "learn", "learned", force, by, as_json, started)
+    put_in_use(config, messages, build, "learn", "learned", force, by, as_json, started, skip_learned=True)
 
 
 def learn_one(config: Config, raw: bytes, spam: bool, by: str | None, as_json: bool, started: float) -> None:
@@ -218,7 +237,7 @@ def learn_one(config: Config, raw: bytes, spam: bool, by: str | None, as_json: b
     record_change(config, who(by), "model-learn", reason)
     show(
         as_json,
-        {"model": str(files.path), "ham": int(not spam), "spam": int(spam), "seconds": round(seconds, 1),
+        {"model": str(files.path), "ham": int(not spam), "spam": int(spam), "skipped": 0, "seconds": round(seconds, 1),
          "previous": str(outcome.previous), "check": None},
         f"{reason} in {seconds:.1f}s; model {files.path} in use (previous kept as {outcome.previous})",
     )

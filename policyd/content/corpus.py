@@ -95,12 +95,16 @@ def labelled_mail(
 
 
 def features_of(
-    messages: Sequence[LabelledMessage], max_bytes: int, unreadable: list[str]
+    messages: Sequence[LabelledMessage],
+    max_bytes: int,
+    unreadable: list[str],
+    wanted: Callable[[bytes, bool], bool] | None = None,
 ) -> Iterator[tuple[Features, bool]]:
     """``(features, is_spam)`` of each message in turn, read one at a time.
 
     :param max_bytes: body bytes kept per message (``content.max_body``).
     :param unreadable: receives a line for each message that cannot be read (it is skipped).
+    :param wanted: ``wanted(raw, is_spam)`` says whether to learn a message read (None: every one).
     """
     for message in messages:
         try:
@@ -108,4 +112,5 @@ def features_of(
         except OSError as error:
             unreadable.append(f"{message.where}: {error.strerror or error}")
             continue
-        yield content.extract(raw, max_bytes), message.spam
+        if wanted is None or wanted(raw, message.spam):
+            yield content.extract(raw, max_bytes), message.spam

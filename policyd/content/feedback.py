@@ -122,6 +122,49 @@ class Learned:
             raise PolicydError(f"cannot write {self.path}: {error.strerror or error}") from None
 
 
+def learned_of(files: ModelFiles) -> Learned:
+    """The learned messages of the model in ``files`` (the file beside it)."""
+    return Learned(files.path.with_name(files.path.name + ".learned"))
+
+
+class NewMessages:
+    """Which messages of a batch to learn: those the model has not learned with the same label.
+
+    A filter for :func:`policyd.content.corpus.features_of`, called with each
+    message read: a message learned before with this label, or given twice
+    with it, is left out (a Junk folder learned every night counts each
+    message once); one whose label changed is learned.
+
+    :param learned: key -> label of what the model learned (:meth:`Learned.read`).
+    :param skip: leave out what was learned; False keeps every message
+        (``train``: a new model knows nothing) and only notes the keys.
+    """
+
+    def __init__(self, learned: dict[str, str], skip: bool = True) -> None:
+        self.learned = learned
+        self.skip = skip
+        self.fresh: dict[str, str] = {}
+        self.skipped = 0
+
+    def __call__(self, raw: bytes, spam: bool) -> bool:
+        key = message_key(raw)
+        label = "spam" if spam else "ham"
+        if self.skip and self.fresh.get(key, self.learned.get(key)) == label:
+            self.skipped += 1
+            return False
+        self.fresh.pop(key, None)
+        self.fresh[key] = label
+        return True
+
+    def remembered(self) -> dict[str, str]:
+        """What the model knows once it has learned the messages let through, oldest first."""
+        merged = dict(self.learned)
+        for key, label in self.fresh.items():
+            merged.pop(key, None)
+            merged[key] = label
+        return merged
+
+
 @attrs.frozen
 class Outcome:
     """What became of one message given to learn.
@@ -153,7 +196,7 @@ def learn_message(config: Config, raw: bytes, spam: bool, files: ModelFiles | No
     key = message_key(raw)
     label = "spam" if spam else "ham"
     found_id = message_id(raw)
-    memory = Learned(files.path.with_name(files.path.name + ".learned"))
+    memory = learned_of(files)
     headers, body = content.split_message(raw[: config.content.max_body])
     features = content.message_features(untagged(headers, config.content.tag), body)
     with files.locked():

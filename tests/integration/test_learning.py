@@ -30,13 +30,14 @@ def write_mail(folder: Path, numbered: list[tuple[int, bytes]]) -> Path:
     return folder
 
 
-def reports(root: Path, contradict: bool = False) -> tuple[Path, Path]:
+def reports(root: Path, contradict: bool = False, seed: int = 31) -> tuple[Path, Path]:
     """Ham and spam folders whose files, numbered across both, interleave the two kinds.
 
     :param contradict: label all but every tenth message (the held-back ones) wrongly.
+    :param seed: which messages (another seed: other messages).
     """
-    found = corpus(seed=31, each=30)
-    random.Random(31).shuffle(found)
+    found = corpus(seed=seed, each=30)
+    random.Random(seed).shuffle(found)
     ham, spam = [], []
     for number, (raw, is_spam) in enumerate(found):
         (spam if is_spam != (contradict and number % 10 != 9) else ham).append((number, raw))
@@ -116,7 +117,7 @@ def test_a_clearly_worse_model_is_refused_unless_forced(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     first_ham, first_spam = reports(tmp_path / "good")
     assert policyd("learn", "-c", str(config), "--ham", str(first_ham), "--spam", str(first_spam)).returncode == 0
-    ham, spam = reports(tmp_path / "bad", contradict=True)
+    ham, spam = reports(tmp_path / "bad", contradict=True, seed=33)
 
     refused = policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam))
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
@@ -139,3 +140,49 @@ def test_learn_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     empty = policyd("learn", "-c", str(config), "--spam", str(tmp_path / "empty"))
     assert empty.returncode == 1 and "nothing to learn" in empty.stderr
+
+
+def test_mail_learned_before_is_left_out(tmp_path: Path) -> None:
+    """Learning the same folders again (a nightly job over users' Junk) learns only what is new or relabelled."""
+    config = write_config(tmp_path)
+    ham, spam = reports(tmp_path)
+    assert policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam)).returncode == 0
+
+    again = policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam))
+    assert again.returncode == 1 and again.stderr.count("\n") == 1, again.stderr
+    assert "nothing new to learn: the 60 messages given were learned before" in again.stderr
+    listed = policyd("model", "list", "-c", str(config), "--json")
+    assert len(listed.stdout.splitlines()) == 2  # nothing changed
+
+    # One ham the user now calls spam, and two new spam (one of them twice, in two users' folders).
+    moved = sorted(ham.iterdir())[0]
+    moved.rename(spam / moved.name)
+    new = [raw for raw, is_spam in corpus(seed=34, each=2) if is_spam]
+    (spam / "90000.eml").write_bytes(new[0])
+    (spam / "90001.eml").write_bytes(new[1])
+    (spam / "90002.eml").write_bytes(new[1])
+    learned = policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam), "--json")
+    assert learned.returncode == 0, learned.stderr
+    result = json.loads(learned.stdout)
+    assert (result["ham"], result["spam"], result["skipped"]) == (0, 3, 60)
+    assert audit(tmp_path)[-1][1].startswith("learned 0 ham and 3 spam (60 learned before, left out)")
+
+    # One message piped in that a folder taught already is not learned twice either.
+    piped = policyd("learn", "-c", str(config), "--spam", "-", input=new[0].decode())
+    assert piped.returncode == 1 and "already learned as spam" in piped.stderr
+
+
+def test_train_starts_the_memory_of_learned_mail_afresh(tmp_path: Path) -> None:
+    """After train, what it trained on counts as learned; what the replaced model learned does not."""
+    config = write_config(tmp_path)
+    ham, spam = reports(tmp_path / "first")
+    assert policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam)).returncode == 0
+    other_ham, other_spam = reports(tmp_path / "second", seed=35)
+    trained = policyd("train", "-c", str(config), "--ham", str(other_ham), "--spam", str(other_spam), "--force")
+    assert trained.returncode == 0, trained.stderr
+
+    same = policyd("learn", "-c", str(config), "--ham", str(other_ham), "--spam", str(other_spam))
+    assert same.returncode == 1 and "nothing new to learn" in same.stderr
+    earlier = policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam), "--json")
+    assert earlier.returncode == 0, earlier.stderr
+    assert json.loads(earlier.stdout)["skipped"] == 0
