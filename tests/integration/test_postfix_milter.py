@@ -35,11 +35,13 @@ HAM_BODY = " ".join(HAM_WORDS * 3) + "\n"
 class Milter:
     """``policyd milter -c CONFIG`` as a child process, and its configuration."""
 
-    def __init__(self, root: Path, network_weight: float | None = None) -> None:
+    def __init__(self, root: Path, network_weight: float | None = None, content: str = "") -> None:
+        """:param content: more lines of the ``content`` section (indented)."""
         self.root = root
         self.port = free_port()
         self.policy_port = free_port()
         self.network_weight = network_weight
+        self.content = content
         self.config = root / "policyd.yaml"
         self.log = root / "milter.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -61,7 +63,7 @@ class Milter:
             f"store:\n  url: 'sqlite:///{self.root}/state.db'\n"
             "local_domains: [example.org]\noutbound:\n  limit: 5000\n"
             # The model below is trained on 120 messages: cautious, so spam starts at 0 points.
-            "content:\n  tag_at: 0\n"
+            "content:\n  tag_at: 0\n" + self.content +
             f"quarantine:\n  default: inbox\n  smtp: '{smtp}'\n" + inbound,
             encoding="utf-8",
         )
