@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from tests.harness.postfix import PostfixInstance, SmtpSink
-from tests.harness.servers import policyd
 from tests.integration.test_postfix_milter import Milter
 from tests.unit.content.test_classifier import training_mail
 
