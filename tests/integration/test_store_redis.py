@@ -20,7 +20,7 @@ from twisted.internet.defer import DeferredList
 from policyd.errors import ConfigError, StoreError
 from policyd.store import Block, Charge, Outcome, open_store
 from policyd.store.redis import RedisStore
-from policyd.store.redis.schema import PREFIX
+from policyd.store.redis.schema import ADMIT_EARLY, PREFIX
 from tests.harness.redis_server import RedisServer, running_redis, running_sentinel
 from tests.harness.store_contract import *  # noqa: F403
 from tests.harness.store_contract import HOUR, T0, admit
@@ -357,6 +357,28 @@ async def test_one_turn_is_one_script_call_partly_over_the_limit(store: RedisSto
         stats = client.info("commandstats")
         assert stats["cmdstat_evalsha"]["calls"] == 1, stats
     assert await store.usage("alice", now=T0 + 1, window=HOUR) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_turn_goes_out_in_calls_of_admit_early_still_in_order(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """A turn with more recipients than ADMIT_EARLY sends them in several script calls as they
+    come; the limit is still exact, crossed in the second call, and the order kept."""
+    await admit(store, "carol")  # the script is loaded
+    with raw(redis_server) as client:
+        client.config_resetstat()
+    count = 2 * ADMIT_EARLY + ADMIT_EARLY // 2
+    limit = ADMIT_EARLY + 3
+    charges = [Charge("alice", T0 + n / 1000, HOUR, limit, 60, "r") for n in range(count)]
+    results = await DeferredList([store.admit(c) for c in charges], fireOnOneErrback=True, consumeErrors=True)
+    assert [(a.outcome, a.count) for _, a in results] == (
+        [(Outcome.ALLOWED, n) for n in range(1, limit + 1)] + [(Outcome.NEWLY_BLOCKED, limit)]
+        + [(Outcome.BLOCKED, limit)] * (count - limit - 1)
+    )
+    with raw(redis_server) as client:
+        assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == 3
+    assert await store.usage("alice", now=T0 + 1, window=HOUR) == limit
 
 
 #: A second process counting recipients of one account in batches, as a server does.

@@ -25,6 +25,7 @@ from policyd.store.redis.schema import (
     ACTIVE,
     ADMIT,
     ADMIT_BATCH,
+    ADMIT_EARLY,
     ADMIT_SHARED,
     BLOCK_FIELDS,
     BLOCKS,
@@ -51,13 +52,19 @@ class RedisCounts(RedisConnection):
         together, as one call of the admit script: one round trip, one
         command, still atomic (the script counts them in order, so the
         exact limit holds across processes), and each recipient gets its
-        own answer.
+        own answer.  A turn that reads many requests sends them in calls
+        of :data:`ADMIT_EARLY` as they come: Redis works on the first while
+        the server reads the rest, instead of all waiting for each other.
         """
         waiting: Deferred[Admission] = Deferred()
         admits = self._admits
         admits.append((charge, waiting))
         if len(admits) == 1:
             asyncio.get_running_loop().call_soon(self._send_admits)
+        elif len(admits) >= ADMIT_EARLY:
+            # Many clients at once: the first recipients go now, so Redis counts
+            # them while the rest of the turn is read, rather than after it.
+            self._send_admits()
         return waiting
 
     def _send_admits(self) -> None:
