@@ -22,7 +22,7 @@ from policyd.content.spamfilter import SpamFilter
 from policyd.daemon import BaseServer, run_daemon
 from policyd.errors import PolicydError
 from policyd.forwarding.aliases import aliases_from_config
-from policyd.forwarding.authentication import authenticator
+from policyd.forwarding.authentication import authentication_on, authenticator
 from policyd.forwarding.sealing import arc_sealer
 from policyd.metrics import MilterMetrics
 from policyd.netlists import NetworkSet
@@ -82,6 +82,7 @@ class MilterServer(BaseServer):
             keep_limit=config.quarantine.max_size,
             idle_timeout=float(config.limits.idle_timeout),
             on_error=TEMPFAIL if config.content.on_error == "tempfail" else ACCEPT,
+            needs_helo=authentication_on(config),
         )
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
@@ -149,6 +150,8 @@ class MilterServer(BaseServer):
         self.filter.config = config
         self.filter.preferences.configure(config)
         self.filter.aliases, self.filter.sealer, self.filter.authenticator = aliases, sealer, checks
+        # Connections made from now on ask for HELO when SPF needs it.
+        self.factory.options["needs_helo"] = checks is not None
         self.scorer.max_bytes = config.content.max_body
         self.config = config
         self._model_stamp = None

@@ -613,3 +613,21 @@ def test_many_messages_in_one_read_are_answered_without_recursion() -> None:
     mta.send_raw(one * 3000)
     assert [r.command for r in mta.replies()] == [b"a"] * 3000
     assert len(filter.seen) == 3000 and not mta.closed
+
+
+def test_the_helo_step_is_skipped_when_nothing_needs_it() -> None:
+    """Only SPF reads HELO: a milter without it asks the MTA to skip the step, and a HELO sent anyway is read."""
+    filter = Recorder()
+    _, protocol = make(filter, needs_helo=False)
+    mta = FakeMTA(protocol)
+    steps = struct.unpack(">III", mta.negotiate().data[:12])[2]
+    assert steps & milter.SMFIP_NOHELO
+    assert steps & milter.SMFIP_NODATA and steps & milter.SMFIP_NR_BODY
+    mta.connect()
+    assert mta.command(b"H", b"mx.example.net\0") == []
+    mta.mail("a@example.net")
+    mta.rcpt("b@example.org")
+    assert [r.command for r in mta.end()] == [b"a"] and not mta.closed
+    _, protocol = make(needs_helo=True)
+    steps = struct.unpack(">III", FakeMTA(protocol).negotiate().data[:12])[2]
+    assert not steps & milter.SMFIP_NOHELO
