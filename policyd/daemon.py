@@ -41,9 +41,10 @@ DRAIN_BOUND = 10.0
 #: cut, and for the store to close (a hung Redis must not hold the exit).
 CLOSE_BOUND = 2.0
 
-#: Descriptors a server needs beside its client connections: the store, the
-#: log, DNS, the web and metrics listeners and their clients, threads.
-SPARE_DESCRIPTORS = 256
+#: Descriptors a server needs beside its policy or milter clients: up to 256
+#: HTTP clients (:data:`policyd.web.limits.CONNECTIONS_AT_MOST`), and the
+#: store, the log, DNS, the listeners and threads.
+SPARE_DESCRIPTORS = 512
 
 
 def open_files_for(connections: int, log: logging.Logger) -> int:

@@ -66,20 +66,20 @@ def test_the_soft_limit_stops_at_the_hard_one_with_one_warning(tmp_path: Path) -
 
 
 def test_a_limit_with_room_is_left_as_it_is(tmp_path: Path) -> None:
-    with server(tmp_path, (600, 600), max_connections=100) as running:
+    with server(tmp_path, (700, 700), max_connections=100) as running:
         answers(running)
-        assert running.open_files() == (600, 600)
+        assert running.open_files() == (700, 700)
         assert WARNING not in running.output()
 
 
 def test_a_reload_that_allows_more_connections_raises_the_limit(tmp_path: Path) -> None:
-    with server(tmp_path, (400, 8192), max_connections=100) as running:
-        assert running.open_files() == (400, 8192)
+    with server(tmp_path, (700, 8192), max_connections=100) as running:
+        assert running.open_files() == (700, 8192)
         config = running.config.read_text(encoding="utf-8")
         running.config.write_text(config.replace("max_connections: 100", "max_connections: 3000"), encoding="utf-8")
         running.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
-        while running.open_files()[0] == 400 and time.monotonic() < deadline:
+        while running.open_files()[0] == 700 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert running.open_files() == (3000 + SPARE_DESCRIPTORS, 8192), running.output()
         answers(running)
