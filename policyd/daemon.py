@@ -223,32 +223,35 @@ class BaseServer:
         ``store.url`` and ``listen.*`` need a restart: their running values
         stay.  ``log.*`` changes apply with the rest.
         """
+        # Compared with what ran before: configure() may set self.config itself.
+        old = self.config
         try:
             new = configuration.load(self.path)
             check_files(new)
-            if new.store.url != self.config.store.url or new.listen != self.config.listen:
+            if new.store.url != old.store.url or new.listen != old.listen:
                 self.log.warning("reload: store.url and listen.* changes need a restart; kept the old values")
-                new = attrs.evolve(new, store=self.config.store, listen=self.config.listen)
+                new = attrs.evolve(new, store=old.store, listen=old.listen)
             self.configure(new)
         except PolicydError as error:
+            self.config = old
             self.log.error("reload refused, keeping the running configuration: %s", error)
             return False
-        if new.log != self.config.log:
-            self._relog(new)
-        if new.limits.max_connections > self.config.limits.max_connections:
+        if new.log != old.log:
+            self._relog(new, old)
+        if new.limits.max_connections > old.limits.max_connections:
             open_files_for(new.limits.max_connections, self.log)
         self.config = new
         self.log.info("configuration reloaded from %s", self.path)
         return True
 
-    def _relog(self, new: Config) -> None:
+    def _relog(self, new: Config, old: Config) -> None:
         """Apply a changed ``log`` section; when it cannot be (syslog), the old logging stays."""
         try:
             logs.setup(new.log)
         except PolicydError as error:
             self.log.error("reload: %s; kept the running log settings", error)
             return
-        for component in self.config.log.components.keys() - new.log.components.keys():
+        for component in old.log.components.keys() - new.log.components.keys():
             logging.getLogger(f"policyd.{component}").setLevel(logging.NOTSET)
 
     def close_store(self, store: Any) -> Deferred[Any]:

@@ -153,14 +153,18 @@ def put_in_use(
             new = build(current, source, corpus.features_of(messages, config.content.max_body, unreadable, seen),
                         checker(force, checks))
         except Refused:
-            if seen.skipped and not seen.fresh and not unreadable:
+            if seen.skipped and not seen.learning and not unreadable:
                 raise Refused(f"nothing new to learn: the {seen.skipped} messages given were learned before "
                               "with the same labels; the model in use is unchanged") from None
             raise
         if unreadable:
             raise PolicydError("cannot read " + "; ".join(unreadable[:5]))
         kept = files.swap(new, made)
-        memory.write(seen.remembered())
+        try:
+            memory.write(seen.remembered(), at_least=len(seen.fresh))
+        except PolicydError as error:
+            say(f"policyd: warning: the model is in use, but {error}: these messages may be learned again",
+                err=True)
     seconds = time.monotonic() - started
     ham_count, spam_count = int(new.info["ham"]), int(new.info["spam"])
     check = checks[0] if checks else None
@@ -272,8 +276,13 @@ def model_rollback(by: str | None, as_json: bool) -> None:
     """Put the previous model back in use (the one in use is forgotten); exit 1 when none is kept."""
     config = load_config()
     files = model_files(config)
+    from policyd.content.feedback import learned_of
+
     with files.locked():
         restored = files.rollback()
+        # What the forgotten model learned is not known of the one restored: forget it too,
+        # so that mail reported again is learned again rather than passed over.
+        learned_of(files).forget()
     reason = f"back to the model made by {restored.made} at {when(restored.at)}" if restored.at else "back"
     restored_info = restored.as_dict()
     record_change(config, who(by), "model-rollback", f"{reason}, {restored.ham} ham and {restored.spam} spam")

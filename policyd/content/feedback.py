@@ -107,9 +107,13 @@ class Learned:
                 found[key] = label
         return found
 
-    def write(self, learned: dict[str, str]) -> None:
-        """Replace the file with the latest :attr:`remembered` of ``learned`` (by a rename: never half written)."""
-        latest = list(learned.items())[-self.remembered:]
+    def write(self, learned: dict[str, str], at_least: int = 0) -> None:
+        """Replace the file with the latest :attr:`remembered` of ``learned`` (by a rename: never half written).
+
+        :param at_least: keep this many even past :attr:`remembered` (every
+            message of a ``learn`` run, so running it again skips them all).
+        """
+        latest = list(learned.items())[-max(self.remembered, at_least):]
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             private_directory(self.path.parent)
@@ -120,6 +124,13 @@ class Learned:
         except OSError as error:
             temporary.unlink(missing_ok=True)
             raise PolicydError(f"cannot write {self.path}: {error.strerror or error}") from None
+
+    def forget(self) -> None:
+        """Forget every learned message (the model they went into is no longer in use)."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as error:
+            raise PolicydError(f"cannot remove {self.path}: {error.strerror or error}") from None
 
 
 def learned_of(files: ModelFiles) -> Learned:
@@ -145,16 +156,21 @@ class NewMessages:
         self.skip = skip
         self.fresh: dict[str, str] = {}
         self.skipped = 0
+        self.learning = 0
 
     def __call__(self, raw: bytes, spam: bool) -> bool:
         key = message_key(raw)
         label = "spam" if spam else "ham"
-        if self.skip and self.fresh.get(key, self.learned.get(key)) == label:
-            self.skipped += 1
-            return False
+        skipped = self.skip and self.fresh.get(key, self.learned.get(key)) == label
+        # Either way the key becomes one of the newest, so the memory's bound
+        # forgets the messages no longer given, not those given every time.
         self.fresh.pop(key, None)
         self.fresh[key] = label
-        return True
+        if skipped:
+            self.skipped += 1
+        else:
+            self.learning += 1
+        return not skipped
 
     def remembered(self) -> dict[str, str]:
         """What the model knows once it has learned the messages let through, oldest first."""

@@ -152,6 +152,7 @@ class MilterServer(BaseServer):
         self.filter.aliases, self.filter.sealer, self.filter.authenticator = aliases, sealer, checks
         # Connections made from now on ask for HELO when SPF needs it.
         self.factory.options["needs_helo"] = checks is not None
+        self.factory.max_connections = config.limits.max_connections
         self.scorer.max_bytes = config.content.max_body
         self.config = config
         self._model_stamp = None

@@ -186,3 +186,14 @@ def test_train_starts_the_memory_of_learned_mail_afresh(tmp_path: Path) -> None:
     earlier = policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam), "--json")
     assert earlier.returncode == 0, earlier.stderr
     assert json.loads(earlier.stdout)["skipped"] == 0
+
+
+def test_a_rollback_forgets_what_the_forgotten_model_learned(tmp_path: Path) -> None:
+    """After a rollback the mail the dropped model learned can be learned again onto the restored one."""
+    config = write_config(tmp_path)
+    ham, spam = reports(tmp_path)
+    assert policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam)).returncode == 0
+    assert policyd("model", "rollback", "-c", str(config)).returncode == 0
+    again = policyd("learn", "-c", str(config), "--ham", str(ham), "--spam", str(spam), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["skipped"] == 0

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from policyd.daemon import SPARE_DESCRIPTORS
 from policyd.testing import rcpt
 from tests.harness.servers import PolicydServer, ask, free_port
@@ -24,19 +26,22 @@ WARNING = "this process may open only"
 
 
 @contextmanager
-def server(tmp_path: Path, nofile: tuple[int, int], max_connections: int = 1000) -> Iterator[PolicydServer]:
-    """``policyd serve`` with ``limits.max_connections`` started under ``nofile``; stopped cleanly after."""
+def server(
+    tmp_path: Path, nofile: tuple[int, int], max_connections: int = 1000, command: str = "serve"
+) -> Iterator[PolicydServer]:
+    """``policyd serve`` (or ``milter``) with ``limits.max_connections`` started under ``nofile``; stopped cleanly after."""
     port = free_port()
     (tmp_path / "accounts").write_text("alice@example.org\n", encoding="utf-8")
     config = tmp_path / "policyd.yaml"
+    key = "policy" if command == "serve" else "milter"
     config.write_text(
-        f'listen:\n  policy: "tcp:{port}:interface=127.0.0.1"\n'
+        f'listen:\n  {key}: "tcp:{port}:interface=127.0.0.1"\n'
         f'store:\n  url: "sqlite:///{tmp_path}/state.db"\n'
         f"accounts: {tmp_path / 'accounts'}\nlocal_domains: [example.org]\n"
         f"limits:\n  max_connections: {max_connections}\n",
         encoding="utf-8",
     )
-    running = PolicydServer(config, port, nofile=nofile).start()
+    running = PolicydServer(config, port, command, nofile=nofile).start()
     try:
         yield running
     finally:
@@ -72,8 +77,9 @@ def test_a_limit_with_room_is_left_as_it_is(tmp_path: Path) -> None:
         assert WARNING not in running.output()
 
 
-def test_a_reload_that_allows_more_connections_raises_the_limit(tmp_path: Path) -> None:
-    with server(tmp_path, (700, 8192), max_connections=100) as running:
+@pytest.mark.parametrize("command", ["serve", "milter"])
+def test_a_reload_that_allows_more_connections_raises_the_limit(tmp_path: Path, command: str) -> None:
+    with server(tmp_path, (700, 8192), max_connections=100, command=command) as running:
         assert running.open_files() == (700, 8192)
         config = running.config.read_text(encoding="utf-8")
         running.config.write_text(config.replace("max_connections: 100", "max_connections: 3000"), encoding="utf-8")
@@ -82,4 +88,5 @@ def test_a_reload_that_allows_more_connections_raises_the_limit(tmp_path: Path) 
         while running.open_files()[0] == 700 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert running.open_files() == (3000 + SPARE_DESCRIPTORS, 8192), running.output()
-        answers(running)
+        if command == "serve":
+            answers(running)

@@ -19,6 +19,7 @@ from policyd.content.classifier import Model
 from policyd.content.feedback import (
     Feedback,
     Learned,
+    NewMessages,
     Outcome,
     learn_message,
     message_key,
@@ -107,6 +108,25 @@ def test_the_memory_of_learned_messages_is_bounded(tmp_path: Path) -> None:
     found["b"] = "ham"
     memory.write(found)
     assert memory.read() == {"c": "ham", "d": "ham", "b": "ham"}
+
+
+def test_a_learn_run_is_remembered_whole_and_what_it_gives_again_stays_newest(tmp_path: Path) -> None:
+    """A run with more messages than the bound keeps them all; a message skipped as learned
+    moves to the newest end, so the bound forgets what is no longer given, not what is given every time."""
+    memory = Learned(tmp_path / "learned", remembered=3)
+    memory.write({"a": "ham", "b": "spam", "c": "ham", "d": "ham"}, at_least=4)
+    assert list(memory.read()) == ["a", "b", "c", "d"]
+    raws = [f"Message-ID: <{n}@example.org>\n\nbody {n}\n".encode() for n in range(3)]
+    first = NewMessages({})
+    assert [first(raw, True) for raw in raws] == [True, True, True]
+    again = NewMessages(first.remembered())
+    # The oldest is given again (skipped); the newest twice (once learned, the repeat skipped) as ham.
+    assert again(raws[0], True) is False
+    assert again(raws[2], False) is True and again(raws[2], False) is False
+    assert (again.learning, again.skipped) == (1, 2)
+    order = list(again.remembered())
+    assert order[-2:] == [message_key(raws[0]), message_key(raws[2])]
+    assert again.remembered()[message_key(raws[2])] == "ham"
 
 
 class Relay:
