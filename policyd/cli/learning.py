@@ -274,10 +274,10 @@ def model_list(as_json: bool) -> None:
 @json_option
 def model_rollback(by: str | None, as_json: bool) -> None:
     """Put the previous model back in use (the one in use is forgotten); exit 1 when none is kept."""
-    config = load_config()
-    files = model_files(config)
     from policyd.content.feedback import learned_of
 
+    config = load_config()
+    files = model_files(config)
     with files.locked():
         restored = files.rollback()
         # What the forgotten model learned is not known of the one restored: forget it too,

@@ -159,7 +159,10 @@ class NewMessages:
         self.learning = 0
 
     def __call__(self, raw: bytes, spam: bool) -> bool:
-        key = message_key(raw)
+        return self.take(message_key(raw), spam)
+
+    def take(self, key: str, spam: bool) -> bool:
+        """Whether to learn the message of ``key`` with this label (False: learned before); noted either way."""
         label = "spam" if spam else "ham"
         skipped = self.skip and self.fresh.get(key, self.learned.get(key)) == label
         # Either way the key becomes one of the newest, so the memory's bound
@@ -210,22 +213,19 @@ def learn_message(config: Config, raw: bytes, spam: bool, files: ModelFiles | No
 
     files = files or ModelFiles(model_path(config), shipped_model())
     key = message_key(raw)
-    label = "spam" if spam else "ham"
     found_id = message_id(raw)
     memory = learned_of(files)
     headers, body = content.split_message(raw[: config.content.max_body])
     features = content.message_features(untagged(headers, config.content.tag), body)
     with files.locked():
-        learned = memory.read()
-        if learned.get(key) == label:
+        seen = NewMessages(memory.read())
+        if not seen.take(key, spam):
             return Outcome(False, spam, key, found_id)
         model, source = files.current()
         new = training.learn(model, [(features, spam)], threshold=config.content.tag_at)
         new.info["learned_onto"] = str(source)
         kept = files.swap(new, "learn")
-        learned.pop(key, None)
-        learned[key] = label
-        memory.write(learned)
+        memory.write(seen.remembered())
     return Outcome(True, spam, key, found_id, kept)
 
 
