@@ -139,6 +139,46 @@ async def test_give_back_with_odd_instances_and_clients(store: RedisStore) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_accounts_beyond_ascii_give_back_what_they_counted(store: RedisStore) -> None:
+    """The script names an account's keys from its bytes: give-back finds them for any account."""
+    for account in ("jürgen@example.org", "\u5f20\u4f1f@example.cn", "odd\udcff@example.net"):
+        for _ in range(3):
+            assert (await admit(store, account, limit=10, instance="q1")).outcome is Outcome.ALLOWED
+        assert await store.usage(account, now=T0, window=HOUR) == 3
+        assert await store.give_back(account, "q1") == 3
+        assert await store.usage(account, now=T0, window=HOUR) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_call_keeps_each_recipients_limit_reason_and_window(store: RedisStore) -> None:
+    """Recipients sent together with different limits, reasons and windows (a reload) each get their own."""
+    pending = [
+        store.admit(Charge("alice", T0, HOUR, 1, 60, "alice's limit")),
+        store.admit(Charge("alice", T0, HOUR, 1, 60, "alice's limit")),
+        store.admit(Charge("bob", T0, HOUR, 2, 60, "bob's limit")),
+        store.admit(Charge("bob", T0, HOUR, 2, 60, "bob's limit")),
+        store.admit(Charge("bob", T0, HOUR, 2, 60, "bob's limit")),
+        store.admit(Charge("carol", T0, 10.0, 1, 120.5, "")),
+        store.admit(Charge("carol", T0 + 1, 10.0, 1, 120.5, "")),
+    ]
+    alice_1, alice_2, bob_1, bob_2, bob_3, carol_1, carol_2 = await DeferredList(pending, fireOnOneErrback=True)
+    assert [a[1].outcome for a in (alice_1, bob_1, bob_2, carol_1)] == [Outcome.ALLOWED] * 4
+    assert bob_2[1].count == 2
+    assert alice_2[1].block.reason == "alice's limit" and alice_2[1].outcome is Outcome.NEWLY_BLOCKED
+    assert bob_3[1].block.reason == "bob's limit" and bob_3[1].block.count == 2
+    carol = carol_2[1].block
+    assert carol.reason == "" and carol.since == T0 + 1 and carol.until == T0 + 1 + 120.5
+    # Block ends are worked out by the script: the same double as in Python.
+    for account, until in (("alice", T0 + 60), ("bob", T0 + 60), ("carol", T0 + 1 + 120.5)):
+        block = await store.block_of(account, now=T0)
+        assert block is not None and block.until == until
+    # Carol's window was 10 s: a minute later her old recipient no longer counts.
+    await store.unblock("carol", now=T0 + 2)
+    later = await store.admit(Charge("carol", T0 + 60, 10.0, 1, 120.5, ""))
+    assert later.outcome is Outcome.ALLOWED and later.count == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_keys_are_prefixed_and_expire(store: RedisStore, redis_server: RedisServer) -> None:
     """Every key is under policyd:, windows expire after the window and blocks when they end."""
     await admit(store, limit=1)

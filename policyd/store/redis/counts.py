@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -42,7 +41,6 @@ from policyd.store.redis.wire import AdmitLine
 class RedisCounts(RedisConnection):
     """Counts and blocks (:class:`policyd.store.Counts`); one Lua script per admission, pipelined per turn."""
 
-
     # --- quota ------------------------------------------------------------
 
     def admit(self, charge: Charge) -> Deferred[Admission]:
@@ -69,18 +67,22 @@ class RedisCounts(RedisConnection):
 
     def _send_admits(self) -> None:
         """Send the recipients counted since the last turn, at most :data:`ADMIT_BATCH` in one script call."""
-        batch, self._admits = self._admits[:ADMIT_BATCH], self._admits[ADMIT_BATCH:]
+        admits = self._admits
+        if not admits:
+            return
+        command, taken = _admit_command(self._admit.sha, admits)
+        batch, self._admits = admits[:taken], admits[taken:]
         if self._admits:
             asyncio.get_running_loop().call_soon(self._send_admits)
-        if not batch:
-            return
-        command = _admit_command(self._admit.sha, batch)
 
         def answered(replies: list[Any]) -> None:
             if not isinstance(replies, list) or len(replies) != len(batch):
                 failed(self._error("admit", ValueError(f"{len(batch)} recipients, reply {replies!r:.60}")))
                 return
             for (charge, waiting), reply in zip(batch, replies, strict=True):
+                if reply.__class__ is int:
+                    waiting.callback(Admission(Outcome.ALLOWED, reply))
+                    continue
                 try:
                     if reply[0] == "error":
                         waiting.errback(self._error("admit", RedisError(reply[1])))
@@ -236,7 +238,6 @@ class RedisCounts(RedisConnection):
 
         return self._call(work, "unblock")
 
-
     def note_account(self, account: str, *, now: float) -> Deferred[None]:
         """See :meth:`policyd.store.Store.note_account`.
 
@@ -302,9 +303,7 @@ class RedisCounts(RedisConnection):
             for start in range(0, len(accounts), PRUNE_BATCH):
                 chunk = accounts[start : start + PRUNE_BATCH]
                 removed += int(
-                    await self._prune_windows(
-                        keys=[ACTIVE, *map(window_key, chunk)], args=[repr(now - window), *chunk]
-                    )
+                    await self._prune_windows(keys=[ACTIVE, *map(window_key, chunk)], args=[repr(now - window), *chunk])
                 )
             blocked = cast(list[str], await self.client.zrange(BLOCKS, 0, -1))
             for start in range(0, len(blocked), PRUNE_BATCH):
@@ -322,69 +321,65 @@ def _text(value: str) -> bytes:
 
 #: SCRIPT LOAD of the admit script, packed once.
 _LOAD_ADMIT = cast(bytes, hiredis.pack_command(("SCRIPT", "LOAD", ADMIT)))  # type: ignore[arg-type]
-#: The shared keys of the admit script, encoded once.
+#: The start of every admit call: the script's shared keys and its batch-wide arguments follow.
 _SHARED_KEYS = [_text(key) for key in ADMIT_SHARED]
 _MAX_CLIENTS = str(MAX_BLOCK_CLIENTS).encode()
 _ACCOUNTS = _text(ACCOUNTS)
-#: Where the keys of an account's window, block and instances start.
-_WINDOW = _text(window_key(""))
-_BLOCK = _text(block_key(""))
-_INSTANCE = _text(instance_key("", "")).removesuffix(b"0::")
 
 
-def _admit_command(sha: str, batch: Sequence[PendingAdmit]) -> bytes:
-    """One EVALSHA of the admit script counting every recipient of ``batch``, packed for the wire.
+def _admit_command(sha: str, admits: Sequence[PendingAdmit]) -> tuple[bytes, int]:
+    """One EVALSHA of the admit script for the first recipients of ``admits``, packed for the wire,
+    and how many it counts.
 
-    What recipients of a batch usually share (the window, the block's
-    length and reason) is worked out once.
+    It takes at most :data:`ADMIT_BATCH` recipients, and only those with the
+    first one's window and block length (they differ only across a reload):
+    those go once, with the batch.  A reason goes with the first recipient
+    that has it; one with the same reason as the recipient before sends ''.
     """
-    keys = list(_SHARED_KEYS)
-    args: list[bytes | str | int] = [_MAX_CLIENTS]
-    window = block_for = math.nan
-    window_ms = block_ms = 0
-    reason = ""
-    reason_text = b""
-    for charge, _ in batch:
-        account = _text(charge.account)
-        instance = _text(charge.instance)
-        now = charge.now
-        if charge.window != window:
-            window = charge.window
-            window_ms = milliseconds(window)
-        if charge.block_for != block_for:
-            block_for = charge.block_for
-            block_ms = milliseconds(block_for)
-        if charge.reason is not reason:
+    first = admits[0][0]
+    window, block_for = first.window, first.block_for
+    args: list[bytes | str | int] = []
+    reason: str | None = None
+    taken = 0
+    for charge, _ in admits:
+        if taken == ADMIT_BATCH or charge.window != window or charge.block_for != block_for:
+            break
+        taken += 1
+        if charge.reason is reason:
+            given = b""
+        else:
             reason = charge.reason
-            reason_text = _text(reason)
-        keys += (
-            _WINDOW + account,
-            _BLOCK + account,
-            b"%s%d:%s:%s" % (_INSTANCE, len(charge.account), account, instance),
-        )
+            given = b"=" + _text(reason)
+        notify = charge.notify
         args += (
-            repr(now),
-            repr(now - window),
-            charge.limit,
-            repr(now + block_for),
-            reason_text,
-            instance,
+            _text(charge.account),
+            _text(charge.instance),
             _text(charge.client),
-            window_ms,
-            block_ms,
-            account,
-            len(charge.notify),
+            repr(charge.now),
+            charge.limit,
+            given,
+            len(notify),
         )
-        if charge.notify:
-            args += map(_text, charge.notify)
+        if notify:
+            args += map(_text, notify)
+    head = (
+        "EVALSHA",
+        sha,
+        len(_SHARED_KEYS),
+        *_SHARED_KEYS,
+        _MAX_CLIENTS,
+        repr(window),
+        repr(block_for),
+        milliseconds(window),
+        milliseconds(block_for),
+        taken,
+    )
     # hiredis's stub types the tuple as having one element.
-    return cast(bytes, hiredis.pack_command(("EVALSHA", sha, len(keys), *keys, *args)))  # type: ignore[arg-type]
+    return cast(bytes, hiredis.pack_command((*head, *args))), taken  # type: ignore[arg-type]
 
 
 def _admission(account: str, reply: Sequence[Any]) -> Admission:
-    """The admit script's reply: allowed and the count, or the block (already there, or new)."""
-    if reply[0] == "allowed":
-        return Admission(Outcome.ALLOWED, int(reply[1]))
+    """The admit script's reply for a recipient not let through: the block (already there, or new)."""
     block = _block(account, reply[1:])
     if reply[0] == "blocked":
         return Admission(Outcome.BLOCKED, block.count, block)

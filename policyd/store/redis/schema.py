@@ -61,8 +61,8 @@ def window_key(account: str) -> str:
 
 def instance_key(account: str, instance: str) -> str:
     """The recipients counted for one transaction of an account (for give-back)."""
-    # The length keeps ("a:b", "c") and ("a", "b:c") apart.
-    return f"{PREFIX}instance:{len(account)}:{account}:{instance}"
+    # The length keeps ("a:b", "c") and ("a", "b:c") apart; in bytes, as the admit script counts it.
+    return f"{PREFIX}instance:{len(account.encode('utf-8', 'surrogateescape'))}:{account}:{instance}"
 
 
 def block_key(account: str) -> str:
@@ -86,28 +86,49 @@ end
 
 #: Keys every admission of a batch shares, in the order of the admit script's KEYS.
 ADMIT_SHARED = (SEQUENCE, ACTIVE, BLOCKS, OUTBOX, NOTICE_SEQUENCE)
-#: Arguments of one recipient in the admit script, before its addresses to notify.
-ADMIT_FIELDS = 11
 
 #: Counts a batch of recipients, in order, atomically: the recipients a
 #: process counts in one turn of its event loop are one script call.
-#: KEYS: sequence, active, blocks, outbox, notice sequence, then for each
-#: recipient its window, block and instance.  ARGV: max clients, then for
-#: each recipient: now, cutoff, limit, until, reason, instance, client,
-#: window ms, block ms, account, the number of addresses to notify of a
-#: block, and those addresses.  Each recipient gets its own reply: allowed
-#: and the count, blocked or newly-blocked and the block, or error and why
-#: (a key of ours holding something else fails its own recipient only).
+#:
+#: KEYS: sequence, active, blocks, outbox, notice sequence.  ARGV: max
+#: clients, window and block length in seconds and in milliseconds, the
+#: number of recipients, then for each recipient: account, instance, client,
+#: now, limit, reason ('' when it is the recipient before's, else '=' and the
+#: reason), the number of addresses to notify of a block, and those addresses.
+#:
+#: An account's window, block and instance keys are named here from the
+#: account rather than passed as KEYS: a batch spans many accounts (so it
+#: could not run on a Redis Cluster anyway), and packing three keys a
+#: recipient cost policyd more than the rest of its work on the recipient.
+#: The times worked out here (the window's start, a block's end) are written
+#: with 17 digits, which gives back the same double; Lua's own tostring keeps 14.
+#:
+#: Each recipient gets its own reply: the count when allowed, blocked or
+#: newly-blocked and the block, or error and why (a key of ours holding
+#: something else fails its own recipient only).
 ADMIT = (
     PRELUDE
+    + f"""
+local PREFIX = '{PREFIX}'
+"""
     + """
 local max_clients = tonumber(ARGV[1])
+local window, block_for = tonumber(ARGV[2]), tonumber(ARGV[3])
+local window_ms, block_ms = ARGV[4], ARGV[5]
+local recipients = tonumber(ARGV[6])
 -- One sequence number per recipient of the batch, taken at once.
-local seq = redis.call('INCRBY', KEYS[1], (#KEYS - 5) / 3) - (#KEYS - 5) / 3
-local active_ms = 0
+local seq = redis.call('INCRBY', KEYS[1], recipients) - recipients
+local counted = false
+local reason = ''
 
-local function admit(window, block_key, instance, a, notify)
-  local now, account = ARGV[a], ARGV[a + 9]
+local function exact(number)
+  return string.format('%.17g', number)
+end
+
+local function admit(a, notify)
+  local account, id, client, now = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  local window_key = PREFIX .. 'window:' .. account
+  local block_key = PREFIX .. 'block:' .. account
   local block = redis.call('HMGET', block_key, 'since', 'until', 'reason', 'count', 'clients', 'by')
   if block[1] then
     if tonumber(block[2]) > tonumber(now) then
@@ -116,58 +137,64 @@ local function admit(window, block_key, instance, a, notify)
     redis.call('DEL', block_key)
     redis.call('ZREM', KEYS[3], account)
   end
-  redis.call('ZREMRANGEBYSCORE', window, '-inf', ARGV[a + 1])
-  local count = redis.call('ZCARD', window)
-  if count < tonumber(ARGV[a + 2]) then
+  redis.call('ZREMRANGEBYSCORE', window_key, '-inf', exact(tonumber(now) - window))
+  local count = redis.call('ZCARD', window_key)
+  if count < tonumber(ARGV[a + 4]) then
     seq = seq + 1
-    local member = string.format('%016x', seq) .. '|' .. #ARGV[a + 5] .. '|' .. ARGV[a + 5] .. ARGV[a + 6]
-    redis.call('ZADD', window, now, member)
-    redis.call('PEXPIRE', window, ARGV[a + 7])
+    local member = string.format('%016x', seq) .. '|' .. #id .. '|' .. id .. client
+    local instance = PREFIX .. 'instance:' .. #account .. ':' .. account .. ':' .. id
+    redis.call('ZADD', window_key, now, member)
+    redis.call('PEXPIRE', window_key, window_ms)
     redis.call('SADD', instance, member)
-    redis.call('PEXPIRE', instance, ARGV[a + 7])
+    redis.call('PEXPIRE', instance, window_ms)
     redis.call('ZADD', KEYS[2], 'GT', now, account)
-    active_ms = math.max(active_ms, tonumber(ARGV[a + 7]))
-    return {'allowed', count + 1}
+    counted = true
+    return count + 1
   end
   local seen, clients = {}, {}
-  for _, member in ipairs(redis.call('ZREVRANGE', window, 0, -1)) do
-    local _, client = split(member)
-    if client ~= '' and not seen[client] then
-      seen[client] = true
-      clients[#clients + 1] = cjson.encode(client)
+  for _, member in ipairs(redis.call('ZREVRANGE', window_key, 0, -1)) do
+    local _, member_client = split(member)
+    if member_client ~= '' and not seen[member_client] then
+      seen[member_client] = true
+      clients[#clients + 1] = cjson.encode(member_client)
       if #clients >= max_clients then break end
     end
   end
   local listed = '[' .. table.concat(clients, ',') .. ']'
-  redis.call('HSET', block_key, 'since', now, 'until', ARGV[a + 3], 'reason', ARGV[a + 4],
+  local until_ = exact(tonumber(now) + block_for)
+  redis.call('HSET', block_key, 'since', now, 'until', until_, 'reason', reason,
              'count', count, 'clients', listed, 'by', 'policyd')
-  redis.call('PEXPIRE', block_key, ARGV[a + 8])
+  redis.call('PEXPIRE', block_key, block_ms)
   redis.call('ZADD', KEYS[3], now, account)
   local payload = '{"account":' .. cjson.encode(account) .. ',"since":' .. now ..
-    ',"until":' .. ARGV[a + 3] .. ',"reason":' .. cjson.encode(ARGV[a + 4]) .. ',"count":' .. count ..
+    ',"until":' .. until_ .. ',"reason":' .. cjson.encode(reason) .. ',"count":' .. count ..
     ',"clients":' .. listed .. ',"by":"policyd"}'
-  for i = a + 11, a + 10 + notify do
+  for i = a + 7, a + 6 + notify do
     local id = redis.call('INCR', KEYS[5])
     redis.call('HSET', KEYS[4] .. ':' .. id, 'kind', 'block', 'recipient', ARGV[i],
                'payload', payload, 'created', now, 'attempts', 0, 'last_error', '')
     redis.call('ZADD', KEYS[4], now, id)
   end
-  return {'newly-blocked', now, ARGV[a + 3], ARGV[a + 4], count, listed, 'policyd'}
+  return {'newly-blocked', now, until_, reason, count, listed, 'policyd'}
 end
 
-local replies, a = {}, 2
-for k = 6, #KEYS, 3 do
-  local notify = tonumber(ARGV[a + 10])
-  local ok, reply = pcall(admit, KEYS[k], KEYS[k + 1], KEYS[k + 2], a, notify)
+local replies, a = {}, 7
+for _ = 1, recipients do
+  local given = ARGV[a + 5]
+  if given ~= '' then
+    reason = string.sub(given, 2)
+  end
+  local notify = tonumber(ARGV[a + 6])
+  local ok, reply = pcall(admit, a, notify)
   if not ok then
     if type(reply) == 'table' then reply = reply.err or reply.msg end
     reply = {'error', tostring(reply)}
   end
   replies[#replies + 1] = reply
-  a = a + 11 + notify
+  a = a + 7 + notify
 end
-if active_ms > 0 then
-  redis.call('PEXPIRE', KEYS[2], active_ms)
+if counted then
+  redis.call('PEXPIRE', KEYS[2], window_ms)
 end
 return replies
 """

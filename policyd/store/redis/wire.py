@@ -21,7 +21,7 @@ import hiredis
 from twisted.internet import error as net_errors
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, FirstError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -126,6 +126,11 @@ class AdmitLine:
         self.wire: RedisWire | None = None
         #: Callers waiting for the connection being made.
         self.waiters: list[Deferred[RedisWire]] = []
+        #: Calls not known to be answered, oldest first: when each must be, its
+        #: result, and what it does.  One timer watches the oldest rather than
+        #: one timer a call: a timer cost more than packing a batch.
+        self._watched: deque[tuple[float, Deferred[Any], str]] = deque()
+        self._watch: IDelayedCall | None = None
 
     def _endpoint(self) -> Any:
         options = self.options
@@ -214,8 +219,6 @@ class AdmitLine:
             )
 
         def settled(reply: Any) -> None:
-            if timer.active():
-                timer.cancel()
             if result.called:
                 return
             if isinstance(reply, Failure):
@@ -229,17 +232,35 @@ class AdmitLine:
             else:
                 result.callback(reply)
 
-        def late() -> None:
-            if result.called:
-                return
-            result.errback(StoreError(f"Redis store {self.name}: no answer within {self.deadline:g}s ({what})"))
+        self._watched.append((self.reactor.seconds() + self.deadline, result, what))
+        if self._watch is None:
+            self._watch = self.reactor.callLater(self.deadline, self._look)
+        answer.addBoth(settled)
+        return result
+
+    def _look(self) -> None:
+        """Fail the calls whose deadline has passed, and drop the connection they wait on.
+
+        A reply coming later would answer the wrong call; the calls sent
+        after them on that connection fail with it, as a lost connection.
+        """
+        self._watch = None
+        watched = self._watched
+        now = self.reactor.seconds()
+        late = False
+        while watched and (watched[0][1].called or watched[0][0] <= now):
+            _, result, what = watched.popleft()
+            if not result.called:
+                late = True
+                result.errback(StoreError(f"Redis store {self.name}: no answer within {self.deadline:g}s ({what})"))
+        if late:
             current = self.wire
             if current is not None and current.open:
                 current.abort("dropped after a late reply")
-
-        timer = self.reactor.callLater(self.deadline, late)
-        answer.addBoth(settled)
-        return result
+        while watched and watched[0][1].called:
+            watched.popleft()
+        if watched:
+            self._watch = self.reactor.callLater(max(0.0, watched[0][0] - now), self._look)
 
     def _send(self, wire: RedisWire, command: bytes, reload: bytes) -> Deferred[Any]:
         (answer,) = wire.send(command)
@@ -257,6 +278,9 @@ class AdmitLine:
 
     def close(self) -> Deferred[None]:
         """Close the connection (when open)."""
+        if self._watch is not None and self._watch.active():
+            self._watch.cancel()
+        self._watch = None
         wire = self.wire
         if wire is None or not wire.open:
             return succeed(None)
