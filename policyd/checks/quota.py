@@ -87,21 +87,27 @@ class FallbackLimiter:
     It counts every recipient let through, so when the store fails the
     process still knows each account's recent sending and keeps applying the
     limit on its own: an outage never means unlimited sending.  Each
-    account's times are an array of doubles (8 bytes a recipient).
+    account's times are an array of whole POSIX seconds, rounded up (4 bytes
+    a recipient): a recipient is remembered up to a second longer than its
+    window, never shorter, which is all a limit kept through an outage needs.
     """
 
     def __init__(self) -> None:
-        self._sends: dict[str, array[float]] = {}
+        self._sends: dict[str, array[int]] = {}
 
     def note(self, account: str, now: float) -> None:
         """Count one recipient let through."""
         sends = self._sends.get(account)
         if sends is None:
-            sends = self._sends[account] = array("d")
-        if not sends or now >= sends[-1]:
-            sends.append(now)
-        else:
-            sends.insert(bisect.bisect_right(sends, now), now)
+            sends = self._sends[account] = array("I")
+        at = math.ceil(now)
+        try:
+            if not sends or at >= sends[-1]:
+                sends.append(at)
+            else:
+                sends.insert(bisect.bisect_right(sends, at), at)
+        except OverflowError:  # a clock before 1970 or after 2106
+            sends.append(sends[-1] if sends else 0)
 
     def allows(self, account: str, now: float, window: float, limit: int) -> bool:
         """Whether one more recipient stays within the limit (and count it if so)."""
@@ -127,7 +133,7 @@ class FallbackLimiter:
                 del self._sends[account]
 
 
-def _expire(sends: array[float], start: float) -> None:
+def _expire(sends: array[int], start: float) -> None:
     """Forget the times at or before ``start`` (``sends`` is in order)."""
     if sends and sends[0] <= start:
         del sends[: bisect.bisect_right(sends, start)]

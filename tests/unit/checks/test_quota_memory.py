@@ -84,6 +84,21 @@ def test_fallback_limiter_keeps_times_in_order_and_forgets_old_ones() -> None:
     assert "alice" not in limiter._sends
 
 
+def test_fallback_limiter_keeps_whole_seconds_rounded_up_in_4_bytes() -> None:
+    """A recipient is kept as its second, rounded up: remembered up to a second longer, never shorter."""
+    limiter = FallbackLimiter()
+    limiter.note("alice", 1_700_000_000.2)
+    sends = limiter._sends["alice"]
+    assert sends.itemsize == 4 and list(sends) == [1_700_000_001]
+    # A window of 60 s: still counted 60.5 s later (its second is 1_700_000_001), gone 61 s later.
+    assert not limiter.allows("alice", 1_700_000_060.7, 60.0, 1)
+    assert limiter.allows("alice", 1_700_000_061.0, 60.0, 1)
+    # A clock outside what 4 bytes hold does not break the limiter.
+    limiter.note("bob", -5.0)
+    limiter.note("bob", 2.0**40)
+    assert len(limiter._sends["bob"]) == 2
+
+
 def test_account_window_expires_up_to_and_including_the_start() -> None:
     """A window forgets the recipients at or before the start, keeps the rest in order."""
     window = AccountWindow()
