@@ -20,7 +20,7 @@ from twisted.internet.defer import DeferredList
 from policyd.errors import ConfigError, StoreError
 from policyd.store import Block, Charge, Outcome, open_store
 from policyd.store.redis import RedisStore
-from policyd.store.redis.schema import ADMIT_EARLY, PREFIX
+from policyd.store.redis.schema import ADMIT_EARLY, PREFIX, PRUNE_BATCH
 from tests.harness.redis_server import RedisServer, running_redis, running_sentinel
 from tests.harness.store_contract import *  # noqa: F403
 from tests.harness.store_contract import HOUR, T0, admit
@@ -211,6 +211,24 @@ async def test_prune_cleans_indexes(store: RedisStore, redis_server: RedisServer
         assert client.zrange(f"{PREFIX}blocks", 0, -1) == ["kept"]
         assert not client.exists(f"{PREFIX}window:old", f"{PREFIX}block:gone")
     assert await store.busiest(now=T0 + HOUR + 1, window=HOUR) == [("new", 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_takes_stale_accounts_in_batches_and_leaves_the_others(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """Accounts that stopped sending go, over several batches; accounts still sending keep their windows."""
+    stale = [f"stale{n}@example.org" for n in range(2 * PRUNE_BATCH + 50)]
+    await DeferredList([store.admit(Charge(a, T0, HOUR, 10, 60, "r")) for a in stale], fireOnOneErrback=True)
+    for account in ("alice", "bob"):
+        await admit(store, account, now=T0)
+        await admit(store, account, now=T0 + 3000)
+    assert await store.prune(now=T0 + HOUR + 1, window=HOUR) == len(stale)
+    with raw(redis_server) as client:
+        assert sorted(client.zrange(f"{PREFIX}active", 0, -1)) == ["alice", "bob"]
+        assert not any(client.exists(f"{PREFIX}window:{a}") for a in stale)
+    assert await store.usage("alice", now=T0 + HOUR + 1, window=HOUR) == 1
+    assert await store.prune(now=T0 + HOUR + 1, window=HOUR) == 0
 
 
 @pytest_twisted.ensureDeferred
