@@ -227,6 +227,7 @@ async def test_prune_takes_stale_accounts_in_batches_and_leaves_the_others(
     with raw(redis_server) as client:
         assert sorted(client.zrange(f"{PREFIX}active", 0, -1)) == ["alice", "bob"]
         assert not any(client.exists(f"{PREFIX}window:{a}") for a in stale)
+        assert client.zcard(f"{PREFIX}window:alice") == 2 and client.zcard(f"{PREFIX}window:bob") == 2
     assert await store.usage("alice", now=T0 + HOUR + 1, window=HOUR) == 1
     assert await store.prune(now=T0 + HOUR + 1, window=HOUR) == 0
 

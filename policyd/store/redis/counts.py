@@ -307,7 +307,8 @@ class RedisCounts(RedisConnection):
         async def work() -> int:
             removed = 0
             stale = int(await self.client.zcount(ACTIVE, "-inf", cutoff))
-            # Bounded: a batch the script leaves in the index (never, as the scripts are) cannot loop.
+            # As many batches as there were stale accounts: should the script leave one in
+            # the index, the loop still ends (the next run takes it again).
             for _ in range(-(-stale // PRUNE_BATCH)):
                 chunk = cast(
                     list[str], await self.client.zrangebyscore(ACTIVE, "-inf", cutoff, start=0, num=PRUNE_BATCH)
@@ -331,7 +332,7 @@ def _text(value: str) -> bytes:
 
 #: SCRIPT LOAD of the admit script, packed once.
 _LOAD_ADMIT = cast(bytes, hiredis.pack_command(("SCRIPT", "LOAD", ADMIT)))  # type: ignore[arg-type]
-#: The start of every admit call: the script's shared keys and its batch-wide arguments follow.
+#: The shared keys of the admit script, encoded once.
 _SHARED_KEYS = [_text(key) for key in ADMIT_SHARED]
 _MAX_CLIENTS = str(MAX_BLOCK_CLIENTS).encode()
 _ACCOUNTS = _text(ACCOUNTS)

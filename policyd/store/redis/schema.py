@@ -54,20 +54,26 @@ PRUNE_BATCH = 200
 BLOCK_FIELDS = ("since", "until", "reason", "count", "clients", "by")
 
 
+#: Where an account's window, block and instance keys start (the admit script names them too).
+WINDOW_KEYS = PREFIX + "window:"
+BLOCK_KEYS = PREFIX + "block:"
+INSTANCE_KEYS = PREFIX + "instance:"
+
+
 def window_key(account: str) -> str:
     """The sorted set of an account's counted recipients."""
-    return f"{PREFIX}window:{account}"
+    return WINDOW_KEYS + account
 
 
 def instance_key(account: str, instance: str) -> str:
     """The recipients counted for one transaction of an account (for give-back)."""
     # The length keeps ("a:b", "c") and ("a", "b:c") apart; in bytes, as the admit script counts it.
-    return f"{PREFIX}instance:{len(account.encode('utf-8', 'surrogateescape'))}:{account}:{instance}"
+    return f"{INSTANCE_KEYS}{len(account.encode('utf-8', 'surrogateescape'))}:{account}:{instance}"
 
 
 def block_key(account: str) -> str:
     """The hash of an account's block."""
-    return f"{PREFIX}block:{account}"
+    return BLOCK_KEYS + account
 
 
 # --- Lua ----------------------------------------------------------------------
@@ -109,7 +115,7 @@ ADMIT_SHARED = (SEQUENCE, ACTIVE, BLOCKS, OUTBOX, NOTICE_SEQUENCE)
 ADMIT = (
     PRELUDE
     + f"""
-local PREFIX = '{PREFIX}'
+local WINDOW_KEYS, BLOCK_KEYS, INSTANCE_KEYS = '{WINDOW_KEYS}', '{BLOCK_KEYS}', '{INSTANCE_KEYS}'
 """
     + """
 local max_clients = tonumber(ARGV[1])
@@ -127,8 +133,8 @@ end
 
 local function admit(a, notify)
   local account, id, client, now = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local window_key = PREFIX .. 'window:' .. account
-  local block_key = PREFIX .. 'block:' .. account
+  local window_key = WINDOW_KEYS .. account
+  local block_key = BLOCK_KEYS .. account
   local block = redis.call('HMGET', block_key, 'since', 'until', 'reason', 'count', 'clients', 'by')
   if block[1] then
     if tonumber(block[2]) > tonumber(now) then
@@ -142,7 +148,7 @@ local function admit(a, notify)
   if count < tonumber(ARGV[a + 4]) then
     seq = seq + 1
     local member = string.format('%016x', seq) .. '|' .. #id .. '|' .. id .. client
-    local instance = PREFIX .. 'instance:' .. #account .. ':' .. account .. ':' .. id
+    local instance = INSTANCE_KEYS .. #account .. ':' .. account .. ':' .. id
     redis.call('ZADD', window_key, now, member)
     redis.call('PEXPIRE', window_key, window_ms)
     redis.call('SADD', instance, member)
